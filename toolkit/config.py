@@ -1,0 +1,112 @@
+"""One config source per command: a dataclass whose fields carry defaults and help.
+
+`arg(...)` declares a field; `parse_config(Cls, argv)` builds argparse from the dataclass, reads an optional
+`--config file.yaml` (any field, by its flag name or field name), and lets the command line win.
+
+    @dataclass
+    class InferConfig:
+        model: str = arg(None, "-m", "--model", help="GGUF model file", required=True)
+        temp: float = arg(0.8, help="sampling temperature")
+        ignore_eos: bool = arg(False, help="keep generating past end-of-sequence")
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+from .errors import ToolkitError
+
+T = TypeVar("T")
+
+
+def arg(default: Any = None, *flags: str, help: str = "", required: bool = False, **argparse_kwargs: Any) -> Any:
+    """A dataclass field that is also a command-line flag.
+
+    flags: explicit option strings (default: --field-name). Extra kwargs go to add_argument
+    (nargs, action, choices, metavar, type). Bool fields get --name / --no-name automatically.
+    """
+    meta = {"flags": flags, "help": help, "required": required, "kwargs": argparse_kwargs}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _base_type(tp: Any) -> Any:
+    """Optional[X] / X | None -> X; list[X] -> list."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0]) if len(args) == 1 else str
+    return tp
+
+
+def build_parser(cls: type, prog: str, description: str = "") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default=argparse.SUPPRESS,
+                        help="YAML file of options (keys: flag or field names); the command line wins")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if not meta:
+            continue
+        flags = list(meta["flags"]) or ["--" + f.name.replace("_", "-")]
+        kwargs = dict(meta["kwargs"])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        kwargs.setdefault("help", meta["help"] or " ")
+        kwargs["dest"] = f.name
+        kwargs["default"] = argparse.SUPPRESS  # so we know what the user actually typed
+        tp = _base_type(hints[f.name])
+        if tp is bool and "action" not in kwargs:
+            long = [fl for fl in flags if fl.startswith("--")]
+            kwargs["action"] = argparse.BooleanOptionalAction if long else "store_true"
+        elif "action" not in kwargs and "type" not in kwargs:
+            if typing.get_origin(tp) is list:
+                (item,) = typing.get_args(tp) or (str,)
+                kwargs.setdefault("nargs", "+")
+                kwargs["type"] = item if item in (int, float, str) else str
+            elif tp in (int, float, str):
+                kwargs["type"] = tp
+        if default is not None and default != [] and "help" in kwargs:
+            kwargs["help"] = kwargs["help"].rstrip() + f" (default: {default})"
+        parser.add_argument(*flags, **kwargs)
+    return parser
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ToolkitError("config file not found", path)
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ToolkitError(f"not valid YAML ({str(e).splitlines()[0]})", path) from None
+    if not isinstance(data, dict):
+        raise ToolkitError("a config file must be a mapping of option: value", path)
+    return data
+
+
+def parse_config(cls: type[T], argv: Sequence[str] | None, prog: str, description: str = "") -> T:
+    """Defaults < YAML (--config) < command line. Unknown YAML keys are an error naming the file."""
+    parser = build_parser(cls, prog, description)
+    ns = vars(parser.parse_args(list(sys.argv[1:] if argv is None else argv)))
+    values: dict[str, Any] = {}
+    if "config" in ns:
+        cfg_path = ns.pop("config")
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key, value in load_yaml(cfg_path).items():
+            name = str(key).lstrip("-").replace("-", "_")
+            if name not in names:
+                raise ToolkitError(f"unknown option '{key}'", cfg_path)
+            values[name] = value
+    values.update(ns)
+    missing = [f.name for f in dataclasses.fields(cls) if f.metadata.get("required") and values.get(f.name) is None]
+    if missing:
+        parser.error("the following arguments are required: " + ", ".join("--" + m.replace("_", "-") for m in missing))
+    return cls(**values)
