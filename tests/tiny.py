@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 from toolkit.gguf_io import TensorSpec, open_gguf, write_gguf
-from toolkit.quants import quantize
 from gguf import GGMLQuantizationType as Q
 
 TOKENIZER_KEYS = ("tokenizer.ggml.", "tokenizer.chat_template")
@@ -75,6 +74,8 @@ def make_tiny_gguf(path: str | Path, n_layer: int = 2, dim: int = 64, n_head: in
     meta["llama.vocab_size"] = vocab
     tensors = llama_tensors(n_layer, dim, n_head, n_kv, ffn, vocab, tied, seed)
     q = Q[qtype.upper()]
+    if q not in (Q.F32, Q.F16):
+        from toolkit.quants import quantize  # only quantized tiny models need it
     specs = []
     for name, t in tensors.items():
         tq = q if t.ndim == 2 else Q.F32

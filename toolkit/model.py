@@ -1,0 +1,497 @@
+"""A GGUF-native transformer (gpt-fast style): hyper-parameters from GGUF metadata, modules named as GGUF tensors.
+
+`model.get_submodule("blk.3.attn_q")` is the linear that the GGUF tensor `blk.3.attn_q.weight` fills, so GGUF
+LoRA adapters map without renaming. Quantized weights stay packed (toolkit.quants.QuantLinear); F32/F16/BF16
+weights are zero-copy views on the memory-mapped file where the dtype allows.
+
+Semantics follow llama.cpp's graph for each architecture (llama-model.cpp), not transformers':
+  * RoPE: llama uses ggml's "normal" mode (adjacent pairs: the converter permuted Q/K rows for it); qwen2,
+    qwen3, phi3 and gemma use "neox" (halves). Llama 3 frequency factors come from `rope_freqs.weight`.
+  * gemma norms: llama.cpp's converter already stored w + 1, so every RMSNorm here is plain x * w.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from gguf import GGMLQuantizationType as Q
+
+from .errors import ToolkitError
+from .gguf_io import GGUFFile, TensorInfo, open_gguf
+from .lora import AdapterHost
+
+# llama.cpp's rope type per architecture (LLAMA_ROPE_TYPE_NORM = adjacent pairs, NEOX = two halves)
+ARCHS: dict[str, dict[str, Any]] = {
+    "llama": dict(neox=False),
+    "mistral": dict(neox=False),
+    "qwen2": dict(neox=True),
+    "qwen3": dict(neox=True, qk_norm=True),
+    "phi3": dict(neox=True, fused_qkv=True, fused_up=True),
+    "gemma2": dict(neox=True, gemma=True, post_norms=True, swa_pattern=2),
+    "gemma3": dict(neox=True, gemma=True, post_norms=True, qk_norm=True, swa_pattern=6),
+}
+FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
+
+
+@dataclass
+class ModelArgs:
+    arch: str = "llama"
+    n_layer: int = 2
+    dim: int = 64
+    n_head: int = 4
+    n_kv_head: int = 4
+    head_dim: int = 16  # attention.key_length (gemma/qwen3 may differ from dim / n_head)
+    ffn_dim: int = 128
+    vocab_size: int = 32000
+    ctx_len: int = 2048  # context_length of training
+    norm_eps: float = 1e-5
+    rope_dim: int = 16  # n_rot: rotated dims per head (the rest pass through)
+    rope_base: float = 10000.0
+    rope_scale: float = 1.0  # llama.cpp's freq_scale = 1 / rope.scaling.factor (linear scaling)
+    rope_base_swa: float = 10000.0  # gemma3: local (sliding) layers use their own base, unscaled
+    neox: bool = False
+    attn_scale: float | None = None  # None: 1 / sqrt(head_dim)
+    attn_softcap: float = 0.0  # gemma2: scores = cap * tanh(scores / cap)
+    final_softcap: float = 0.0  # gemma2: logits soft-cap
+    sliding_window: int = 0
+    swa_layers: tuple[bool, ...] = ()  # per layer: uses the sliding window
+    gemma: bool = False  # embeddings * sqrt(dim), GELU(tanh) FFN
+    qk_norm: bool = False
+    post_norms: bool = False
+    fused_qkv: bool = False
+    fused_up: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_gguf(cls, g: GGUFFile, **overrides: Any) -> "ModelArgs":
+        """Everything from metadata (and tensor shapes where metadata is silent). overrides: field -> value
+        (None values are ignored), e.g. rope_base / rope_scale / norm_eps from finetune's flags."""
+        arch = g.arch
+        if arch not in ARCHS:
+            raise ToolkitError(f"unsupported architecture '{arch}' (supported: {', '.join(sorted(ARCHS))})", g.path)
+        spec = ARCHS[arch]
+
+        def need(key: str) -> Any:
+            v = g.arch_get(key)
+            if v is None:
+                raise ToolkitError(f"missing metadata key '{arch}.{key}'", g.path)
+            return v
+
+        n_layer = int(need("block_count"))
+        dim = int(need("embedding_length"))
+        n_head = int(need("attention.head_count"))
+        n_kv = g.arch_get("attention.head_count_kv", n_head)
+        if isinstance(n_kv, list):  # per-layer counts: only uniform ones are supported
+            if len(set(n_kv)) != 1:
+                raise ToolkitError("per-layer head_count_kv is not supported", g.path)
+            n_kv = n_kv[0]
+        head_dim = int(g.arch_get("attention.key_length", dim // n_head))
+        ffn = need("feed_forward_length")
+        ffn = int(ffn[0] if isinstance(ffn, list) else ffn)
+        emb = g.tensors.get("token_embd.weight")
+        vocab = int(g.arch_get("vocab_size", emb.shape[0] if emb is not None else len(g.get("tokenizer.ggml.tokens", []))))
+        eps = float(g.arch_get("attention.layer_norm_rms_epsilon", 1e-5))
+        scale_type = g.arch_get("rope.scaling.type", "none")
+        factor = float(g.arch_get("rope.scaling.factor", 0.0) or 0.0)
+        rope_scale = 1.0
+        if scale_type == "linear" and factor > 0:
+            rope_scale = 1.0 / factor
+        elif g.arch_get("rope.scale_linear"):
+            rope_scale = 1.0 / float(g.arch_get("rope.scale_linear"))
+        elif scale_type not in ("none", "linear", None):
+            raise ToolkitError(f"rope scaling type '{scale_type}' is not supported", g.path)
+        window = int(g.arch_get("attention.sliding_window", 0) or 0)
+        pattern = spec.get("swa_pattern", 0)
+        # llama.cpp: layer il uses the window when il % pattern < pattern - 1 (gemma2: even layers)
+        swa = tuple(bool(window and pattern and (i % pattern) < pattern - 1) for i in range(n_layer))
+        attn_scale = None
+        if spec.get("gemma"):
+            # llama.cpp: 27B models scale by 1/sqrt(n_embd / n_head), the others by 1/sqrt(head_dim)
+            attn_scale = 1.0 / math.sqrt(dim / n_head if n_layer in (46, 62) else head_dim)
+        elif g.arch_get("attention.scale"):
+            attn_scale = float(g.arch_get("attention.scale"))
+        args = cls(
+            arch=arch, n_layer=n_layer, dim=dim, n_head=n_head, n_kv_head=int(n_kv), head_dim=head_dim,
+            ffn_dim=ffn, vocab_size=vocab, ctx_len=int(g.arch_get("context_length", 2048)), norm_eps=eps,
+            rope_dim=int(g.arch_get("rope.dimension_count", head_dim)),
+            rope_base=float(g.arch_get("rope.freq_base", 10000.0)), rope_scale=rope_scale,
+            rope_base_swa=float(g.arch_get("rope.freq_base_swa", 10000.0)), neox=spec["neox"],
+            attn_scale=attn_scale, attn_softcap=float(g.arch_get("attn_logit_softcapping", 0.0) or 0.0),
+            final_softcap=float(g.arch_get("final_logit_softcapping", 0.0) or 0.0),
+            sliding_window=window if any(swa) else 0, swa_layers=swa, gemma=bool(spec.get("gemma")),
+            qk_norm=bool(spec.get("qk_norm")), post_norms=bool(spec.get("post_norms")),
+            fused_qkv=bool(spec.get("fused_qkv")), fused_up=bool(spec.get("fused_up")),
+        )
+        return args.override(**overrides)
+
+    def override(self, **kw: Any) -> "ModelArgs":
+        kw = {k: v for k, v in kw.items() if v is not None}
+        unknown = set(kw) - set(self.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown ModelArgs fields: {sorted(unknown)}")
+        return replace(self, **kw)
+
+
+# --- layers ------------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """llama.cpp's rms_norm then multiply by weight (gemma's +1 is already in the stored weight)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+def rope_tables(args: ModelArgs, base: float, scale: float, n_pos: int, freq_factors: Tensor | None,
+                device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """cos, sin [n_pos, rope_dim // 2]: theta_i(p) = p * scale * base^(-2i / n_rot) / factor_i (ggml_rope_ext)."""
+    half = args.rope_dim // 2
+    inv = base ** (-torch.arange(0, half, dtype=torch.float64, device=device) * 2 / args.rope_dim)
+    if freq_factors is not None:
+        inv = inv / freq_factors.to(device=device, dtype=torch.float64)
+    pos = torch.arange(n_pos, dtype=torch.float64, device=device) * scale
+    ang = pos[:, None] * inv[None, :]  # [n_pos, half]
+    return ang.cos().float(), ang.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, neox: bool, n_rot: int) -> Tensor:
+    """x [B, H, T, hd]; cos/sin [T, n_rot/2]. neox rotates (x[i], x[i + n_rot/2]); normal rotates (x[2i], x[2i+1])."""
+    rot, rest = x[..., :n_rot], x[..., n_rot:]
+    xf = rot.float()
+    if neox:
+        x1, x2 = xf.chunk(2, dim=-1)
+        out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    else:
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    out = out.to(x.dtype)
+    return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
+
+
+class KVCache(nn.Module):
+    """Static cache [B, n_kv, T_max, hd] written in place at the given positions."""
+
+    def __init__(self, batch: int, n_kv: int, t_max: int, head_dim: int, dtype: torch.dtype, device: Any):
+        super().__init__()
+        shape = (batch, n_kv, t_max, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k.index_copy_(2, pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+class Block(nn.Module):
+    """One decoder layer; attribute names are the GGUF leaf names (attn_q, ffn_gate, ...)."""
+
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.args, self.layer = args, layer
+        self.swa = bool(args.swa_layers[layer]) if args.swa_layers else False
+        self.kv_cache: KVCache | None = None
+        # linears, norms and biases are assigned by the loader (see _build), so nothing is allocated twice
+        self.bias = nn.ParameterDict()  # 'attn_q' -> bias added after that linear (qwen2)
+
+    def _lin(self, name: str, x: Tensor) -> Tensor:
+        y = getattr(self, name)(x)
+        b = self.bias[name] if name in self.bias else None
+        return y if b is None else y + b.to(y.dtype)
+
+    def attention(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None) -> Tensor:
+        a = self.args
+        B, T, _ = x.shape
+        if a.fused_qkv:
+            qkv = self._lin("attn_qkv", x)
+            q, k, v = qkv.split([a.n_head * a.head_dim, a.n_kv_head * a.head_dim, a.n_kv_head * a.head_dim], -1)
+        else:
+            q, k, v = self._lin("attn_q", x), self._lin("attn_k", x), self._lin("attn_v", x)
+        q = q.view(B, T, a.n_head, a.head_dim)
+        k = k.view(B, T, a.n_kv_head, a.head_dim)
+        v = v.view(B, T, a.n_kv_head, -1)
+        if a.qk_norm:
+            q, k = self.attn_q_norm(q), self.attn_k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, hd]
+        q = apply_rope(q, cos, sin, a.neox, a.rope_dim)
+        k = apply_rope(k, cos, sin, a.neox, a.rope_dim)
+        if input_pos is not None and self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+            end = int(input_pos[-1]) + 1  # attend only over the filled part of the cache
+            k, v = k[:, :, :end], v[:, :, :end]
+            q_pos = input_pos
+        else:
+            q_pos = input_pos if input_pos is not None else torch.arange(T, device=x.device)
+        k_pos = torch.arange(k.shape[2], device=x.device) if input_pos is not None and self.kv_cache is not None \
+            else q_pos
+        mask = None
+        causal_simple = (input_pos is None or self.kv_cache is None) and not (self.swa and a.sliding_window)
+        if not causal_simple:
+            mask = k_pos[None, :] <= q_pos[:, None]  # [T, S]
+            if self.swa and a.sliding_window:
+                mask = mask & (q_pos[:, None] - k_pos[None, :] < a.sliding_window)
+        scale = a.attn_scale if a.attn_scale is not None else 1.0 / math.sqrt(a.head_dim)
+        rep = a.n_head // a.n_kv_head
+        if a.attn_softcap:  # gemma2: soft-cap the scores, so no fused SDPA
+            if rep > 1:
+                k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+            s = (q.float() @ k.float().transpose(-1, -2)) * scale
+            s = a.attn_softcap * torch.tanh(s / a.attn_softcap)
+            if mask is None:
+                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            s = s.masked_fill(~mask, float("-inf"))
+            y = (s.softmax(-1) @ v.float()).to(q.dtype)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               scale=scale, enable_gqa=rep > 1)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # [B, T, H * hd_v]
+        return self._lin("attn_output", y)
+
+    def ffn(self, x: Tensor) -> Tensor:
+        a = self.args
+        if a.fused_up:  # phi3: ffn_up holds [gate; up]
+            gate, up = self._lin("ffn_up", x).chunk(2, dim=-1)
+        else:
+            gate, up = self._lin("ffn_gate", x), self._lin("ffn_up", x)
+        act = F.gelu(gate, approximate="tanh") if a.gemma else F.silu(gate)
+        return self._lin("ffn_down", act * up)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None) -> Tensor:
+        h = self.attention(self.attn_norm(x), cos, sin, input_pos)
+        if self.args.post_norms:
+            h = self.post_attention_norm(h)
+        x = x + h
+        h = self.ffn(self.ffn_norm(x))
+        if self.args.post_norms:
+            h = self.post_ffw_norm(h)
+        return x + h
+
+
+class Transformer(AdapterHost, nn.Module):
+    """Decoder-only transformer over GGUF tensors. forward(tokens [B, T], input_pos=None) -> logits [B, T, V] f32.
+
+    input_pos None: no cache, full causal attention over the T tokens (training, scoring).
+    input_pos [T] with setup_caches(): incremental decoding through the static KV cache.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.blk = nn.ModuleList(Block(args, i) for i in range(args.n_layer))
+        self.gradient_checkpointing = False
+        self.gguf: GGUFFile | None = None
+        self.freq_factors: Tensor | None = None
+        self._rope: dict[tuple[bool, str, int], tuple[Tensor, Tensor]] = {}
+
+    # -- GGUF names -> modules
+    def lora_targets(self) -> dict[str, nn.Module]:
+        """GGUF weight name -> the module whose output LoRA adds to (linears and the token embedding)."""
+        out: dict[str, nn.Module] = {"token_embd.weight": self.token_embd}
+        names = ("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+        for i, b in enumerate(self.blk):
+            for n in names:
+                m = getattr(b, n, None)
+                if isinstance(m, nn.Module):
+                    out[f"blk.{i}.{n}.weight"] = m
+        out["output.weight"] = self.output
+        return out
+
+    # -- caches
+    def setup_caches(self, batch: int, t_max: int, dtype: torch.dtype | None = None) -> None:
+        a = self.args
+        ref = self.output_norm.weight
+        dtype = dtype or self.compute_dtype
+        for b in self.blk:
+            b.kv_cache = KVCache(batch, a.n_kv_head, t_max, a.head_dim, dtype, ref.device)
+        self.max_seq_len = t_max
+
+    def clear_caches(self) -> None:
+        for b in self.blk:
+            b.kv_cache = None
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return getattr(self, "_compute_dtype", torch.float32)
+
+    def _rope_for(self, swa: bool, device: torch.device, n_pos: int) -> tuple[Tensor, Tensor]:
+        a = self.args
+        key = (swa and a.gemma and a.arch == "gemma3", str(device), 0)
+        cached = self._rope.get(key)
+        if cached is None or cached[0].shape[0] < n_pos:
+            size = max(n_pos, 2 * (cached[0].shape[0] if cached else 0), 1024)
+            if key[0]:  # gemma3 local layers: their own base, no scaling
+                cached = rope_tables(a, a.rope_base_swa, 1.0, size, None, device)
+            else:
+                cached = rope_tables(a, a.rope_base, a.rope_scale, size, self.freq_factors, device)
+            self._rope[key] = cached
+        return cached
+
+    def forward(self, tokens: Tensor, input_pos: Tensor | None = None) -> Tensor:
+        a = self.args
+        B, T = tokens.shape
+        x = self.token_embd(tokens)  # [B, T, dim]
+        if a.gemma:
+            x = x * math.sqrt(a.dim)
+        x = x.to(self.compute_dtype)
+        pos = input_pos if input_pos is not None else torch.arange(T, device=tokens.device)
+        n_pos = int(pos.max()) + 1
+        tables = {}
+        for blk in self.blk:
+            key = blk.swa and a.arch == "gemma3"
+            if key not in tables:
+                cos, sin = self._rope_for(blk.swa, tokens.device, n_pos)
+                tables[key] = (cos[pos], sin[pos])
+            cos, sin = tables[key]
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                from torch.utils.checkpoint import checkpoint
+
+                x = checkpoint(blk, x, cos, sin, input_pos, use_reentrant=False)
+            else:
+                x = blk(x, cos, sin, input_pos)
+        x = self.output_norm(x)
+        logits = self.output(x).float()
+        if a.final_softcap:
+            logits = a.final_softcap * torch.tanh(logits / a.final_softcap)
+        return logits
+
+
+# --- loading -----------------------------------------------------------------------------------------------
+
+def _float_tensor(t: TensorInfo, dtype: torch.dtype | None) -> Tensor:
+    """F32/F16/BF16 tensor data as torch, zero-copy when no conversion is needed."""
+    if t.qtype == Q.BF16:
+        w = torch.from_numpy(t.data.reshape(-1).view("<i2")).view(torch.bfloat16).reshape(t.shape)
+    else:
+        w = torch.from_numpy(t.data).reshape(t.shape)
+    return w if dtype is None or w.dtype == dtype else w.to(dtype)
+
+
+def _linear(t: TensorInfo, dtype: torch.dtype) -> nn.Module:
+    out_f, in_f = t.shape
+    if t.qtype in FLOAT_TYPES:
+        lin = nn.Linear(in_f, out_f, bias=False, device="meta")
+        lin.weight = nn.Parameter(_float_tensor(t, dtype), requires_grad=False)
+        return lin
+    from .quants import QuantLinear
+
+    return QuantLinear(t.raw(), t.qtype, in_f, out_f)
+
+
+def _embedding(t: TensorInfo, dtype: torch.dtype) -> nn.Module:
+    n, d = t.shape
+    if t.qtype in FLOAT_TYPES:
+        emb = nn.Embedding(n, d, device="meta")
+        emb.weight = nn.Parameter(_float_tensor(t, dtype), requires_grad=False)
+        return emb
+    from .quants import QuantEmbedding
+
+    return QuantEmbedding(t.raw(), t.qtype, n, d)
+
+
+def _tied_output(emb: nn.Module, t: TensorInfo) -> nn.Module:
+    """output shares token_embd's storage (no second copy of the vocabulary matrix)."""
+    n, d = t.shape
+    if isinstance(emb, nn.Embedding):
+        lin = nn.Linear(d, n, bias=False, device="meta")
+        lin.weight = emb.weight
+        return lin
+    from .quants import QuantLinear
+
+    return QuantLinear(emb.qweight, t.qtype, d, n)
+
+
+def _norm(g: GGUFFile, name: str, dim: int, eps: float) -> RMSNorm:
+    n = RMSNorm(dim, eps)
+    n.weight = nn.Parameter(_float_tensor(g.tensor(name), torch.float32).reshape(-1), requires_grad=False)
+    if n.weight.numel() != dim:
+        raise ToolkitError(f"tensor '{name}' has {n.weight.numel()} values, expected {dim}", g.path)
+    return n
+
+
+def build(g: GGUFFile, dtype: torch.dtype = torch.float32, **overrides: Any) -> Transformer:
+    """A Transformer over the tensors of an opened GGUF (on CPU, zero-copy where possible)."""
+    args = ModelArgs.from_gguf(g, **overrides)
+    model = Transformer(args)
+    model._compute_dtype = dtype
+    model.gguf = g
+    te = g.tensor("token_embd.weight")
+    model.token_embd = _embedding(te, dtype)
+    for i, b in enumerate(model.blk):
+        p = f"blk.{i}."
+        b.attn_norm = _norm(g, p + "attn_norm.weight", args.dim, args.norm_eps)
+        b.ffn_norm = _norm(g, p + "ffn_norm.weight", args.dim, args.norm_eps)
+        lin = ["attn_output", "ffn_down"]
+        lin += ["attn_qkv"] if args.fused_qkv else ["attn_q", "attn_k", "attn_v"]
+        lin += ["ffn_up"] if args.fused_up else ["ffn_gate", "ffn_up"]
+        for n in lin:
+            setattr(b, n, _linear(g.tensor(p + n + ".weight"), dtype))
+            bias = g.tensors.get(p + n + ".bias")
+            if bias is not None:
+                b.bias[n] = nn.Parameter(_float_tensor(bias, torch.float32).reshape(-1), requires_grad=False)
+        if args.qk_norm:
+            b.attn_q_norm = _norm(g, p + "attn_q_norm.weight", args.head_dim, args.norm_eps)
+            b.attn_k_norm = _norm(g, p + "attn_k_norm.weight", args.head_dim, args.norm_eps)
+        if args.post_norms:
+            b.post_attention_norm = _norm(g, p + "post_attention_norm.weight", args.dim, args.norm_eps)
+            b.post_ffw_norm = _norm(g, p + "post_ffw_norm.weight", args.dim, args.norm_eps)
+    model.output_norm = _norm(g, "output_norm.weight", args.dim, args.norm_eps)
+    out = g.tensors.get("output.weight")
+    model.output = _linear(out, dtype) if out is not None else _tied_output(model.token_embd, te)
+    model.tied = out is None
+    if "rope_freqs.weight" in g.tensors:  # Llama 3 rope scaling: per-frequency divisors
+        model.freq_factors = _float_tensor(g.tensor("rope_freqs.weight"), torch.float32).reshape(-1).clone()
+    return model
+
+
+def pick_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.float32 if device.type == "cpu" else (torch.bfloat16 if device.type == "cuda" else torch.float16)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"f32": torch.float32, "float32": torch.float32, "fp32": torch.float32, "f16": torch.float16,
+             "float16": torch.float16, "fp16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if str(dtype).lower() not in names:
+        raise ToolkitError(f"unknown dtype '{dtype}' (use f32, f16 or bf16)")
+    return names[str(dtype).lower()]
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
+         adapters: Iterable[tuple[str, float] | str] = (), **overrides: Any):
+    """(model, tokenizer) from a GGUF file. adapters: [(file, scale), ...] loaded unmerged via load_adapter.
+    overrides: ModelArgs fields (rope_base, rope_scale, norm_eps) as finetune's flags set them."""
+    from .tokenizer import Tokenizer
+
+    g = open_gguf(path)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    model = build(g, dt, **overrides)
+    if dev.type != "cpu":
+        model = model.to(dev)
+    model.eval()
+    tok = Tokenizer.from_gguf(g)
+    for item in adapters:
+        file, scale = (item, 1.0) if isinstance(item, (str, Path)) else item
+        model.load_adapter(str(file), scale=float(scale))
+    return model, tok

@@ -1,0 +1,219 @@
+"""Tokenizer from GGUF metadata, built on `tokenizers` so ids equal llama.cpp's on the same text.
+
+* `gpt2` (byte-level BPE): the vocabulary and merges from the file, split first by llama.cpp's pre-tokenizer
+  regexes for `tokenizer.ggml.pre` (llama-vocab.cpp), applied one after the other as llama.cpp does.
+* `llama` (SentencePiece): transformers' GGUF converter (transformers.integrations.gguf), with the space prefix
+  llama.cpp adds before every run of text.
+* Special tokens: CONTROL tokens are matched in the text only with special=True (llama.cpp's parse_special);
+  USER_DEFINED tokens are always matched whole.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any, Sequence
+
+from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+from .errors import ToolkitError
+from .gguf_io import GGUFFile
+
+CONTROL, USER_DEFINED = 3, 4
+
+# llama.cpp's regex_exprs per pre-tokenizer type (llama-vocab.cpp); applied in sequence, each splitting the
+# pieces left by the one before (tokenizers' Split(behavior="isolated") does exactly that).
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+          r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS: dict[str, list[str]] = {
+    "default": [r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"[0-9][0-9][0-9]"],
+    "gpt2": [_GPT2], "mpt": [_GPT2], "olmo": [_GPT2], "jais": [_GPT2], "trillion": [_GPT2],
+    "granite-docling": [_GPT2],
+    "falcon": [r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, r"[0-9][0-9][0-9]"],
+    **{k: [r"\p{N}", _GPT2] for k in ("starcoder", "refact", "command-r", "smollm", "codeshell", "exaone",
+                                       "minerva-7b")},
+    **{k: [_LLAMA3] for k in ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "dbrx",
+                              "smaug-bpe", "lfm2", "midm-2.0")},
+    **{k: [_QWEN2] for k in ("qwen2", "stablelm2", "deepseek-r1-qwen", "hunyuan", "megrez")},
+}
+# pre types whose llama.cpp default is add_bos = true when the file does not say
+_BOS_BY_DEFAULT = {"llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral", "dbrx", "smaug-bpe"}
+
+
+@lru_cache(maxsize=1)
+def _byte_alphabet() -> dict[int, str]:
+    # GPT-2's bytes -> printable unicode map (the form gpt2 vocabularies are stored in)
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def _bpe_tokenizer(meta: dict[str, Any], path: str) -> HFTokenizer:
+    tokens: list[str] = meta["tokenizer.ggml.tokens"]
+    merges = meta.get("tokenizer.ggml.merges")
+    if merges is None:
+        raise ToolkitError("gpt2 tokenizer without tokenizer.ggml.merges", path)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    bpe = models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False,
+                     ignore_merges=meta.get("tokenizer.ggml.pre") in _BOS_BY_DEFAULT)  # llama3: ignore_merges
+    tok = HFTokenizer(bpe)
+    pre = str(meta.get("tokenizer.ggml.pre", "default"))
+    regexes = PRE_TOKENIZERS.get(pre)
+    if regexes is None:
+        raise ToolkitError(f"unsupported tokenizer.ggml.pre '{pre}' (supported: {', '.join(sorted(PRE_TOKENIZERS))})",
+                           path)
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _spm_tokenizer(meta: dict[str, Any], arch: str, path: str) -> HFTokenizer:
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import select_tokenizer_builder
+    except ImportError:  # pragma: no cover - older transformers
+        raise ToolkitError("a SentencePiece (llama) GGUF vocabulary needs transformers >= 5", path) from None
+    d = {"tokens": meta["tokenizer.ggml.tokens"], "scores": meta.get("tokenizer.ggml.scores"),
+         "token_type": meta.get("tokenizer.ggml.token_type"), "tokenizer_type": "llama"}
+    if meta.get("tokenizer.ggml.merges") is not None:
+        d["merges"] = meta["tokenizer.ggml.merges"]
+    if d["scores"] is None and "merges" not in d:
+        raise ToolkitError("llama tokenizer without tokenizer.ggml.scores", path)
+    hf = select_tokenizer_builder(arch, "llama")(d)
+    tok = hf.backend_tokenizer
+    # llama.cpp: a space before each run of raw text (add_space_prefix), no other normalization
+    if meta.get("tokenizer.ggml.add_space_prefix", True) is False:
+        tok.normalizer = None
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=False)
+    else:
+        tok.normalizer = None
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=False)
+    tok.post_processor = None
+    return tok
+
+
+class Tokenizer:
+    """encode/decode with llama.cpp's ids; bos/eos/eot; the GGUF chat template."""
+
+    def __init__(self, tok: HFTokenizer, meta: dict[str, Any], kind: str, path: str = ""):
+        self.tok, self.kind, self.path = tok, kind, path
+        self.tokens: list[str] = meta["tokenizer.ggml.tokens"]
+        self.vocab_size = len(self.tokens)
+        types = meta.get("tokenizer.ggml.token_type") or [1] * self.vocab_size
+        self.token_types = types
+        self.bos_id: int | None = meta.get("tokenizer.ggml.bos_token_id")
+        self.eos_id: int | None = meta.get("tokenizer.ggml.eos_token_id")
+        pre = meta.get("tokenizer.ggml.pre")
+        default_bos = kind == "llama" or pre in _BOS_BY_DEFAULT
+        self.add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", default_bos))
+        self.add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
+        self.chat_template: str | None = meta.get("tokenizer.chat_template")
+        # end-of-generation: eos, eot, eom and the usual end-of-turn control tokens (llama.cpp's
+        # llama_vocab_is_eog gathers the same names)
+        eog = {self.eos_id, meta.get("tokenizer.ggml.eot_token_id"), meta.get("tokenizer.ggml.eom_token_id")}
+        names = {"<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>", "<|eom_id|>",
+                 "<|end_of_text|>", "<｜end▁of▁sentence｜>"}
+        for i, (t, ty) in enumerate(zip(self.tokens, types)):
+            if ty == CONTROL and t in names:
+                eog.add(i)
+        self.eot_ids: set[int] = {i for i in eog if i is not None}
+        self._byte_tokens: dict[int, bytes] | None = None
+
+    @classmethod
+    def from_gguf(cls, g: GGUFFile) -> "Tokenizer":
+        meta = g.metadata
+        model = meta.get("tokenizer.ggml.model")
+        if model is None or "tokenizer.ggml.tokens" not in meta:
+            raise ToolkitError("no tokenizer in this GGUF (tokenizer.ggml.model/tokens missing)", g.path)
+        if model == "gpt2":
+            tok = _bpe_tokenizer(meta, g.path)
+        elif model == "llama":
+            tok = _spm_tokenizer(meta, g.arch, g.path)
+        else:
+            raise ToolkitError(f"unsupported tokenizer model '{model}' (supported: gpt2, llama)", g.path)
+        tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type") or []
+        byte_set = set(_byte_alphabet().values()) if model == "gpt2" else None
+        added = []
+        for t, ty in zip(tokens, types):
+            if ty == CONTROL and t and (byte_set is None or set(t) <= byte_set):
+                added.append(AddedToken(t, special=True, normalized=False))
+            elif ty == USER_DEFINED and t:
+                added.append(AddedToken(t, special=False, normalized=False))
+        if added:
+            tok.add_tokens(added)  # ids exist in the vocab already: tokenizers keeps them
+        return cls(tok, meta, model, g.path)
+
+    # -- encode / decode
+    def encode(self, text: str, add_bos: bool | None = None, add_eos: bool = False, special: bool = True) -> list[int]:
+        """Token ids as llama_tokenize(text, add_special=add_bos, parse_special=special) gives them."""
+        self.tok.encode_special_tokens = not special
+        ids = self.tok.encode(text, add_special_tokens=False).ids if text else []
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        if (add_eos or (add_bos is None and self.add_eos)) and self.eos_id is not None:
+            ids = ids + [self.eos_id]
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
+        return self.token_bytes(ids, skip_special).decode("utf-8", errors="replace")
+
+    def token_bytes(self, ids: Sequence[int], skip_special: bool = False) -> bytes:
+        """The bytes these tokens stand for (llama_token_to_piece, concatenated); control tokens render as
+        their text unless skip_special."""
+        pieces = self._pieces()
+        out = []
+        for i in ids:
+            i = int(i)
+            if skip_special and self.token_types[i] == CONTROL:
+                continue
+            out.append(pieces[i])
+        data = b"".join(out)
+        return data
+
+    def _pieces(self) -> dict[int, bytes]:
+        if self._byte_tokens is None:
+            self._byte_tokens = {}
+            if self.kind == "gpt2":
+                inv = {c: b for b, c in _byte_alphabet().items()}
+                for i, (t, ty) in enumerate(zip(self.tokens, self.token_types)):
+                    if ty in (CONTROL, USER_DEFINED) or not all(c in inv for c in t):
+                        self._byte_tokens[i] = t.encode("utf-8")
+                    else:
+                        self._byte_tokens[i] = bytes(inv[c] for c in t)
+            else:
+                for i, (t, ty) in enumerate(zip(self.tokens, self.token_types)):
+                    if ty == 6 and len(t) == 6 and t.startswith("<0x"):  # BYTE tokens <0xAB>
+                        self._byte_tokens[i] = bytes([int(t[3:5], 16)])
+                    else:
+                        self._byte_tokens[i] = t.replace("▁", " ").encode("utf-8")
+            # SentencePiece: llama.cpp drops the leading space of the first piece when it added the prefix
+        return self._byte_tokens
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Render the GGUF's chat template with jinja2 (as transformers does)."""
+        if not self.chat_template:
+            raise ToolkitError("this GGUF has no chat template (tokenizer.chat_template)", self.path or None)
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(msg: str) -> None:
+            raise ToolkitError(f"chat template: {msg}", self.path or None)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        tpl = env.from_string(self.chat_template)
+        bos = self.tokens[self.bos_id] if self.bos_id is not None else ""
+        eos = self.tokens[self.eos_id] if self.eos_id is not None else ""
+        return tpl.render(messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos,
+                          eos_token=eos)
+
+    def is_eog(self, token: int) -> bool:
+        return int(token) in self.eot_ids
