@@ -1,0 +1,141 @@
+"""`toolkit serve`: an OpenAI-compatible HTTP server with per-request LoRA and hot-swap (llama-server's
+adapter routes, plus load/unload from a folder).
+
+    toolkit serve -m base.gguf --lora a.gguf --lora-scaled b.gguf 0.5 [--lora-init-without-apply]
+                  [--host 127.0.0.1] [--port 8080] [--adapter-dir DIR] [--api-key KEY]
+
+The base loads once. Each request runs with its own adapter set (its `lora` field, else the global scales
+set by POST /lora-adapters); see server_engine.py for why one model thread and grouping by adapter set.
+Layout: server_protocol.py (wire format), server_engine.py (adapters + model thread), server_app.py
+(FastAPI routes), server_backend.py (the GGUF model behind it); this file is the command.
+"""
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from toolkit.config import arg, parse_config
+from toolkit.errors import ToolkitError
+
+
+@dataclass
+class ServeConfig:
+    model: str = arg(None, "-m", "--model", help="GGUF base model", required=True)
+    lora: list[str] = arg([], "--lora", action="append", metavar="FILE",
+                          help="LoRA adapter (GGUF, PEFT dir or GGLA) at scale 1; repeatable")
+    lora_scaled: list[list[str]] = arg([], "--lora-scaled", action="append", nargs=2, metavar=("FILE", "SCALE"),
+                                       help="LoRA adapter with a scale; repeatable")
+    lora_init_without_apply: bool = arg(False, help="load the adapters at scale 0 (apply later with POST "
+                                                    "/lora-adapters or a request's 'lora' field)")
+    host: str = arg("127.0.0.1", help="address to bind; anything but loopback exposes the model to the network")
+    port: int = arg(8080, help="port (0: any free port; the chosen one is printed)")
+    adapter_dir: str | None = arg(None, help="folder that POST /lora-adapters/load may load adapters from, by "
+                                             "file name (off when not given)")
+    api_key: str | None = arg(None, help="require 'Authorization: Bearer KEY' on every endpoint (or set "
+                                         "TOOLKIT_API_KEY)")
+    ctx_size: int = arg(4096, "-c", "--ctx-size", help="context size per request (prompt + generation), at "
+                                                        "most the model's; 0: the model's")
+    threads: int = arg(0, "-t", "--threads", help="CPU threads (0: torch's default)")
+    device: str = arg("auto", help="auto|cpu|cuda|mps")
+    dtype: str | None = arg(None, help="compute dtype (float32, float16, bfloat16); default per device")
+    alias: str | None = arg(None, help="model id reported by /v1/models and in responses (default: file name)")
+    max_queue: int = arg(64, help="requests that may wait for the model; more get HTTP 503")
+
+
+def adapter_specs(cfg: ServeConfig) -> list[tuple[str, float]]:
+    specs = [(p, 1.0) for p in cfg.lora]
+    for path, scale in cfg.lora_scaled:
+        try:
+            s = float(scale)
+        except ValueError:
+            raise ToolkitError(f"--lora-scaled scale {scale!r} is not a number", path) from None
+        if not math.isfinite(s):
+            raise ToolkitError(f"--lora-scaled scale {scale!r} is not finite", path)
+        specs.append((path, s))
+    return specs
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build(cfg: ServeConfig, backend: Any = None) -> tuple[Any, Any]:
+    """The ASGI app and its started Engine for `cfg` (Python users can mount the app themselves)."""
+    from .server_app import create_app
+    from .server_engine import AdapterRegistry, Engine
+
+    if cfg.adapter_dir is not None and not os.path.isdir(cfg.adapter_dir):
+        raise ToolkitError("--adapter-dir is not a folder", cfg.adapter_dir)
+    if backend is None:
+        from .server_backend import ModelBackend
+
+        backend = ModelBackend.load(cfg.model, device=cfg.device, dtype=cfg.dtype, ctx_size=cfg.ctx_size,
+                                    threads=cfg.threads, alias=cfg.alias)
+    registry = AdapterRegistry()
+    for path, scale in adapter_specs(cfg):
+        i, name = registry.reserve()
+        backend.load_adapter(path, name)  # a bad file: ToolkitError naming it, before we listen
+        registry.add(i, name, os.path.abspath(path), 0.0 if cfg.lora_init_without_apply else scale)
+    engine = Engine(backend, registry, max_queue=cfg.max_queue).start()
+    api_key = cfg.api_key or os.environ.get("TOOLKIT_API_KEY") or None
+    return create_app(engine, api_key=api_key, adapter_dir=cfg.adapter_dir), engine
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Bind before serving so `--port 0` works and the real port can be printed."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ToolkitError(f"cannot resolve --host ({e})", host) from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise ToolkitError(f"cannot listen on port {port} ({e.strerror})", host) from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(cfg: ServeConfig) -> int:
+    try:
+        import uvicorn
+    except ImportError:
+        raise ToolkitError("toolkit serve needs FastAPI and uvicorn: pip install 'toolkit[serve]'") from None
+    api_key = cfg.api_key or os.environ.get("TOOLKIT_API_KEY")
+    if not is_loopback(cfg.host) and not api_key:
+        print(f"toolkit serve: warning: listening on {cfg.host} without --api-key: anyone who can reach it "
+              "can use the model", file=sys.stderr)
+    sock = bind(cfg.host, cfg.port)
+    app, engine = build(cfg)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"toolkit serve: {engine.backend.model_id} (n_ctx {engine.backend.n_ctx}, "
+          f"{len(engine.registry.infos())} adapters) listening on http://{shown}:{port}", file=sys.stderr,
+          flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        engine.stop()
+        sock.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(ServeConfig, argv, prog="toolkit serve",
+                       description="OpenAI-compatible server with per-request LoRA and hot-swap")
+    return serve(cfg)

@@ -1,0 +1,268 @@
+"""`toolkit serve`: the real server on a free loopback port, driven over HTTP.
+
+Two kinds of backend. The HTTP layer, validation, adapter registry, hot-swap and scheduling are checked with a
+scripted backend whose every token depends on the adapter set active *at that step* (so any cross-talk or a
+set switched mid-generation changes the text). The model path is checked with `toolkit serve` as a
+subprocess on the tiny GGUF with adapters made in code (oracle: `toolkit.generate` alone with the same set
+and seed, exact text), with the official `openai` client, and once on the real SmolLM2.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serve_helpers import ScriptedBackend, process_server, thread_server  # noqa: E402
+
+from toolkit.infer.server_protocol import StopMatcher  # noqa: E402
+from toolkit.infer.serve import ServeConfig, build  # noqa: E402
+
+
+# ---- pure pieces ----------------------------------------------------------------------------------------
+
+
+def test_stop_matcher_holds_back_partial_stops():
+    m = StopMatcher(["END", "\n\n"])
+    out = []
+    for piece in ["Hel", "lo E", "N", "x wor", "ld\n", "\nmore"]:
+        text, stopped = m.feed(piece)
+        out.append(text)
+        if stopped:
+            break
+    # "E" and "EN" are held until "x" shows they are not "END"; "\n" until the second "\n" stops it
+    assert out == ["Hel", "lo ", "", "ENx wor", "ld", ""] and stopped
+    m2 = StopMatcher(["abc"])
+    assert m2.feed("xxab") == ("xx", False) and m2.flush() == "ab"
+    assert StopMatcher([]).feed("anything") == ("anything", False)
+
+
+# ---- scripted backend: HTTP layer, registry, scheduling -------------------------------------------------
+
+
+def make_adapters(folder: Path, names: list[str]) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for n in names:
+        p = folder / n
+        p.write_bytes(b"LORA" + n.encode())
+        paths.append(p)
+    return paths
+
+
+@pytest.fixture()
+def scripted(tmp_path):
+    """A server over ScriptedBackend with adapters a (scale 1) and b (scale 0.5), adapter dir with c and d."""
+    a, b = make_adapters(tmp_path / "cli", ["a.gguf", "b.gguf"])
+    make_adapters(tmp_path / "dir", ["c.gguf", "d.gguf"])
+    (tmp_path / "dir" / "junk.gguf").write_bytes(b"JUNK")
+    (tmp_path / "secret.gguf").write_bytes(b"LORAsecret")
+    os.symlink(tmp_path / "secret.gguf", tmp_path / "dir" / "link.gguf")
+    backend = ScriptedBackend()
+    cfg = ServeConfig(model="scripted", lora=[str(a)], lora_scaled=[[str(b), "0.5"]],
+                      adapter_dir=str(tmp_path / "dir"), max_queue=64)
+    app, engine = build(cfg, backend=backend)
+    with thread_server(app) as url:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            yield client, backend, engine
+    engine.stop()
+
+
+def expected(backend, prompt: str, scales: dict[str, float], seed, n: int) -> str:
+    return backend.expected(list(prompt.encode()), scales, seed, n)
+
+
+def assert_error(r: httpx.Response, status: int, words: str) -> None:
+    assert r.status_code == status, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert words in err["message"], err
+    assert err["code"] == status
+
+
+def test_bad_requests_are_4xx_json_and_server_keeps_serving(scripted):
+    c, backend, _ = scripted
+    ok = {"prompt": "hi", "max_tokens": 3, "seed": 1}
+    assert_error(c.post("/v1/completions", content=b'{"prompt": "hi",'), 400, "not valid JSON")
+    assert_error(c.post("/v1/completions", content=b"\xff\xfe"), 400, "not valid JSON")
+    assert_error(c.post("/v1/completions", json={**ok, "max_tokens": -1}), 400, "max_tokens")
+    assert_error(c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
+                                                      "max_tokens": -5}), 400, "max_tokens")
+    assert_error(c.post("/v1/completions", json={**ok, "lora": [{"id": 7, "scale": 1.0}]}), 400, "unknown adapter id 7")
+    assert_error(c.post("/v1/completions", json={**ok, "lora": [{"id": 0, "scale": 1}, {"id": 0, "scale": 2}]}),
+                 400, "twice")
+    assert_error(c.post("/v1/completions", json={**ok, "prompt": "x" * 64}), 400, "64 tokens; the context size is 64")
+    assert_error(c.post("/v1/completions", json={**ok, "prompt": [1, 2, 999]}), 400, "vocabulary")
+    assert_error(c.post("/v1/completions", json={**ok, "n": 2}), 400, "n=1")
+    assert_error(c.post("/v1/completions", json={**ok, "stop": ["a", "b", "c", "d", "e"]}), 400, "stop")
+    assert_error(c.post("/v1/completions", json={**ok, "temperature": -1}), 400, "temperature")
+    assert_error(c.post("/v1/completions", json={"max_tokens": 3}), 400, "prompt")
+    assert_error(c.post("/v1/chat/completions", json={"messages": []}), 400, "messages")
+    assert_error(c.post("/v1/chat/completions", json={"messages": [{"role": "robot", "content": "x"}]}), 400, "role")
+    assert_error(c.post("/v1/completions", content=b"[" * 10 + b"]" * 10), 400, "")
+    assert_error(c.post("/v1/completions", content=b'{"prompt": "' + b"x" * (9 << 20) + b'"}'), 413, "bytes")
+    assert_error(c.post("/lora-adapters", json=[{"id": 9, "scale": 1}]), 400, "unknown adapter id 9")
+    assert_error(c.post("/lora-adapters", json={"id": 0}), 400, "")
+    assert_error(c.get("/v1/nothing"), 404, "Not Found")
+    # and the server still serves, with the right text
+    r = c.post("/v1/completions", json=ok)
+    assert r.status_code == 200
+    assert r.json()["choices"][0]["text"] == expected(backend, "hi", {"lora0": 1.0, "lora1": 0.5}, 1, 3)
+
+
+def test_completion_and_chat_shapes_and_streaming(scripted):
+    c, backend, _ = scripted
+    body = {"prompt": "hello", "max_tokens": 6, "seed": 3, "lora": [{"id": 1, "scale": 2.0}]}
+    r = c.post("/v1/completions", json=body).json()
+    want = expected(backend, "hello", {"lora1": 2.0}, 3, 6)
+    assert r["object"] == "text_completion" and r["choices"][0]["text"] == want
+    assert r["choices"][0]["finish_reason"] == "length"
+    assert r["usage"] == {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11}
+    # streaming: the deltas add up to the same text, then a finish chunk, then [DONE]
+    with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+        assert s.headers["content-type"].startswith("text/event-stream")
+        events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(ch["choices"][0]["text"] for ch in chunks) == want
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and len(chunks) >= 3
+    # chat: template rendered by the backend, message shape, stop sequence cuts the text
+    msgs = [{"role": "user", "content": "hey"}]
+    full = backend.expected(backend.chat_prompt(msgs), {"lora0": 1.0, "lora1": 0.5}, 5, 12)
+    stop = full[4:6]
+    cut = full[: full.index(stop)]
+    r = c.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 12, "seed": 5, "stop": stop}).json()
+    assert r["choices"][0]["message"] == {"role": "assistant", "content": cut}
+    assert r["choices"][0]["finish_reason"] == "stop"
+    with c.stream("POST", "/v1/chat/completions", json={"messages": msgs, "max_tokens": 12, "seed": 5, "stream": True,
+                                                        "stream_options": {"include_usage": True}}) as s:
+        events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"]) == full
+    assert events[-1]["usage"]["completion_tokens"] == 12 and events[-1]["choices"] == []
+
+
+def test_concurrent_requests_with_different_adapter_sets_do_not_cross(scripted):
+    c, backend, engine = scripted
+    sets = [None, [], [{"id": 0, "scale": 1.0}], [{"id": 1, "scale": 0.25}],
+            [{"id": 0, "scale": 0.5}, {"id": 1, "scale": -1.0}]]
+    names = {0: "lora0", 1: "lora1"}
+    globals_ = {"lora0": 1.0, "lora1": 0.5}
+    jobs = [(f"p{i}", sets[i % len(sets)], i) for i in range(30)]
+
+    def one(job):
+        prompt, lora, seed = job
+        body = {"prompt": prompt, "max_tokens": 8, "seed": seed}
+        if lora is not None:
+            body["lora"] = lora
+        return c.post("/v1/completions", json=body).json()["choices"][0]["text"]
+
+    before = backend.set_calls
+    with cf.ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(one, jobs))
+    for (prompt, lora, seed), text in zip(jobs, got):
+        scales = globals_ if lora is None else {names[x["id"]]: x["scale"] for x in lora if x["scale"] != 0}
+        assert text == expected(backend, prompt, scales, seed, 8), (prompt, lora)
+    # one model thread did all the work, and requests sharing a set were grouped: fewer switches than requests
+    assert backend.threads == {"toolkit-serve-model"}
+    assert backend.set_calls - before < len(jobs)
+
+
+def test_global_scales_and_lora_adapters_routes(scripted):
+    c, backend, _ = scripted
+    info = c.get("/lora-adapters").json()
+    assert [(a["id"], Path(a["path"]).name, a["scale"]) for a in info] == [(0, "a.gguf", 1.0), (1, "b.gguf", 0.5)]
+    assert c.post("/lora-adapters", json=[{"id": 1, "scale": 0.2}]).json() == {"success": True}
+    assert [a["scale"] for a in c.get("/lora-adapters").json()] == [0.0, 0.2]  # unlisted adapters go to 0
+    r = c.post("/v1/completions", json={"prompt": "g", "max_tokens": 4, "seed": 9}).json()
+    assert r["choices"][0]["text"] == expected(backend, "g", {"lora1": 0.2}, 9, 4)
+    # a request's own list wins for that request only
+    r = c.post("/v1/completions", json={"prompt": "g", "max_tokens": 4, "seed": 9, "lora": [{"id": 0, "scale": 1}]})
+    assert r.json()["choices"][0]["text"] == expected(backend, "g", {"lora0": 1.0}, 9, 4)
+    assert [a["scale"] for a in c.get("/lora-adapters").json()] == [0.0, 0.2]
+    assert c.post("/lora-adapters", json=[]).json() == {"success": True}
+    r = c.post("/v1/completions", json={"prompt": "g", "max_tokens": 4, "seed": 9}).json()
+    assert r["choices"][0]["text"] == expected(backend, "g", {}, 9, 4)
+
+
+def test_load_and_unload_only_inside_adapter_dir(scripted, tmp_path):
+    c, backend, _ = scripted
+    for name, status in [("../secret.gguf", 403), (str(tmp_path / "secret.gguf"), 403), ("link.gguf", 403),
+                         ("..", 403), ("", 403), ("sub/c.gguf", 403), ("missing.gguf", 404)]:
+        assert_error(c.post("/lora-adapters/load", json={"name": name}), status, "")
+    assert_error(c.post("/lora-adapters/load", json={"path": "/etc/passwd"}), 400, "")
+    assert_error(c.post("/lora-adapters/load", json={"name": "junk.gguf"}), 400, "cannot load adapter 'junk.gguf'")
+    r = c.post("/lora-adapters/load", json={"name": "c.gguf", "scale": 0.75}).json()
+    assert r["id"] == 3 and Path(r["path"]) == (tmp_path / "dir" / "c.gguf").resolve()  # id 2 went to junk
+    assert "lora3" in backend.loaded
+    assert [a["id"] for a in c.get("/lora-adapters").json()] == [0, 1, 3]
+    r = c.post("/v1/completions", json={"prompt": "z", "max_tokens": 5, "seed": 1, "lora": [{"id": 3, "scale": 2}]})
+    assert r.json()["choices"][0]["text"] == expected(backend, "z", {"lora3": 2.0}, 1, 5)
+    # unloading while a request still uses it: the id disappears at once, the weights when that request ends
+    backend.delay = 0.02
+    with cf.ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(c.post, "/v1/completions",
+                          json={"prompt": "z", "max_tokens": 40, "seed": 2, "lora": [{"id": 3, "scale": 1}]})
+        time.sleep(0.3)
+        assert c.post("/lora-adapters/unload", json={"id": 3}).json()["success"] is True
+        assert "lora3" in backend.loaded and 3 not in [a["id"] for a in c.get("/lora-adapters").json()]
+        assert_error(c.post("/v1/completions", json={"prompt": "z", "lora": [{"id": 3, "scale": 1}]}), 400, "id 3")
+        text = fut.result().json()["choices"][0]["text"]
+    assert text == expected(backend, "z", {"lora3": 1.0}, 2, 40)
+    for _ in range(100):
+        if "lora3" not in backend.loaded:
+            break
+        time.sleep(0.02)
+    assert backend.unloaded == ["lora3"]
+    assert_error(c.post("/lora-adapters/unload", json={"id": 3}), 404, "unknown adapter id 3")
+
+
+def test_client_disconnect_stops_generation(scripted):
+    c, backend, engine = scripted
+    backend.delay = 0.02
+    with c.stream("POST", "/v1/completions", json={"prompt": "q", "max_tokens": 60, "stream": True}) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: "):
+                break  # leave after the first token
+    t0 = time.time()
+    r = c.post("/v1/completions", json={"prompt": "q", "max_tokens": 2, "seed": 0})
+    assert r.status_code == 200
+    # the abandoned 60-token job (1.2 s of work) was stopped, not finished first
+    assert time.time() - t0 < 1.0
+
+
+def test_busy_server_answers_503(tmp_path):
+    backend = ScriptedBackend(delay=0.05)
+    app, engine = build(ServeConfig(model="scripted", max_queue=2), backend=backend)
+    with thread_server(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        with cf.ThreadPoolExecutor(8) as pool:
+            futs = [pool.submit(c.post, "/v1/completions", json={"prompt": "b", "max_tokens": 10}) for _ in range(8)]
+            codes = sorted(f.result().status_code for f in futs)
+        assert 503 in codes and 200 in codes
+        assert c.get("/health").json()["status"] == "ok"
+    engine.stop()
+
+
+def test_api_key_guards_every_endpoint():
+    backend = ScriptedBackend()
+    app, engine = build(ServeConfig(model="scripted", api_key="s3cret"), backend=backend)
+    with thread_server(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        calls = [("GET", "/health", None), ("GET", "/v1/models", None), ("GET", "/lora-adapters", None),
+                 ("POST", "/lora-adapters", []), ("POST", "/lora-adapters/load", {"name": "x"}),
+                 ("POST", "/lora-adapters/unload", {"id": 0}), ("GET", "/nope", None),
+                 ("POST", "/v1/completions", {"prompt": "a", "max_tokens": 1}),
+                 ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "max_tokens": 1})]
+        for method, path, body in calls:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+                r = c.request(method, path, json=body, headers=headers)
+                assert_error(r, 401, "API key")
+        good = {"Authorization": "Bearer s3cret"}
+        assert c.get("/health", headers=good).status_code == 200
+        r = c.post("/v1/completions", json={"prompt": "a", "max_tokens": 2, "seed": 4}, headers=good)
+        assert r.json()["choices"][0]["text"] == expected(backend, "a", {}, 4, 2)
+    engine.stop()
