@@ -58,8 +58,12 @@ def build_parser(cls: type, prog: str, description: str = "") -> argparse.Argume
         kwargs = dict(meta["kwargs"])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         kwargs.setdefault("help", meta["help"] or " ")
-        kwargs["dest"] = f.name
         kwargs["default"] = argparse.SUPPRESS  # so we know what the user actually typed
+        if not flags[0].startswith("-"):  # positional: arg(None, "input"); optional so --config may supply it
+            flags = [f.name]
+            kwargs.setdefault("nargs", "?")
+        else:
+            kwargs["dest"] = f.name
         tp = _base_type(hints[f.name])
         if tp is bool and "action" not in kwargs:
             long = [fl for fl in flags if fl.startswith("--")]
