@@ -14,6 +14,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from toolkit.errors import ToolkitError
+
 from .server_engine import Engine, Job
 from .server_protocol import (APIError, ChatRequest, CompletionRequest, LoadRequest, LoraRef, SamplingFields,
                               UnloadRequest, check_lora_list, chat_body, chat_chunk, completion_body, error_body, new_id,
@@ -106,6 +108,10 @@ def create_app(engine: Engine, api_key: str | None = None, adapter_dir: str | No
     async def _api_error(_: Request, e: APIError):
         return JSONResponse(e.body(), status_code=e.status)
 
+    @app.exception_handler(ToolkitError)
+    async def _toolkit(_: Request, e: ToolkitError):  # e.g. a chat template refusing the messages
+        return error_response(400, str(e))
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException):
         return error_response(e.status_code, str(e.detail), type="not_found_error" if e.status_code == 404 else
@@ -119,7 +125,7 @@ def create_app(engine: Engine, api_key: str | None = None, adapter_dir: str | No
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "queued": engine.pending()}
+        return {"status": "ok", "queued": engine.pending(), "adapter_switches": engine.groups_run}
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -216,7 +222,8 @@ def create_app(engine: Engine, api_key: str | None = None, adapter_dir: str | No
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = await parse(request, CompletionRequest)
-        ids = backend.encode(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
+        # tokenizing a long prompt takes a while: off the event loop, so other clients are not stalled
+        ids = await asyncio.to_thread(backend.encode, req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
         job, stream = admit(req, ids)
         rid, model = new_id("cmpl"), backend.model_id
         prefix = (req.prompt if isinstance(req.prompt, str) else backend.decode(ids)) if req.echo else ""
@@ -237,7 +244,7 @@ def create_app(engine: Engine, api_key: str | None = None, adapter_dir: str | No
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         req = await parse(request, ChatRequest)
-        ids = backend.chat_prompt(req.plain_messages())
+        ids = await asyncio.to_thread(backend.chat_prompt, req.plain_messages())
         job, stream = admit(req, ids)
         rid, model = new_id("chatcmpl"), backend.model_id
         if not req.stream:

@@ -1,0 +1,64 @@
+"""The GGUF model behind `toolkit serve`: toolkit.load + toolkit.lora adapters + infer.generate's sampler.
+
+Only the engine's model thread calls these methods (see server_engine.py), so none of them lock.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from toolkit.errors import ToolkitError
+
+from .server_protocol import Sampling
+
+
+class ModelBackend:
+    def __init__(self, model: Any, tokenizer: Any, n_ctx: int, model_id: str):
+        self.model, self.tok = model, tokenizer
+        self.n_ctx, self.model_id = n_ctx, model_id
+        self.vocab_size = int(tokenizer.vocab_size)
+
+    @classmethod
+    def load(cls, path: str, device: str = "auto", dtype: str | None = None, ctx_size: int = 4096,
+             threads: int = 0, alias: str | None = None) -> "ModelBackend":
+        import torch
+
+        from toolkit.model import load
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        if not os.path.isfile(path):
+            raise ToolkitError("model file not found", path)
+        model, tok = load(path, device=device, dtype=dtype)
+        train_ctx = int(model.args.ctx_len) if getattr(model.args, "ctx_len", None) else 0
+        n_ctx = train_ctx if ctx_size <= 0 else (min(ctx_size, train_ctx) if train_ctx else ctx_size)
+        return cls(model, tok, n_ctx, alias or Path(path).name)
+
+    # -- text
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text)
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        text = self.tok.apply_chat_template(messages, add_generation_prompt=True)
+        # a template that writes the BOS text itself must not get a second BOS (llama.cpp warns about it)
+        bos = self.tok.tokens[self.tok.bos_id] if self.tok.bos_id is not None else None
+        add_bos = None if not (bos and text.startswith(bos)) else False
+        return self.tok.encode(text, add_bos=add_bos)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids)
+
+    # -- adapters (loaded at scale 0: a request's set turns them on)
+    def load_adapter(self, path: str, name: str) -> None:
+        self.model.load_adapter(path, name=name, scale=0.0)
+
+    def unload_adapter(self, name: str) -> None:
+        self.model.unload_adapter(name)
+
+    def set_adapters(self, scales: dict[str, float]) -> None:
+        self.model.set_adapters(scales)
+
+    # -- generation
+    def generate(self, prompt_ids: list[int], s: Sampling) -> Iterator[int]:
+        raise NotImplementedError("waiting for infer/generate.py")
