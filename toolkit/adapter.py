@@ -1,0 +1,703 @@
+"""Adapter: the one in-memory form of a LoRA adapter, and its readers/writers (GGUF adapter, PEFT dir, GGLA).
+
+Canonical form (what every reader produces and every writer consumes):
+  * tensors keyed by the GGUF *base weight* name (`blk.3.attn_q.weight`), each a LoraPair in PEFT orientation:
+    a [r, in], b [out, r], delta = scale * b @ a, against the base tensor's torch shape (out, in).
+    q/k rows are in GGUF (llama.cpp-permuted) order, so the delta adds straight onto the GGUF weight.
+  * `token_embd.weight` (torch (n_vocab, n_embd)) is an embedding, stored like PEFT's lora_embedding_A/B:
+    a [r, n_vocab], b [n_embd, r], delta = scale * (b @ a).T. llama.cpp gathers rows of its lora_a
+    (ggml ne [r, n_vocab] = torch (n_vocab, r) = a.T) by token and multiplies by lora_b (= b); see
+    llm_build_inp_embd and convert_lora_to_gguf.py, which transposes only token_embd's lora_a.
+  * norm weights (1-D, torch (n,)) may carry a LoRA pair (old finetune: a [r, n], b [1, r]; delta [1, n]) or a
+    full replacement weight in `norms` (mergekit-extract-lora's saved norms). llama.cpp ignores both.
+  * one `alpha` for the file: scale(name) = alpha / rank(name), alpha 0 meaning 1.0 (llama.cpp's rule).
+    Per-module alphas and rsLoRA are folded into B when a PEFT adapter is read, so the GGUF form is exact.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from . import names as N
+from .errors import ToolkitError
+from .fileutil import atomic_path
+from .gguf_io import GGUFFile, TensorInfo, TensorSpec, open_gguf, write_gguf
+
+Tensor = torch.Tensor
+EMBD = "token_embd.weight"
+OUTTYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
+PEFT_PREFIX = "base_model.model."
+TOOLKIT_PEFT_KEY = "toolkit.peft.adapter_config"  # the PEFT config a GGUF came from (llama.cpp ignores it)
+_OWN_KEYS = {"general.architecture", "general.type", "adapter.type", "adapter.lora.alpha", TOOLKIT_PEFT_KEY,
+             "general.base_model.count", "general.base_model.0.name"}
+
+
+def is_embedding(name: str) -> bool:
+    return name.endswith(EMBD)  # llama.cpp: str_endswith(name, "token_embd.weight")
+
+
+def is_norm(name: str) -> bool:
+    return name.endswith("_norm.weight")
+
+
+@dataclass
+class LoraPair:
+    a: Tensor  # [r, in]   (token_embd: [r, n_vocab])
+    b: Tensor  # [out, r]  (token_embd: [n_embd, r])
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+
+@dataclass
+class Adapter:
+    tensors: dict[str, LoraPair]
+    alpha: float = 0.0
+    arch: str = ""
+    base_model: str = ""
+    norms: dict[str, Tensor] = field(default_factory=dict)  # full norm weights that replace the base's
+    extra: dict[str, Any] = field(default_factory=dict)  # 'metadata' (other GGUF keys), 'peft_config'
+    path: str = ""
+
+    def rank(self, name: str) -> int:
+        return self.tensors[name].rank
+
+    def scale(self, name: str) -> float:
+        """alpha / rank (alpha 0: 1.0), before the user's scale."""
+        return self.alpha / self.rank(name) if self.alpha else 1.0
+
+    def delta(self, name: str) -> Tensor:
+        """scale * B @ A as a float32 tensor shaped like the base weight (torch order)."""
+        p = self.tensors[name]
+        d = (p.b.float() @ p.a.float()) * self.scale(name)
+        return d.T.contiguous() if is_embedding(name) else d
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.tensors) + list(self.norms)
+
+
+# --- the base model an adapter is checked against --------------------------------------------------------
+
+@dataclass
+class BaseInfo:
+    arch: str
+    n_head: int
+    n_head_kv: int
+    shapes: dict[str, tuple[int, ...]]  # GGUF tensor name -> torch shape
+    tied: bool
+    name: str = ""
+    path: str = ""
+
+    @classmethod
+    def of(cls, base: "BaseInfo | GGUFFile | str | Path | None") -> "BaseInfo | None":
+        if base is None or isinstance(base, BaseInfo):
+            return base
+        if isinstance(base, GGUFFile):
+            return cls.from_gguf(base)
+        p = Path(base)
+        return cls.from_hf_dir(p) if p.is_dir() else cls.from_gguf(open_gguf(p))
+
+    @classmethod
+    def from_gguf(cls, g: GGUFFile) -> "BaseInfo":
+        def first(v: Any) -> int:
+            return int(v[0] if isinstance(v, list) else v)
+
+        n_head = first(g.arch_get("attention.head_count", 0))
+        n_kv = first(g.arch_get("attention.head_count_kv", n_head))
+        shapes = {n: t.shape for n, t in g.tensors.items()}
+        return cls(g.arch, n_head, n_kv, shapes, "output.weight" not in shapes, str(g.get("general.name", "")), g.path)
+
+    @classmethod
+    def from_hf_dir(cls, path: Path) -> "BaseInfo":
+        cfg_path = path / "config.json"
+        if not cfg_path.is_file():
+            raise ToolkitError("no config.json: --base must be a GGUF model or a Hugging Face model folder", str(path))
+        cfg = json.loads(cfg_path.read_text())
+        text = cfg.get("text_config") or cfg
+        arch = N.arch_from_hf_model_type(str(text.get("model_type", cfg.get("model_type", ""))), str(cfg_path))
+        n_head = int(text.get("num_attention_heads", 0))
+        n_kv = int(text.get("num_key_value_heads") or n_head)
+        tied = bool(text.get("tie_word_embeddings", cfg.get("tie_word_embeddings", arch.startswith("gemma"))))
+        shapes: dict[str, tuple[int, ...]] = {}
+        for st in sorted(path.glob("*.safetensors")):
+            for hf_name, shape in _safetensors_shapes(st).items():
+                gg = N.hf_to_gguf(arch, hf_name)
+                if gg is not None:
+                    shapes[gg] = shape
+        if tied:
+            shapes.pop("output.weight", None)
+        return cls(arch, n_head, n_kv, shapes, tied, str(cfg.get("_name_or_path", path.name)), str(path))
+
+
+def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a safetensors header (8-byte length + JSON) without reading the data."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ToolkitError("truncated safetensors file", str(path))
+        (n,) = struct.unpack("<Q", head)
+        if n > 100_000_000:
+            raise ToolkitError("corrupt safetensors header", str(path))
+        meta = json.loads(fh.read(n))
+    return {k: tuple(v["shape"]) for k, v in meta.items() if k != "__metadata__"}
+
+
+# --- validation against a base (llama.cpp's rules, on canonical shapes) ------------------------------------
+
+def check_against_base(adapter: Adapter, base: BaseInfo, path: str, tied_output_ok: bool = False) -> None:
+    """Raise what llama.cpp's llama_adapter_lora_init_impl raises, with one clear line each.
+
+    tied_output_ok: accept a LoRA on `output.weight` for a base whose output is token_embd (toolkit's model
+    applies it to the output projection only; llama.cpp has no such tensor and refuses)."""
+    shapes = dict(base.shapes)
+    if tied_output_ok and base.tied and EMBD in shapes:
+        shapes.setdefault("output.weight", shapes[EMBD])
+    if adapter.arch and base.arch and adapter.arch != base.arch:
+        raise ToolkitError(f"adapter is for architecture '{adapter.arch}' but the base model is '{base.arch}' "
+                           f"(llama.cpp: model arch and LoRA arch mismatch)", path)
+    for name, pair in adapter.tensors.items():
+        if name not in shapes:
+            raise ToolkitError(_missing_msg(name, base), path)
+        shape = shapes[name]
+        out, inp = (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0])
+        if is_embedding(name):
+            out, inp = inp, out  # a [r, n_vocab], b [n_embd, r]
+        if tuple(pair.a.shape[1:]) != (inp,) or tuple(pair.b.shape[:1]) != (out,):
+            raise ToolkitError(f"tensor '{name}' has incorrect shape: lora_a {list(pair.a.shape)}, lora_b "
+                               f"{list(pair.b.shape)} for a base weight of {list(shape)} (hint: maybe wrong base "
+                               f"model?)", path)
+    for name, w in adapter.norms.items():
+        if name not in base.shapes:
+            raise ToolkitError(_missing_msg(name, base), path)
+        if w.numel() != int(np.prod(base.shapes[name])):
+            raise ToolkitError(f"norm tensor '{name}' has {w.numel()} values, the base has "
+                               f"{list(base.shapes[name])}", path)
+
+
+def _missing_msg(name: str, base: BaseInfo) -> str:
+    hint = "maybe wrong base model?"
+    if name == "output.weight" and base.tied:
+        hint = "the base ties output to token_embd, so llama.cpp has no output tensor to adapt; load the PEFT form"
+    return f"LoRA tensor '{name}' does not exist in base model (hint: {hint})"
+
+
+# --- reading -----------------------------------------------------------------------------------------------
+
+def read_adapter(path: str | Path, base: BaseInfo | GGUFFile | str | Path | None = None) -> Adapter:
+    """GGUF adapter, PEFT directory or GGLA file -> Adapter; checked against `base` when given."""
+    p = Path(path)
+    if not p.exists():
+        raise ToolkitError("no such file or directory", str(p))
+    info = BaseInfo.of(base)
+    if p.is_dir():
+        adapter = read_peft(p, info)
+    else:
+        with open(p, "rb") as fh:
+            magic = fh.read(4)
+        if magic == b"GGUF":
+            adapter = read_gguf_adapter(p, info)
+        elif magic == b"algg":
+            adapter = read_ggla(p, info)
+        else:
+            raise ToolkitError(f"not a LoRA adapter (magic {magic!r}; expected a GGUF adapter, a GGLA file or a PEFT "
+                               f"directory)", str(p))
+    if info is not None:
+        check_against_base(adapter, info, str(p), tied_output_ok=p.is_dir())
+    return adapter
+
+
+def _to_f32(t: TensorInfo) -> Tensor:
+    """Any GGUF tensor as float32 torch (F32/F16 straight, others through gguf-py's dequantize)."""
+    if t.qtype in (Q.F32, Q.F16):
+        arr = np.asarray(t.data, dtype=np.float32)
+    else:
+        from gguf.quants import dequantize
+
+        arr = dequantize(t.raw().numpy(), t.qtype)
+    return torch.from_numpy(np.array(arr, dtype=np.float32)).reshape(t.shape)
+
+
+def _old_layout(a: Tensor, b: Tensor, name: str) -> LoraPair:
+    """Old finetune / GGLA layout (ggml a ne [r, in], b ne [r, out] -> torch a (in, r), b (out, r)) -> canonical.
+
+    The old delta is ggml_mul_mat(a, b) = b @ a.T in torch: linear A = a.T, B = b; token_embd swaps roles."""
+    if is_embedding(name):
+        return LoraPair(b.T.contiguous(), a.contiguous())  # a [r, n_vocab], b [n_embd, r]
+    return LoraPair(a.T.contiguous(), b.contiguous())
+
+
+def _warn_norms(path: str) -> None:
+    warnings.warn(f"{path}: applying the adapter's norm tensors, which llama.cpp ignores (its results will differ)",
+                  stacklevel=3)
+
+
+def read_gguf_adapter(path: str | Path, base: BaseInfo | None = None) -> Adapter:
+    g = open_gguf(path)
+    p = g.path
+    if g.get("training.type") == "finetune_lora":
+        return _read_finetune_checkpoint(g, base)
+    gtype = g.get("general.type")
+    if gtype != "adapter":
+        raise ToolkitError(f"general.type is '{gtype or ''}', expected 'adapter' (not a LoRA adapter GGUF)", p)
+    if base is not None and g.arch != base.arch:
+        raise ToolkitError(f"adapter is for architecture '{g.arch}' but the base model is '{base.arch}' "
+                           f"(llama.cpp: model arch and LoRA arch mismatch)", p)
+    atype = g.get("adapter.type")
+    if atype != "lora":
+        raise ToolkitError(f"adapter.type is '{atype or ''}', expected 'lora'", p)
+    alpha = float(g.get("adapter.lora.alpha", 0.0))
+    pairs: dict[str, dict[str, TensorInfo]] = {}
+    norm_infos: dict[str, TensorInfo] = {}
+    for name, t in g.tensors.items():
+        if name.endswith(".lora_a") or name.endswith(".lora_b"):
+            pairs.setdefault(name[:-7], {})[name[-1]] = t
+        elif is_norm(name):
+            norm_infos[name] = t
+        else:
+            raise ToolkitError(f"LoRA tensor '{name}' has unexpected suffix (expected .lora_a or .lora_b)", p)
+    for name, ab in pairs.items():
+        if len(ab) != 2:
+            raise ToolkitError(f"LoRA tensor pair for '{name}' is missing one component "
+                               f"({'lora_b' if 'a' in ab else 'lora_a'})", p)
+    tensors: dict[str, LoraPair] = {}
+    for name, ab in pairs.items():
+        ta, tb = ab["a"], ab["b"]
+        if base is not None and name not in base.shapes:
+            raise ToolkitError(_missing_msg(name, base), p)
+        if len(ta.shape) != 2 or len(tb.shape) != 2:
+            raise ToolkitError(f"tensor '{name}': lora_a and lora_b must be 2-D", p)
+        _check_gguf_shapes(name, ta.shape, tb.shape, base, p)
+        a, b = _to_f32(ta), _to_f32(tb)
+        tensors[name] = LoraPair(a.T.contiguous(), b) if is_embedding(name) else LoraPair(a, b)
+    norms = {n: _to_f32(t).reshape(-1) for n, t in norm_infos.items()}
+    if norms or any(is_norm(n) for n in tensors):
+        _warn_norms(p)
+    meta = {k: v for k, v in g.types.items() if k not in _OWN_KEYS}
+    extra: dict[str, Any] = {"metadata": meta}
+    if TOOLKIT_PEFT_KEY in g.metadata:
+        extra["peft_config"] = json.loads(g.metadata[TOOLKIT_PEFT_KEY])
+    return Adapter(tensors, alpha, g.arch, str(g.get("general.base_model.0.name", "")), norms, extra, p)
+
+
+def _check_gguf_shapes(name: str, a: tuple[int, ...], b: tuple[int, ...], base: BaseInfo | None, path: str) -> None:
+    """llama.cpp's shape rules, in torch order: a (r, in), b (out, r); token_embd a (n_vocab, r), b (n_embd, r)."""
+    if is_embedding(name):
+        if base is not None:
+            n_vocab, n_embd = base.shapes[name]
+            if b[0] != n_embd or a[0] != n_vocab:
+                raise ToolkitError(f"tensor '{name}' has incorrect shape (hint: maybe wrong base model?)", path)
+        if a[1] != b[1]:
+            raise ToolkitError(f"tensor '{name}': lora_a rank {a[1]} != lora_b rank {b[1]}", path)
+        return
+    old = a[0] != b[1] and a[1] == b[1]  # old finetune: a (in, r), b (out, r)
+    if base is not None:
+        shape = base.shapes[name]
+        out, inp = (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0])
+        if a[1] != inp or b[0] != out:
+            hint = "maybe wrong base model?"
+            if old and a[0] == inp and b[0] == out:
+                hint = ("lora_a is not transposed: this is the old finetune layout, which llama.cpp no longer loads; "
+                        "`toolkit convert lora` reads old GGLA/checkpoint files")
+            raise ToolkitError(f"tensor '{name}' has incorrect shape (hint: {hint})", path)
+    if a[0] != b[1]:
+        raise ToolkitError(f"tensor '{name}': lora_a is not transposed (hint: adapter from the old \"finetune\" "
+                           f"example; llama.cpp no longer loads it)", path)
+
+
+def _read_finetune_checkpoint(g: GGUFFile, base: BaseInfo | None) -> Adapter:
+    """Old llama.cpp `finetune` checkpoint: LoRA tensors in the old layout, trained without a scale (alpha 0)."""
+    tensors: dict[str, LoraPair] = {}
+    for name, t in g.tensors.items():
+        if name.endswith(".lora_a"):
+            tb = g.tensors.get(name[:-1] + "b")
+            if tb is None:
+                raise ToolkitError(f"LoRA tensor pair for '{name[:-7]}' is missing one component (lora_b)", g.path)
+            tensors[name[:-7]] = _old_layout(_to_f32(t), _to_f32(tb), name[:-7])
+    if not tensors:
+        raise ToolkitError("finetune checkpoint holds no LoRA tensors", g.path)
+    if any(is_norm(n) for n in tensors):
+        _warn_norms(g.path)
+    return Adapter(tensors, 0.0, g.arch or "llama", "", {}, {"metadata": {}}, g.path)
+
+
+def read_ggla(path: str | Path, base: BaseInfo | None = None) -> Adapter:
+    """The pre-GGUF LoRA file of convert-lora-to-ggml.py and old `finetune --lora-out`.
+
+    Header: b'algg', version 1, r, alpha (int32). Tensors: n_dims, name_len, ftype (0 f32, 1 f16), ne[n_dims],
+    name, padding to 32 bytes, data. Names are GGUF names + '.loraA'/'.loraB' (older files: ggml names, mapped).
+    Old llama.cpp scaled every tensor by alpha / r of the header and applied B A to the weights as stored
+    (no Q/K permutation), which is what this reproduces."""
+    p = str(path)
+    buf = Path(path).read_bytes()
+    if len(buf) < 16:
+        raise ToolkitError("truncated GGLA header", p)
+    version, r, alpha = struct.unpack_from("<iii", buf, 4)
+    if version != 1:
+        raise ToolkitError(f"unsupported GGLA version {version}", p)
+    if r <= 0:
+        raise ToolkitError(f"GGLA header has rank {r}", p)
+    pos, raw = 16, {}
+    while pos < len(buf):
+        if pos + 12 > len(buf):
+            raise ToolkitError("truncated GGLA tensor header", p)
+        n_dims, name_len, ftype = struct.unpack_from("<iii", buf, pos)
+        pos += 12
+        if not 1 <= n_dims <= 2 or ftype not in (0, 1) or not 0 < name_len < 512:
+            raise ToolkitError(f"corrupt GGLA tensor header at byte {pos - 12}", p)
+        ne = struct.unpack_from(f"<{n_dims}i", buf, pos)
+        pos += 4 * n_dims
+        name = buf[pos:pos + name_len].decode("utf-8", "replace")
+        pos = (pos + name_len + 31) & -32
+        dtype = np.float32 if ftype == 0 else np.float16
+        n = int(np.prod(ne))
+        if pos + n * np.dtype(dtype).itemsize > len(buf):
+            raise ToolkitError(f"truncated GGLA file: tensor '{name}' runs past the end", p)
+        arr = np.frombuffer(buf, dtype, n, pos).astype(np.float32).reshape(tuple(reversed(ne)))
+        pos += n * np.dtype(dtype).itemsize
+        raw[name] = torch.from_numpy(arr.copy())
+    tensors: dict[str, LoraPair] = {}
+    for name, a in raw.items():
+        if not name.endswith(".loraA"):
+            if not name.endswith(".loraB"):
+                raise ToolkitError(f"GGLA tensor '{name}' has unexpected suffix (expected .loraA or .loraB)", p)
+            continue
+        stem = name[:-6]
+        b = raw.get(stem + ".loraB")
+        if b is None:
+            raise ToolkitError(f"LoRA tensor pair for '{stem}' is missing one component (loraB)", p)
+        if a.ndim == 1:
+            a = a.reshape(-1, 1)
+        if b.ndim == 1:
+            b = b.reshape(-1, 1)
+        gg = _ggla_name(stem, p)
+        pair = _old_layout(a, b, gg)
+        if pair.rank != r:  # the old loader scaled every tensor by alpha / r of the header
+            pair = LoraPair(pair.a, pair.b * (pair.rank / r))
+        tensors[gg] = pair
+    for name in raw:
+        if name.endswith(".loraB") and name[:-6] + ".loraA" not in raw:
+            raise ToolkitError(f"LoRA tensor pair for '{name[:-6]}' is missing one component (loraA)", p)
+    if not tensors:
+        raise ToolkitError("GGLA file holds no LoRA tensors", p)
+    if any(is_norm(n) for n in tensors):
+        _warn_norms(p)
+    arch = base.arch if base is not None else "llama"
+    return Adapter(tensors, float(alpha), arch, "", {}, {"metadata": {}}, p)
+
+
+_GGML_OLD = {"attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v",
+             "attention.wo": "attn_output", "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down",
+             "feed_forward.w3": "ffn_up", "attention_norm": "attn_norm", "ffn_norm": "ffn_norm"}
+_OLD_GLOBAL = {"tok_embeddings.weight": EMBD, "norm.weight": "output_norm.weight", "output.weight": "output.weight"}
+
+
+def _ggla_name(stem: str, path: str) -> str:
+    """GGLA names: GGUF ('blk.0.attn_q.weight') or pre-GGUF ggml ('layers.0.attention.wq.weight')."""
+    if stem.startswith("blk.") or stem in (EMBD, "output.weight", "output_norm.weight"):
+        return stem
+    if stem in _OLD_GLOBAL:
+        return _OLD_GLOBAL[stem]
+    m = re.match(r"^layers\.(\d+)\.(.+)\.weight$", stem)
+    if m and m.group(2) in _GGML_OLD:
+        return f"blk.{m.group(1)}.{_GGML_OLD[m.group(2)]}.weight"
+    raise ToolkitError(f"GGLA tensor '{stem}' has an unknown name", path)
+
+
+# --- PEFT --------------------------------------------------------------------------------------------------
+
+_PEFT_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A", ".lora_embedding_B": "B"}
+
+
+def _peft_pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    """PEFT's get_pattern_key: the first pattern key k with re.match(rf'(.*\\.)?({k})$', module)."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return patterns[key]
+    return default
+
+
+def _peft_refusals(cfg: dict[str, Any], p: str) -> None:
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ToolkitError(f"peft_type '{cfg.get('peft_type')}' is not supported (only LORA)", p)
+    if cfg.get("use_dora"):
+        raise ToolkitError("DoRA adapters (use_dora: true) are not supported: llama.cpp has no magnitude vector", p)
+    if cfg.get("fan_in_fan_out"):
+        raise ToolkitError("fan_in_fan_out: true (Conv1D models) is not supported", p)
+    if cfg.get("bias", "none") not in (None, "none") or cfg.get("lora_bias"):
+        raise ToolkitError("adapters that train biases (bias / lora_bias) are not supported", p)
+    if cfg.get("trainable_token_indices"):
+        raise ToolkitError("trainable_token_indices (new token embeddings) is not supported", p)
+    for m in cfg.get("modules_to_save") or []:
+        if "norm" not in m:
+            raise ToolkitError(f"modules_to_save ['{m}'] is not supported: full trained weights are not a LoRA "
+                               f"(llama.cpp cannot load them)", p)
+
+
+def read_peft(path: str | Path, base: BaseInfo | None = None) -> Adapter:
+    d = Path(path)
+    p = str(d)
+    cfg_path = d / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise ToolkitError("not a PEFT adapter: no adapter_config.json", p)
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ToolkitError(f"adapter_config.json is not valid JSON ({e.msg})", p) from None
+    _peft_refusals(cfg, p)
+    st = d / "adapter_model.safetensors"
+    if not st.is_file():
+        hint = " (adapter_model.bin is a pickle, which toolkit never loads: save with safe_serialization)" \
+            if (d / "adapter_model.bin").exists() else ""
+        raise ToolkitError(f"no adapter_model.safetensors{hint}", p)
+    if base is None:
+        raise ToolkitError("a PEFT adapter needs the base model (--base base.gguf or a HF model folder) for its "
+                           "architecture and head counts", p)
+    arch = N.check_arch(base.arch, p)
+    from safetensors.torch import load_file
+
+    state = load_file(str(st))
+    halves: dict[str, dict[str, Tensor]] = {}
+    norms: dict[str, Tensor] = {}
+    for key, t in state.items():
+        k = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        if "lora_magnitude_vector" in k:
+            raise ToolkitError("DoRA adapters (lora_magnitude_vector) are not supported", p)
+        suffix = next((s for s in _PEFT_SUFFIXES if k.endswith(s)), None)
+        if suffix is None:
+            module = k.rsplit(".", 1)[0]
+            if k.endswith((".embed_tokens.weight", "lm_head.weight", ".base_layer.weight")):
+                raise ToolkitError(f"'{key}' is a full embedding (resized for new tokens?): not supported", p)
+            gg = N.hf_to_gguf(arch, k)
+            if gg is not None and is_norm(gg) and t.ndim == 1:
+                norms[gg] = t.float()
+                continue
+            raise ToolkitError(f"unexpected tensor '{key}': neither lora_A nor lora_B ({module})", p)
+        module = k[: -len(suffix)]
+        halves.setdefault(module, {})[_PEFT_SUFFIXES[suffix]] = t.float()
+    r_default, alpha_default = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
+    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    rslora = bool(cfg.get("use_rslora"))
+    tensors: dict[str, LoraPair] = {}
+    scales: dict[str, float] = {}
+    for module, ab in halves.items():
+        if len(ab) != 2:
+            raise ToolkitError(f"'{module}' has lora_{'B' if 'A' in ab else 'A'} missing", p)
+        gg_mod = N.hf_module_to_gguf(arch, module)
+        if gg_mod is None:
+            raise ToolkitError(f"'{module}' has no GGUF counterpart in a {arch} model", p)
+        name = gg_mod + ".weight"
+        a, b = ab["A"], ab["B"]
+        if a.shape[0] != b.shape[1]:
+            raise ToolkitError(f"'{module}': lora_A rank {a.shape[0]} != lora_B rank {b.shape[1]}", p)
+        r = int(_peft_pattern_value(rank_pattern, module, r_default))
+        if r != a.shape[0]:
+            raise ToolkitError(f"'{module}': config says rank {r} but lora_A has {a.shape[0]} rows", p)
+        alpha = float(_peft_pattern_value(alpha_pattern, module, alpha_default))
+        scales[name] = alpha / math.sqrt(r) if rslora else alpha / r
+        if is_embedding(name) and name in base.shapes and a.shape[1] != base.shapes[name][0]:
+            raise ToolkitError(f"'{module}' covers {a.shape[1]} tokens but the base has {base.shapes[name][0]} "
+                               f"(embeddings resized for new tokens are not supported)", p)
+        heads = N.qk_heads(name, base.n_head, base.n_head_kv) if arch in N.PERMUTES_QK else None
+        if heads:
+            b = N.permute_rows(b, heads)  # llama.cpp's converter permutes q/k rows; B's rows follow
+        tensors[name] = LoraPair(a.contiguous(), b.contiguous())
+    alpha_g, folded = _fold_scales(tensors, scales)
+    if norms:
+        _warn_norms(p)
+    extra = {"metadata": {}, "peft_config": cfg, "folded": folded}
+    return Adapter(tensors, alpha_g, arch, str(cfg.get("base_model_name_or_path") or ""), norms, extra, p)
+
+
+def _fold_scales(tensors: dict[str, LoraPair], scales: dict[str, float]) -> tuple[float, bool]:
+    """One GGUF alpha for all tensors; where a tensor's PEFT scale differs, fold the ratio into its B.
+
+    Returns (alpha, folded). No folding when every scale * rank agrees (plain LoRA, rank_pattern, or rsLoRA with
+    one rank), or when every scale is 1 (alpha 0)."""
+    if not tensors:
+        return 0.0, False
+    want = {n: scales[n] * tensors[n].rank for n in tensors}  # the alpha each tensor needs
+    counts = Counter(want.values())
+    alpha, _ = counts.most_common(1)[0]
+    if len(counts) > 1 and all(s == 1.0 for s in scales.values()):
+        return 0.0, False
+    folded = False
+    for n, pair in tensors.items():
+        if want[n] != alpha:
+            ratio = want[n] / alpha  # scale wanted / scale llama.cpp will use (alpha / rank)
+            tensors[n] = LoraPair(pair.a, (pair.b.double() * ratio).float())
+            folded = True
+    return float(alpha), folded
+
+
+# --- writing -----------------------------------------------------------------------------------------------
+
+def _quantized(name: str, t: Tensor, qtype: Q) -> tuple[Q, Any]:
+    """(type, data) for one tensor; like llama.cpp's converter, Q8_0 falls back to F16 where rows don't fit."""
+    if qtype in (Q.F32, Q.F16) or t.ndim < 2:
+        return (qtype if t.ndim >= 2 else Q.F32), t.float().contiguous()
+    from gguf.quants import QuantError, quantize
+
+    arr = t.float().contiguous().numpy()
+    try:
+        return qtype, quantize(arr, qtype)
+    except QuantError:
+        return Q.F16, t.float().contiguous()
+
+
+def write_gguf_adapter(adapter: Adapter, path: str | Path, outtype: str = "f32",
+                       base: BaseInfo | GGUFFile | str | Path | None = None) -> None:
+    """llama.cpp's GGUF adapter (general.type=adapter, adapter.type=lora, adapter.lora.alpha, <base>.lora_a/b)."""
+    key = outtype.lower()
+    if key not in OUTTYPES:
+        raise ToolkitError(f"unknown --outtype '{outtype}' (use {', '.join(OUTTYPES)})")
+    info = BaseInfo.of(base)
+    if info is not None:
+        check_against_base(adapter, info, str(adapter.path or path))
+    if info is not None and info.tied and "output.weight" in adapter.tensors:
+        raise ToolkitError(_missing_msg("output.weight", info), str(adapter.path or path))
+    if info is not None and info.tied and EMBD in adapter.tensors:
+        # llama.cpp's tied output is a duplicate of token_embd and picks up its LoRA as a linear one: GGML_ASSERT
+        raise ToolkitError("a token_embd LoRA on a base with tied output makes llama.cpp abort (it applies the "
+                           "same LoRA to the output matmul); keep the PEFT form for toolkit", str(adapter.path or path))
+    if not adapter.arch:
+        raise ToolkitError("the adapter's architecture is unknown (give --base)", str(adapter.path or path))
+    meta: dict[str, Any] = {"general.architecture": adapter.arch}
+    meta.update(adapter.extra.get("metadata", {}))
+    meta.update({"general.type": "adapter", "adapter.type": "lora", "adapter.lora.alpha": float(adapter.alpha)})
+    if adapter.base_model:
+        meta.update({"general.base_model.count": 1, "general.base_model.0.name": adapter.base_model})
+    cfg = adapter.extra.get("peft_config")
+    if cfg is not None and not adapter.extra.get("folded"):
+        meta[TOOLKIT_PEFT_KEY] = json.dumps(cfg, sort_keys=True)
+    qtype = OUTTYPES[key]
+    specs = []
+    for name, pair in adapter.tensors.items():
+        a = pair.a.T if is_embedding(name) else pair.a  # llama.cpp gathers rows of token_embd's lora_a
+        for suffix, t in ((".lora_a", a), (".lora_b", pair.b)):
+            q, data = _quantized(name, t, qtype)
+            specs.append(TensorSpec(name + suffix, q, tuple(t.shape), data))
+    for name, w in adapter.norms.items():
+        specs.append(TensorSpec(name, Q.F32, (w.numel(),), w.float().reshape(-1).contiguous()))
+    write_gguf(path, meta, specs)
+
+
+def _module_alpha(adapter: Adapter, name: str) -> float:
+    """The PEFT lora_alpha (no rsLoRA) that gives this tensor the adapter's scale."""
+    return adapter.scale(name) * adapter.rank(name)
+
+
+def _restored_config(adapter: Adapter, modules: dict[str, str]) -> dict[str, Any] | None:
+    """The PEFT config the adapter came from, if it still describes these tensors exactly (round trips)."""
+    cfg = adapter.extra.get("peft_config")
+    if not cfg or adapter.extra.get("folded"):
+        return None
+    r0, a0 = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
+    rp, ap = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    for name, module in modules.items():
+        r = int(_peft_pattern_value(rp, module, r0))
+        alpha = float(_peft_pattern_value(ap, module, a0))
+        s = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        if r != adapter.rank(name) or not math.isclose(s, adapter.scale(name), rel_tol=1e-6):
+            return None
+    return dict(cfg)
+
+
+def write_peft_adapter(adapter: Adapter, out_dir: str | Path,
+                       base: BaseInfo | GGUFFile | str | Path | None = None) -> None:
+    """A PEFT LoRA directory (adapter_config.json + adapter_model.safetensors) that PeftModel loads."""
+    from safetensors.torch import save_file
+
+    info = BaseInfo.of(base)
+    p = str(adapter.path or out_dir)
+    arch = N.check_arch(adapter.arch or (info.arch if info else ""), p)
+    if info is not None:
+        check_against_base(adapter, info, p, tied_output_ok=True)
+    permute = arch in N.PERMUTES_QK
+    if permute and info is None and any(N.qk_heads(n, 1, 1) for n in adapter.tensors):
+        raise ToolkitError("writing q/k LoRA for a llama-type model needs --base (head counts to undo llama.cpp's "
+                           "Q/K permutation)", p)
+    state: dict[str, Tensor] = {}
+    modules: dict[str, str] = {}
+    for name, pair in adapter.tensors.items():
+        module = N.gguf_module_to_hf(arch, name[: -len(".weight")])
+        if module is None:
+            raise ToolkitError(f"'{name}' has no Hugging Face counterpart in a {arch} model", p)
+        modules[name] = module
+        b = pair.b
+        heads = N.qk_heads(name, info.n_head, info.n_head_kv) if permute and info else None
+        if heads:
+            b = N.unpermute_rows(b, heads)
+        if is_embedding(name):
+            state[f"{PEFT_PREFIX}{module}.lora_embedding_A"] = pair.a.float().contiguous()
+            state[f"{PEFT_PREFIX}{module}.lora_embedding_B"] = b.float().contiguous()
+        else:
+            state[f"{PEFT_PREFIX}{module}.lora_A.weight"] = pair.a.float().contiguous()
+            state[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.float().contiguous()
+    norm_modules = []
+    for name, w in adapter.norms.items():
+        hf = N.gguf_to_hf(arch, name)
+        if hf is None:
+            raise ToolkitError(f"'{name}' has no Hugging Face counterpart in a {arch} model", p)
+        state[PEFT_PREFIX + hf] = w.float().contiguous()
+        norm_modules.append(N.hf_leaf(hf[: -len(".weight")]))
+    cfg = _restored_config(adapter, modules) or _fresh_config(adapter, modules, info)
+    cfg["base_model_name_or_path"] = cfg.get("base_model_name_or_path") or adapter.base_model or \
+        (info.name if info else "")
+    if norm_modules:
+        cfg["modules_to_save"] = sorted(set(norm_modules))
+    with atomic_path(out_dir, directory=True) as tmp:
+        save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _fresh_config(adapter: Adapter, modules: dict[str, str], info: BaseInfo | None) -> dict[str, Any]:
+    ranks = {n: adapter.rank(n) for n in modules}
+    alphas = {n: _module_alpha(adapter, n) for n in modules}
+    r0 = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
+    a0 = Counter(alphas.values()).most_common(1)[0][0] if alphas else 8.0
+    # full module paths as pattern keys: PEFT matches them exactly ((.*\.)?key$)
+    rank_pattern = {modules[n]: r for n, r in ranks.items() if r != r0}
+    alpha_pattern = {modules[n]: a for n, a in alphas.items() if a != a0}
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r0, "lora_alpha": _num(a0),
+        "rank_pattern": rank_pattern, "alpha_pattern": {k: _num(v) for k, v in alpha_pattern.items()},
+        "target_modules": _target_modules(modules, info), "use_rslora": False, "use_dora": False,
+        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "modules_to_save": None,
+        "init_lora_weights": True, "inference_mode": True, "layers_to_transform": None, "layers_pattern": None,
+    }
+
+
+def _num(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _target_modules(modules: dict[str, str], info: BaseInfo | None) -> list[str]:
+    """Leaf names (q_proj, ...) when the adapter covers every module of that kind in the base; else full paths."""
+    leaves = sorted({N.hf_leaf(m) for m in modules.values()})
+    if info is None:
+        return leaves
+    covered = set(modules)
+    out: list[str] = []
+    for leaf in leaves:
+        base_names = [n for n in info.shapes if n.endswith(".weight") and
+                      (lambda hf: hf is not None and N.hf_leaf(hf[:-7]) == leaf)(N.gguf_to_hf(info.arch, n))]
+        if info.tied and leaf == "lm_head":
+            base_names.append("output.weight")
+        if all(n in covered for n in base_names):
+            out.append(leaf)
+        else:
+            out += sorted(m for n, m in modules.items() if N.hf_leaf(m) == leaf)
+    return out
