@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -270,15 +271,79 @@ def _dequantize_rows(raw: torch.Tensor, qtype: Q, cols: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------- quantize
+# Conventions: every C float operation is one torch op on float32 tensors, in the C order; division by a
+# constant is torch.div by a tensor (CUDA would turn `t / python_float` into a multiply by the reciprocal);
+# sums that C accumulates in a loop are accumulated element by element in the same order (_seqsum);
+# float -> int conversions follow x86 (_cvt_i32); int stores into uint8/int8 wrap (& 0xFF).
+
+_F32 = torch.float32
+_MAGIC = 12582912.0  # 1.5 * 2^23, nearest_int's constant
+GROUP_MAX_EPS = float(np.float32(1e-15))
+
+
+def _f32(v: float) -> float:
+    """A C float constant / float expression: the Python float holding the float32 value."""
+    return float(np.float32(v))
+
+
+def _cdiv(a, b) -> torch.Tensor:
+    """IEEE float32 a / b, a or b possibly a Python number (never a reciprocal multiply)."""
+    if not isinstance(a, torch.Tensor):
+        a = torch.full((1,), _f32(a), dtype=_F32, device=b.device)
+    if not isinstance(b, torch.Tensor):
+        b = torch.full((1,), _f32(b), dtype=_F32, device=a.device)
+    return torch.div(a, b)
+
+
+def _nearest_int(v: torch.Tensor) -> torch.Tensor:
+    """ggml's nearest_int(float) -> int32, bit for bit (also for |v| >= 2^22, NaN and inf)."""
+    return ((v + _MAGIC).view(torch.int32) & 0x007FFFFF) - 0x00400000
+
+
+def _seqsum(t: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+    """sum over dim 0 in order, one float32 rounding per element: `s = 0; for i: s += t[i]`."""
+    acc = torch.zeros_like(t[0]) if start is None else start.clone()
+    for i in range(t.shape[0]):
+        acc.add_(t[i])
+    return acc
+
+
+def _sqrtf(v: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 sqrt, as sqrtf / sqrtss give (torch's CPU sqrt may be 1 ulp off): round the
+    float64 root to float32, then step to the neighbour when v lies past a midpoint (squares exact in f64)."""
+    d = v.to(torch.float64)
+    r = torch.sqrt(d).to(_F32)
+    inf = torch.full_like(r, math.inf)
+    up, dn = torch.nextafter(r, inf), torch.nextafter(r, torch.zeros_like(r))
+    rd = r.to(torch.float64)
+    hi = (rd + up.to(torch.float64)) * 0.5
+    lo = (rd + dn.to(torch.float64)) * 0.5
+    return torch.where(d > hi * hi, up, torch.where(d < lo * lo, dn, r))
+
+
+def _first_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """C's `if (fabsf(v) > amax) { amax = fabsf(v); max = v; }` from amax = max = 0, over dim 0."""
+    ax = x.abs()
+    ax = torch.where(torch.isnan(ax), torch.zeros_like(ax), ax)  # NaN never compares greater
+    i = ax.argmax(dim=0, keepdim=True)  # the first index of the maximum
+    amax = ax.gather(0, i)[0]
+    mx = x.gather(0, i)[0]
+    return amax, torch.where(amax > 0, mx, torch.zeros_like(mx))  # never updated: max stays +0
+
 
 def _fp32_to_fp16_bits(x: torch.Tensor) -> torch.Tensor:
     """ggml's GGML_FP32_TO_FP16 (round to nearest even; NaN -> 0x7E00 | sign) -> int16 bits."""
     h = x.to(torch.float16).view(torch.int16)
     nan = torch.isnan(x)
     if bool(nan.any()):
-        sign = (x.view(torch.int32) >> 16) & -32768  # 0x8000 as int16-compatible
-        h = torch.where(nan, (sign | 0x7E00).to(torch.int16), h)
+        sign = ((x.view(torch.int32) >> 16) & 0x8000) | 0x7E00
+        h = torch.where(nan, sign.to(torch.int32).to(torch.int16), h)
     return h
+
+
+def _fp16_round(x: torch.Tensor) -> torch.Tensor:
+    """GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(x))."""
+    return x.to(torch.float16).to(_F32)
 
 
 def _fp32_to_bf16_bits(x: torch.Tensor) -> torch.Tensor:
@@ -287,85 +352,347 @@ def _fp32_to_bf16_bits(x: torch.Tensor) -> torch.Tensor:
     nan = (u & 0x7FFFFFFF) > 0x7F800000
     r = (u + (0x7FFF + ((u >> 16) & 1))) >> 16
     r = torch.where(nan, (u >> 16) | 64, r) & 0xFFFF
-    return r.to(torch.int32).to(torch.int16)  # wraps to the same 16 bits
+    r = torch.where(r >= 0x8000, r - 0x10000, r)
+    return r.to(torch.int16)
 
 
 def _f16_bytes(x: torch.Tensor) -> torch.Tensor:
-    """float32 [nb] -> uint8 [nb, 2] (fp16, little-endian) the way ggml stores block scales."""
-    return _fp32_to_fp16_bits(x).contiguous().view(torch.uint8).reshape(-1, 2)
+    """float32 [...] -> uint8 [..., 2]: the fp16 ggml stores (little-endian)."""
+    return _fp32_to_fp16_bits(x.contiguous()).contiguous().view(torch.uint8).reshape(*x.shape, 2)
 
 
-def _trunc_i8(v: torch.Tensor) -> torch.Tensor:
-    """C's (int8_t)(float): truncate toward zero (values in range here), as int32."""
-    return v.trunc().to(torch.int32)
+def _cvt_i32(v: torch.Tensor) -> torch.Tensor:
+    """C's float -> int conversion as x86 does it (cvttss2si): truncate toward zero; NaN, inf and values
+    out of int32 range give INT32_MIN. (CUDA would saturate instead, so the rule is spelled out.)"""
+    ok = v.abs() < 2147483648.0  # False for NaN and inf
+    return torch.where(ok, v, -2147483648.0).to(torch.int32)
+
+
+def _as_i8(v: torch.Tensor) -> torch.Tensor:
+    """int32 -> the value an int8_t store keeps (two's complement wrap), still int32."""
+    return ((v + 128) & 0xFF) - 128
+
+
+def _u8(v: torch.Tensor) -> torch.Tensor:
+    """int -> uint8 store (wraps)."""
+    return (v & 0xFF).to(torch.uint8)
+
+
+def _roundf(v: torch.Tensor) -> torch.Tensor:
+    """C roundf: half away from zero (torch.round is half to even). v - trunc(v) is exact."""
+    a = v.trunc()
+    return torch.where((v - a).abs() >= 0.5, a + torch.sign(v), a)
+
+
+def _inv_or_zero(d: torch.Tensor) -> torch.Tensor:
+    """`d ? 1.0f/d : 0.0f`."""
+    return torch.where(d != 0, _cdiv(1.0, d), torch.zeros_like(d))
+
+
+def _first_min_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """C's `if (v < min) min = v; if (v > max) max = v;` over dim 1: the first of equal values (+0 / -0)."""
+    mn = x.gather(1, x.argmin(dim=1, keepdim=True))[:, 0]
+    mx = x.gather(1, x.argmax(dim=1, keepdim=True))[:, 0]
+    return mn, mx
 
 
 def _q_q4_0(x: torch.Tensor) -> torch.Tensor:
     x = x.reshape(-1, 32)
-    ax = x.abs()
-    # first index reaching the absolute max (C keeps the first on ties: `amax < fabsf(v)`)
-    i = ax.argmax(dim=1, keepdim=True)
-    mx = x.gather(1, i).squeeze(1)
-    d = mx / -8
-    idv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
-    xi = _trunc_i8(x * idv[:, None] + 8.5).clamp_max(15).to(torch.uint8)
+    _, mx = _first_absmax(x.t())
+    d = _cdiv(mx, -8.0)
+    idv = _inv_or_zero(d)
+    xi = _u8(torch.clamp_max(_as_i8(_cvt_i32(x * idv[:, None] + 8.5)), 15))
     qs = xi[:, :16] | (xi[:, 16:] << 4)
     return torch.cat((_f16_bytes(d), qs), dim=1)
 
 
 def _q_q4_1(x: torch.Tensor) -> torch.Tensor:
     x = x.reshape(-1, 32)
-    mn = x.amin(dim=1)
-    mx = x.amax(dim=1)
-    d = (mx - mn) / 15
-    idv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
-    xi = _trunc_i8((x - mn[:, None]) * idv[:, None] + 0.5).clamp_max(15).to(torch.uint8)
+    mn, mx = _first_min_max(x)
+    d = _cdiv(mx - mn, 15.0)
+    idv = _inv_or_zero(d)
+    xi = _u8(torch.clamp_max(_as_i8(_cvt_i32((x - mn[:, None]) * idv[:, None] + 0.5)), 15))
     qs = xi[:, :16] | (xi[:, 16:] << 4)
     return torch.cat((_f16_bytes(d), _f16_bytes(mn), qs), dim=1)
 
 
-def _pack_q5_high(xi: torch.Tensor) -> torch.Tensor:
-    """uint8 [nb, 32] 5-bit values -> qh uint8 [nb, 4] (bit e = bit 4 of element e, little-endian)."""
-    bits = ((xi >> 4) & 1).reshape(-1, 4, 8)
-    w = _lut("pow2_8", xi.device, lambda: (1 << torch.arange(8, dtype=torch.int32)))
-    return (bits.to(torch.int32) * w).sum(-1).to(torch.uint8)
+def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """uint8/bool [..., 8k] of 0/1 -> uint8 [..., k], element 8j + i at bit i of byte j."""
+    b = bits.to(torch.int32).reshape(*bits.shape[:-1], -1, 8)
+    w = _lut("pow2_8", bits.device, lambda: (1 << torch.arange(8, dtype=torch.int32)))
+    return (b * w).sum(-1).to(torch.uint8).reshape(bits.shape[0], -1)
 
 
 def _q_q5_0(x: torch.Tensor) -> torch.Tensor:
     x = x.reshape(-1, 32)
-    i = x.abs().argmax(dim=1, keepdim=True)
-    mx = x.gather(1, i).squeeze(1)
-    d = mx / -16
-    idv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
-    xi = _trunc_i8(x * idv[:, None] + 16.5).clamp_max(31).to(torch.uint8)
+    _, mx = _first_absmax(x.t())
+    d = _cdiv(mx, -16.0)
+    idv = _inv_or_zero(d)
+    xi = _u8(torch.clamp_max(_as_i8(_cvt_i32(x * idv[:, None] + 16.5)), 31))
     qs = (xi[:, :16] & 0xF) | ((xi[:, 16:] & 0xF) << 4)
-    return torch.cat((_f16_bytes(d), _pack_q5_high(xi), qs), dim=1)
+    return torch.cat((_f16_bytes(d), _pack_bits((xi >> 4) & 1), qs), dim=1)
 
 
 def _q_q5_1(x: torch.Tensor) -> torch.Tensor:
     x = x.reshape(-1, 32)
-    mn = x.amin(dim=1)
-    mx = x.amax(dim=1)
-    d = (mx - mn) / 31
-    idv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
-    xi = _trunc_i8((x - mn[:, None]) * idv[:, None] + 0.5).to(torch.uint8)
+    mn, mx = _first_min_max(x)
+    d = _cdiv(mx - mn, 31.0)
+    idv = _inv_or_zero(d)
+    xi = _u8(_cvt_i32((x - mn[:, None]) * idv[:, None] + 0.5))
     qs = (xi[:, :16] & 0xF) | ((xi[:, 16:] & 0xF) << 4)
-    return torch.cat((_f16_bytes(d), _f16_bytes(mn), _pack_q5_high(xi), qs), dim=1)
+    return torch.cat((_f16_bytes(d), _f16_bytes(mn), _pack_bits((xi >> 4) & 1), qs), dim=1)
 
 
 def _q_q8_0(x: torch.Tensor) -> torch.Tensor:
     x = x.reshape(-1, 32)
     amax = x.abs().amax(dim=1)
-    d = amax / 127
-    idv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
-    q = _roundf(x * idv[:, None]).to(torch.int8)
-    return torch.cat((_f16_bytes(d), q.view(torch.uint8)), dim=1)
+    d = _cdiv(amax, 127.0)
+    idv = _inv_or_zero(d)
+    q = _u8(_cvt_i32(_roundf(x * idv[:, None])))
+    return torch.cat((_f16_bytes(d), q), dim=1)
 
 
-def _roundf(v: torch.Tensor) -> torch.Tensor:
-    """C roundf: half away from zero (torch.round is half to even)."""
-    a = torch.floor(v.abs() + 0.5)
-    return torch.where(v < 0, -a, a)
+# ---- K-quants. Sub-blocks are laid out element-major, xt [n, S] (S sub-blocks), so C's inner loops over
+# the n elements of a sub-block become n vector steps over all sub-blocks at once.
+
+def _make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
+                      use_mad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """make_qkx2_quants over x, w [n, S] -> (scale [S], the_min [S], L int32 [n, S])."""
+    mn = x.amin(dim=0)  # the sign of a zero min cannot change any byte here
+    mx = x.amax(dim=0)
+    sum_w = _seqsum(w[1:], w[0])
+    sum_x = _seqsum(w[1:] * x[1:], w[0] * x[0])
+    mn = torch.where(mn > 0, torch.zeros_like(mn), mn)
+    flat = mx == mn
+    iscale = _cdiv(float(nmax), mx - mn)
+    scale = _cdiv(1.0, iscale)
+    L = _nearest_int(iscale * (x - mn)).clamp_(0, nmax)
+
+    def error(sc: torch.Tensor, m: torch.Tensor, lf: torch.Tensor) -> torch.Tensor:
+        diff = (sc * lf + m) - x
+        diff = diff.abs() if use_mad else diff * diff
+        return _seqsum(w * diff)
+
+    best = error(scale, mn, L.to(_F32))
+    for step in range(nstep + 1):
+        c = _f32(np.float32(rmin) + np.float32(rdelta) * np.float32(step) + np.float32(nmax))
+        iscale = _cdiv(c, mx - mn)
+        la = _nearest_int(iscale * (x - mn)).clamp_(0, nmax)
+        lf = la.to(_F32)
+        wl = w * lf
+        sum_l = _seqsum(wl)
+        sum_l2 = _seqsum(wl * lf)
+        sum_xl = _seqsum(wl * x)
+        D = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+        pos = this_min > 0
+        this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
+        this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
+        cur = error(this_scale, this_min, lf)
+        upd = (D > 0) & (cur < best)
+        L = torch.where(upd, la, L)
+        best = torch.where(upd, cur, best)
+        scale = torch.where(upd, this_scale, scale)
+        mn = torch.where(upd, this_min, mn)
+    L = torch.where(flat, torch.zeros_like(L), L)
+    scale = torch.where(flat, torch.zeros_like(scale), scale)
+    return scale, -mn, L
+
+
+def _make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL) over x [n, S] -> (scale [S], L int32 [n, S])."""
+    amax, mx = _first_absmax(x)
+    zero = amax < GROUP_MAX_EPS
+    w = x * x
+    wx = w * x
+
+    def try_(iscale: torch.Tensor):
+        li = _nearest_int(iscale * x).clamp_(-nmax, nmax - 1)
+        lf = li.to(_F32)
+        return li, _seqsum(wx * lf), _seqsum((w * lf) * lf)
+
+    L, sumlx, suml2 = try_(_cdiv(float(-nmax), mx))
+    scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(suml2))
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        c = _f32(-(np.float32(nmax) + np.float32(0.1) * np.float32(step)))
+        li, sumlx, suml2 = try_(_cdiv(c, mx))
+        upd = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        L = torch.where(upd, li, L)
+        scale = torch.where(upd, sumlx / suml2, scale)
+        best = torch.where(upd, scale * sumlx, best)
+    L = torch.where(zero, torch.zeros_like(L), L + nmax)
+    scale = torch.where(zero, torch.zeros_like(scale), scale)
+    return scale, L
+
+
+def _make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_q3_quants(n, nmax, x, L, do_rmse=true) over x [n, S] -> (scale [S], L int32 [n, S])."""
+    amax, mx = _first_absmax(x)
+    zero = amax < GROUP_MAX_EPS
+    iscale = _cdiv(float(-nmax), mx)
+    L = _nearest_int(iscale * x).clamp_(-nmax, nmax - 1)
+    w = x * x
+    wx = w * x
+    lf = L.to(_F32)
+    sumlx = _seqsum(wx * lf)
+    suml2 = _seqsum((w * lf) * lf)
+    n = x.shape[0]
+    active = None  # sub-blocks still changing: C stops a sub-block's passes once one changes nothing
+    for _ in range(5):
+        changed_any = torch.zeros_like(zero)
+        for i in range(n):
+            xi, wi, wxi = x[i], w[i], wx[i]
+            li = L[i]
+            lif = li.to(_F32)
+            slx = sumlx - wxi * lif
+            sl2 = suml2 - (wi * lif) * lif
+            new_l = _nearest_int((xi * sl2) / slx).clamp_(-nmax, nmax - 1)
+            nlf = new_l.to(_F32)
+            slx2 = slx + wxi * nlf
+            sl22 = sl2 + (wi * nlf) * nlf
+            acc = (slx > 0) & (new_l != li) & (sl22 > 0) & ((slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22)
+            if active is not None:
+                acc &= active
+            L[i] = torch.where(acc, new_l, li)
+            sumlx = torch.where(acc, slx2, sumlx)
+            suml2 = torch.where(acc, sl22, suml2)
+            changed_any |= acc
+        active = changed_any
+        if not bool(changed_any.any()):
+            break
+    L = torch.where(zero, torch.zeros_like(L), L + nmax)
+    scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(suml2))
+    scale = torch.where(zero, torch.zeros_like(scale), scale)
+    return scale, L
+
+
+def _max_pos(v: torch.Tensor) -> torch.Tensor:
+    """`m = 0; if (v > m) m = v;` over the last dim (a +0 when nothing is positive)."""
+    m = torch.where(torch.isnan(v), torch.zeros_like(v), v).amax(dim=-1)
+    return torch.where(m > 0, m, torch.zeros_like(m))
+
+
+def _pack_2bit(L: torch.Tensor) -> torch.Tensor:
+    """L [nb, 256] values 0..3 -> qs [nb, 64]: qs[j/4 + l] = L[j+l] | L[j+l+32] << 2 | ... (j = 0, 128)."""
+    q = L.to(torch.uint8).reshape(-1, 2, 4, 32)
+    return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(-1, 64)
+
+
+def _requant(x: torch.Tensor, L: torch.Tensor, d: torch.Tensor, dm: torch.Tensor | None, lo: int, hi: int,
+             off: int) -> torch.Tensor:
+    """The final pass: `if (!d) continue; l = nearest_int((x + dm)/d)` (or x/d), clamped, + off.
+    x, L [S, n]; d, dm [S]."""
+    num = x if dm is None else x + dm[:, None]
+    l = _nearest_int(num / d[:, None]).clamp_(lo, hi) + off
+    return torch.where((d != 0)[:, None], l, L)
+
+
+def _q_q2_k(x: torch.Tensor) -> torch.Tensor:
+    xs = x.reshape(-1, 16)  # sub-blocks of 16
+    xt = xs.t().contiguous()
+    scales, mins, L = _make_qkx2_quants(xt, xt.abs(), 3, -0.5, 0.1, 15, True)
+    scales, mins, L = scales.reshape(-1, 16), mins.reshape(-1, 16), L.t().reshape(-1, 16, 16)
+    max_scale, max_min = _max_pos(scales), _max_pos(mins)
+    has_s, has_m = max_scale > 0, max_min > 0
+    zero = torch.zeros_like(max_scale)
+    sc = torch.where(has_s[:, None], _nearest_int(_cdiv(15.0, max_scale)[:, None] * scales) & 0xFF, 0)
+    d = torch.where(has_s, _cdiv(max_scale, 15.0), zero)
+    sc = torch.where(has_m[:, None], (sc | (_nearest_int(_cdiv(15.0, max_min)[:, None] * mins) << 4)) & 0xFF, sc)
+    dmin = torch.where(has_m, _cdiv(max_min, 15.0), zero)
+    dd = _fp16_round(d)[:, None] * (sc & 0xF).to(_F32)
+    dm = _fp16_round(dmin)[:, None] * (sc >> 4).to(_F32)
+    L = _requant(xs, L.reshape(-1, 16), dd.reshape(-1), dm.reshape(-1), 0, 3, 0)
+    qs = _pack_2bit(L.reshape(-1, 256))
+    return torch.cat((sc.to(torch.uint8), qs, _f16_bytes(d), _f16_bytes(dmin)), dim=1)
+
+
+def _q_q3_k(x: torch.Tensor) -> torch.Tensor:
+    xs = x.reshape(-1, 16)
+    xt = xs.t().contiguous()
+    scales, L = _make_q3_quants(xt, 4)
+    scales, L = scales.reshape(-1, 16), L.t().reshape(-1, 16)
+    _, max_scale = _first_absmax(scales.t())
+    has = max_scale != 0
+    iscale = _cdiv(-32.0, max_scale)
+    l = _as_i8(_nearest_int(iscale[:, None] * scales)).clamp_(-32, 31) + 32  # [nb, 16], 0..63
+    l = torch.where(has[:, None], l, 0)
+    lo = (l & 0xF).to(torch.uint8)
+    hi = (l >> 4).to(torch.uint8).reshape(-1, 4, 4)  # (j/4, j%4)
+    packed = torch.cat((lo[:, :8] | (lo[:, 8:] << 4),
+                        hi[:, 0] | (hi[:, 1] << 2) | (hi[:, 2] << 4) | (hi[:, 3] << 6)), dim=1)
+    d = torch.where(has, _cdiv(1.0, iscale), torch.zeros_like(iscale))
+    sc = torch.where(has[:, None], l - 32, -32)  # what the packed bytes decode to
+    dd = _fp16_round(d)[:, None] * sc.to(_F32)
+    L = _requant(xs, L, dd.reshape(-1), None, -4, 3, 4).reshape(-1, 256)
+    high = L > 3
+    hmask = _pack_bits(high.reshape(-1, 8, 32).transpose(1, 2))  # bit j//32 of hmask[j % 32]
+    L = torch.where(high, L - 4, L)
+    return torch.cat((hmask, _pack_2bit(L), packed, _f16_bytes(d)), dim=1)
+
+
+def _qk45(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
+    """The shared part of Q4_K / Q5_K: scales and mins of 8 sub-blocks of 32, packed; final L [nb, 256]."""
+    xs = x.reshape(-1, 32)
+    xt = xs.t().contiguous()
+    av_x = _sqrtf(_cdiv(_seqsum(xt * xt), 32.0))
+    w = av_x + xt.abs()
+    scales, mins, L = _make_qkx2_quants(xt, w, nmax, rmin, 0.1, nstep, False)
+    scales, mins, L = scales.reshape(-1, 8), mins.reshape(-1, 8), L.t().reshape(-1, 32)
+    max_scale, max_min = _max_pos(scales), _max_pos(mins)
+    zero = torch.zeros_like(max_scale)
+    inv_scale = torch.where(max_scale > 0, _cdiv(63.0, max_scale), zero)
+    inv_min = torch.where(max_min > 0, _cdiv(63.0, max_min), zero)
+    ls = (_nearest_int(inv_scale[:, None] * scales) & 0xFF).clamp_(max=63)
+    lm = (_nearest_int(inv_min[:, None] * mins) & 0xFF).clamp_(max=63)
+    packed = torch.cat((ls[:, :4] | ((ls[:, 4:] >> 4) << 6), lm[:, :4] | ((lm[:, 4:] >> 4) << 6),
+                        (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)), dim=1).to(torch.uint8)
+    d = _cdiv(max_scale, 63.0)
+    dmin = _cdiv(max_min, 63.0)
+    dd = _fp16_round(d)[:, None] * ls.to(_F32)
+    dm = _fp16_round(dmin)[:, None] * lm.to(_F32)
+    L = _requant(xs, L, dd.reshape(-1), dm.reshape(-1), 0, nmax, 0).reshape(-1, 256)
+    head = torch.cat((_f16_bytes(d), _f16_bytes(dmin), packed), dim=1)
+    return head, L
+
+
+def _q_q4_k(x: torch.Tensor) -> torch.Tensor:
+    head, L = _qk45(x, 15, -1.0, 20)
+    q = L.to(torch.uint8).reshape(-1, 4, 2, 32)
+    return torch.cat((head, (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)), dim=1)
+
+
+def _q_q5_k(x: torch.Tensor) -> torch.Tensor:
+    head, L = _qk45(x, 31, -0.5, 15)
+    q = L.to(torch.uint8).reshape(-1, 4, 2, 32)  # (n/64, half, j)
+    hb = (q >> 4).reshape(-1, 8, 32)  # bit 2*(n/64) + half of qh[j]
+    qh = _pack_bits(hb.transpose(1, 2))
+    ql = (q[:, :, 0] & 0xF) | ((q[:, :, 1] & 0xF) << 4)
+    return torch.cat((head, qh, ql.reshape(-1, 128)), dim=1)
+
+
+def _q_q6_k(x: torch.Tensor) -> torch.Tensor:
+    xs = x.reshape(-1, 16)
+    xt = xs.t().contiguous()
+    scales, L = _make_qx_quants(xt, 32)
+    scales, L = scales.reshape(-1, 16), L.t().reshape(-1, 16)
+    max_abs, max_scale = _first_absmax(scales.t())
+    zero_blk = max_abs < GROUP_MAX_EPS
+    iscale = _cdiv(-128.0, max_scale)
+    d = _cdiv(1.0, iscale)
+    sc = _as_i8(torch.clamp_max(_nearest_int(iscale[:, None] * scales), 127))
+    dd = _fp16_round(d)[:, None] * sc.to(_F32)
+    L = _requant(xs, L, dd.reshape(-1), None, -32, 31, 32).reshape(-1, 2, 4, 32)  # (half, k, l)
+    q = L.to(torch.uint8)
+    lo = q & 0xF
+    ql = torch.cat((lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)), dim=2).reshape(-1, 128)
+    hb = q >> 4
+    qh = (hb[:, :, 0] | (hb[:, :, 1] << 2) | (hb[:, :, 2] << 4) | (hb[:, :, 3] << 6)).reshape(-1, 64)
+    out = torch.cat((ql, qh, _u8(sc), _f16_bytes(d)), dim=1)
+    return torch.where(zero_blk[:, None], torch.zeros_like(out), out)
 
 
 def _q_f32(x: torch.Tensor) -> torch.Tensor:
@@ -383,8 +710,12 @@ def _q_bf16(x: torch.Tensor) -> torch.Tensor:
 _QUANT = {
     Q.F32: _q_f32, Q.F16: _q_f16, Q.BF16: _q_bf16,
     Q.Q4_0: _q_q4_0, Q.Q4_1: _q_q4_1, Q.Q5_0: _q_q5_0, Q.Q5_1: _q_q5_1, Q.Q8_0: _q_q8_0,
+    Q.Q2_K: _q_q2_k, Q.Q3_K: _q_q3_k, Q.Q4_K: _q_q4_k, Q.Q5_K: _q_q5_k, Q.Q6_K: _q_q6_k,
 }
 QUANT_TYPES = tuple(_QUANT)
+
+# rows are quantized in chunks of about this many values (bounds the temporaries of the K-quant searches)
+QUANT_CHUNK = 1 << 18
 
 
 def quantize(x: torch.Tensor, qtype: QType) -> torch.Tensor:
@@ -402,10 +733,18 @@ def quantize(x: torch.Tensor, qtype: QType) -> torch.Tensor:
         raise ToolkitError(f"quantize expects [rows, n_per_row], got shape {tuple(x.shape)}")
     rows, n = x.shape
     rb = row_bytes(qtype, n)
-    if rows == 0:
-        return torch.empty((0, rb), dtype=torch.uint8, device=x.device)
-    x = x.detach().to(torch.float32).contiguous()
-    return fn(x).reshape(rows, rb)
+    out = torch.empty((rows, rb), dtype=torch.uint8, device=x.device)
+    if rows == 0 or n == 0:
+        return out
+    x = x.detach()
+    if qtype in (Q.F32, Q.F16, Q.BF16):
+        return fn(x.to(_F32).contiguous()).reshape(rows, rb)
+    step = max(1, QUANT_CHUNK // n)
+    with torch.no_grad():
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            out[r0:r1] = fn(x[r0:r1].to(_F32).contiguous()).reshape(r1 - r0, rb)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ layers
