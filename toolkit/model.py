@@ -25,6 +25,7 @@ from gguf import GGMLQuantizationType as Q
 from .errors import ToolkitError
 from .gguf_io import GGUFFile, TensorInfo, open_gguf
 from .lora import AdapterHost
+from .quants import QuantEmbedding, QuantLinear
 
 # llama.cpp's rope type per architecture (LLAMA_ROPE_TYPE_NORM = adjacent pairs, NEOX = two halves)
 ARCHS: dict[str, dict[str, Any]] = {
@@ -195,6 +196,22 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, softcap: float, rep: int) -> Tensor:
+    """Plain attention with GQA by reshaping the query heads (no copies of K/V): q [B, H, T, hd],
+    k/v [B, Hkv, S, hd], mask [T, S] bool (True = attend) or None for causal."""
+    B, H, T, hd = q.shape
+    S = k.shape[2]
+    qg = q.reshape(B, H // rep, rep * T, hd)  # heads of one group share K/V  -> [B, Hkv, rep*T, hd]
+    s = (qg.float() @ k.float().transpose(-1, -2)) * scale  # [B, Hkv, rep*T, S]
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    if mask is None:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    s = s.view(B, H // rep, rep, T, S).masked_fill(~mask, float("-inf")).view(B, H // rep, rep * T, S)
+    y = s.softmax(-1) @ v.float()  # [B, Hkv, rep*T, hd_v]
+    return y.view(B, H, T, -1).to(q.dtype)
+
+
 class Block(nn.Module):
     """One decoder layer; attribute names are the GGUF leaf names (attn_q, ffn_gate, ...)."""
 
@@ -203,13 +220,10 @@ class Block(nn.Module):
         self.args, self.layer = args, layer
         self.swa = bool(args.swa_layers[layer]) if args.swa_layers else False
         self.kv_cache: KVCache | None = None
-        # linears, norms and biases are assigned by the loader (see _build), so nothing is allocated twice
-        self.bias = nn.ParameterDict()  # 'attn_q' -> bias added after that linear (qwen2)
+        # linears and norms are assigned by the loader (see build), so nothing is allocated twice
 
     def _lin(self, name: str, x: Tensor) -> Tensor:
-        y = getattr(self, name)(x)
-        b = self.bias[name] if name in self.bias else None
-        return y if b is None else y + b.to(y.dtype)
+        return getattr(self, name)(x)  # a plain/quantized linear, or the LoRA wrapper around it
 
     def attention(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None) -> Tensor:
         a = self.args
@@ -244,18 +258,10 @@ class Block(nn.Module):
                 mask = mask & (q_pos[:, None] - k_pos[None, :] < a.sliding_window)
         scale = a.attn_scale if a.attn_scale is not None else 1.0 / math.sqrt(a.head_dim)
         rep = a.n_head // a.n_kv_head
-        if a.attn_softcap:  # gemma2: soft-cap the scores, so no fused SDPA
-            if rep > 1:
-                k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-            s = (q.float() @ k.float().transpose(-1, -2)) * scale
-            s = a.attn_softcap * torch.tanh(s / a.attn_softcap)
-            if mask is None:
-                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            s = s.masked_fill(~mask, float("-inf"))
-            y = (s.softmax(-1) @ v.float()).to(q.dtype)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                               scale=scale, enable_gqa=rep > 1)
+        if mask is None and not a.attn_softcap:  # training / scoring: fused causal SDPA
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=scale, enable_gqa=rep > 1)
+        else:  # decoding (CPU SDPA with a mask is slow for one query) and gemma2's soft-capped scores
+            y = _attend(q, k, v, mask, scale, a.attn_softcap, rep)
         y = y.transpose(1, 2).reshape(B, T, -1)  # [B, T, H * hd_v]
         return self._lin("attn_output", y)
 
@@ -378,15 +384,70 @@ def _float_tensor(t: TensorInfo, dtype: torch.dtype | None) -> Tensor:
     return w if dtype is None or w.dtype == dtype else w.to(dtype)
 
 
-def _linear(t: TensorInfo, dtype: torch.dtype) -> nn.Module:
-    out_f, in_f = t.shape
-    if t.qtype in FLOAT_TYPES:
-        lin = nn.Linear(in_f, out_f, bias=False, device="meta")
-        lin.weight = nn.Parameter(_float_tensor(t, dtype), requires_grad=False)
-        return lin
-    from .quants import QuantLinear
+def fast_dequantize(raw: Tensor, qtype: Q, cols: int) -> Tensor:
+    """uint8 [rows, row_bytes] -> float32 [rows, cols]; the common types with contiguous ops only (several
+    times faster than the general path on CPU), everything else through toolkit.quants.dequantize.
+    Values are identical to ggml's to_float (tests/toolkit/test_model.py checks against quants)."""
+    rows = raw.shape[0]
+    if qtype in (Q.Q4_0, Q.Q4_1):
+        bb = 18 if qtype == Q.Q4_0 else 20
+        b = raw.reshape(-1, bb)
+        d = b[:, : bb - 16].contiguous().view(torch.float16).float()  # [nb, 1 or 2]: d (, m)
+        qs = b[:, bb - 16:].contiguous()
+        q = torch.empty(qs.shape[0], 2, 16, dtype=torch.uint8, device=raw.device)
+        torch.bitwise_and(qs, 15, out=q[:, 0])
+        torch.bitwise_right_shift(qs, 4, out=q[:, 1])
+        w = q.reshape(-1, 32).float()
+        if qtype == Q.Q4_0:
+            return w.sub_(8).mul_(d).reshape(rows, cols)
+        return w.mul_(d[:, :1]).add_(d[:, 1:2]).reshape(rows, cols)
+    if qtype == Q.Q8_0:
+        b = raw.reshape(-1, 34)
+        d = b[:, :2].contiguous().view(torch.float16).float()
+        return b[:, 2:].contiguous().view(torch.int8).float().mul_(d).reshape(rows, cols)
+    from .quants import dequantize
 
-    return QuantLinear(t.raw(), t.qtype, in_f, out_f)
+    return dequantize(raw, qtype, (rows, cols))
+
+
+class CachedQuantLinear(QuantLinear):
+    """A QuantLinear (packed blocks in `qweight`, what LoRA, export and finetune see) that, for speed, keeps a
+    dequantized copy made on first use: on this CPU (AVX2, no AVX-512) float32 matmuls are ~20x faster than
+    torch's int4/int8 weight-only kernels. `cache_weights = False` (class or instance) turns it off."""
+
+    cache_weights = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.cache_weights:
+            return super().forward(x)
+        w = self.__dict__.get("_wcache")
+        if w is None or w.dtype != x.dtype or w.device != x.device:
+            w = fast_dequantize(self.qweight, self.qtype, self.in_features).to(x.dtype)
+            self.__dict__["_wcache"] = w  # not a buffer: never saved, never counted
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def drop_cache(self) -> None:
+        self.__dict__.pop("_wcache", None)
+
+    def _apply(self, fn, recurse=True):  # .to(device) and friends: rebuild the copy lazily
+        self.drop_cache()
+        return super()._apply(fn, recurse)
+
+
+def quant_linear(raw: Tensor, qtype: Q, in_f: int, out_f: int, bias: Tensor | None = None) -> nn.Module:
+    return CachedQuantLinear(raw, qtype, in_f, out_f, bias=bias)
+
+
+def _linear(t: TensorInfo, dtype: torch.dtype, bias: TensorInfo | None = None) -> nn.Module:
+    out_f, in_f = t.shape
+    b = _float_tensor(bias, torch.float32).reshape(-1) if bias is not None else None
+    if t.qtype in FLOAT_TYPES:
+        lin = nn.Linear(in_f, out_f, bias=b is not None, device="meta")
+        lin.weight = nn.Parameter(_float_tensor(t, dtype), requires_grad=False)
+        if b is not None:
+            lin.bias = nn.Parameter(b.to(dtype), requires_grad=False)
+        return lin
+    return quant_linear(t.raw(), t.qtype, in_f, out_f, bias=b)
 
 
 def _embedding(t: TensorInfo, dtype: torch.dtype) -> nn.Module:
@@ -395,8 +456,6 @@ def _embedding(t: TensorInfo, dtype: torch.dtype) -> nn.Module:
         emb = nn.Embedding(n, d, device="meta")
         emb.weight = nn.Parameter(_float_tensor(t, dtype), requires_grad=False)
         return emb
-    from .quants import QuantEmbedding
-
     return QuantEmbedding(t.raw(), t.qtype, n, d)
 
 
@@ -407,9 +466,7 @@ def _tied_output(emb: nn.Module, t: TensorInfo) -> nn.Module:
         lin = nn.Linear(d, n, bias=False, device="meta")
         lin.weight = emb.weight
         return lin
-    from .quants import QuantLinear
-
-    return QuantLinear(emb.qweight, t.qtype, d, n)
+    return quant_linear(emb.qweight, t.qtype, d, n)
 
 
 def _norm(g: GGUFFile, name: str, dim: int, eps: float) -> RMSNorm:
@@ -436,10 +493,7 @@ def build(g: GGUFFile, dtype: torch.dtype = torch.float32, **overrides: Any) -> 
         lin += ["attn_qkv"] if args.fused_qkv else ["attn_q", "attn_k", "attn_v"]
         lin += ["ffn_up"] if args.fused_up else ["ffn_gate", "ffn_up"]
         for n in lin:
-            setattr(b, n, _linear(g.tensor(p + n + ".weight"), dtype))
-            bias = g.tensors.get(p + n + ".bias")
-            if bias is not None:
-                b.bias[n] = nn.Parameter(_float_tensor(bias, torch.float32).reshape(-1), requires_grad=False)
+            setattr(b, n, _linear(g.tensor(p + n + ".weight"), dtype, g.tensors.get(p + n + ".bias")))
         if args.qk_norm:
             b.attn_q_norm = _norm(g, p + "attn_q_norm.weight", args.head_dim, args.norm_eps)
             b.attn_k_norm = _norm(g, p + "attn_k_norm.weight", args.head_dim, args.norm_eps)
