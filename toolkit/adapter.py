@@ -478,8 +478,18 @@ def read_peft(path: str | Path, base: BaseInfo | None = None) -> Adapter:
         suffix = next((s for s in _PEFT_SUFFIXES if k.endswith(s)), None)
         if suffix is None:
             module = k.rsplit(".", 1)[0]
-            if k.endswith((".embed_tokens.weight", "lm_head.weight", ".base_layer.weight")):
-                raise ToolkitError(f"'{key}' is a full embedding (resized for new tokens?): not supported", p)
+            if k.endswith(".base_layer.weight"):
+                # PEFT saves the embedding layers it targets (save_embedding_layers="auto"): a copy of the base,
+                # unless the vocabulary was resized for new tokens
+                gg = N.hf_to_gguf(arch, k.replace(".base_layer", ""))
+                want = base.shapes.get(gg or "", base.shapes.get(EMBD) if gg == "output.weight" else None)
+                if want is not None and tuple(t.shape) == tuple(want):
+                    continue
+                raise ToolkitError(f"'{key}' has shape {list(t.shape)}, the base {list(want or [])}: embeddings "
+                                   f"resized for new tokens are not supported", p)
+            if k.endswith((".embed_tokens.weight", "lm_head.weight")):
+                raise ToolkitError(f"'{key}' is a full trained embedding (modules_to_save / new tokens): "
+                                   f"not supported", p)
             gg = N.hf_to_gguf(arch, k)
             if gg is not None and is_norm(gg) and t.ndim == 1:
                 norms[gg] = t.float()
