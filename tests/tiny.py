@@ -84,3 +84,119 @@ def make_tiny_gguf(path: str | Path, n_layer: int = 2, dim: int = 64, n_head: in
     path = Path(path)
     write_gguf(path, meta, specs)
     return path
+
+
+# --- other architectures ----------------------------------------------------------------------------------
+
+ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    # head_dim 256 for gemma (qwen3: 128): transformers scales queries by query_pre_attn_scalar (256 by default, not stored
+    # in GGUF) while llama.cpp uses 1/sqrt(head_dim); 256 makes the two agree.
+    "llama": dict(tied=True),
+    "qwen2": dict(tied=False),
+    "qwen3": dict(tied=True, head_dim=128),  # transformers takes Qwen3Config.head_dim (128), not key_length
+    "phi3": dict(tied=False, n_kv=4),
+    "gemma2": dict(tied=True, head_dim=256, n_head=2, n_kv=1, window=8),
+    "gemma3": dict(tied=True, head_dim=256, n_head=2, n_kv=1, window=8, n_layer=6),
+}
+
+
+def arch_tensors(arch: str, n_layer: int, dim: int, n_head: int, n_kv: int, hd: int, ffn: int, vocab: int,
+                 tied: bool, seed: int) -> dict[str, torch.Tensor]:
+    """Random tensors named and shaped as llama.cpp's converter writes them for `arch` (torch order)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def w(*shape: int, std: float = 0.08) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * std
+
+    def norm(n: int) -> torch.Tensor:
+        return 1 + w(n, std=0.1)  # gemma's stored norms already hold the +1, like the converter writes them
+
+    t: dict[str, torch.Tensor] = {"token_embd.weight": w(vocab, dim, std=0.5 if arch[:5] != "gemma" else 0.05)}
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        t[p + "attn_norm.weight"] = norm(dim)
+        if arch == "phi3":
+            t[p + "attn_qkv.weight"] = w((n_head + 2 * n_kv) * hd, dim)
+        else:
+            t[p + "attn_q.weight"] = w(n_head * hd, dim)
+            t[p + "attn_k.weight"] = w(n_kv * hd, dim)
+            t[p + "attn_v.weight"] = w(n_kv * hd, dim)
+        if arch == "qwen2":
+            t[p + "attn_q.bias"] = w(n_head * hd, std=0.1)
+            t[p + "attn_k.bias"] = w(n_kv * hd, std=0.1)
+            t[p + "attn_v.bias"] = w(n_kv * hd, std=0.1)
+        if arch in ("qwen3", "gemma3"):
+            t[p + "attn_q_norm.weight"] = norm(hd)
+            t[p + "attn_k_norm.weight"] = norm(hd)
+        t[p + "attn_output.weight"] = w(dim, n_head * hd)
+        if arch.startswith("gemma"):
+            t[p + "post_attention_norm.weight"] = norm(dim)
+            t[p + "post_ffw_norm.weight"] = norm(dim)
+        t[p + "ffn_norm.weight"] = norm(dim)
+        if arch == "phi3":
+            t[p + "ffn_up.weight"] = w(2 * ffn, dim)
+        else:
+            t[p + "ffn_gate.weight"] = w(ffn, dim)
+            t[p + "ffn_up.weight"] = w(ffn, dim)
+        t[p + "ffn_down.weight"] = w(dim, ffn)
+    t["output_norm.weight"] = norm(dim)
+    if not tied:
+        t["output.weight"] = w(vocab, dim)
+    return t
+
+
+def make_tiny_arch_gguf(path: str | Path, arch: str, n_layer: int | None = None, dim: int = 64,
+                        n_head: int | None = None, n_kv: int | None = None, ffn: int = 128,
+                        head_dim: int | None = None, qtype: str = "F32", tied: bool | None = None, seed: int = 0,
+                        ctx: int = 256, window: int | None = None) -> Path:
+    """A tiny random model of `arch` (llama, qwen2, qwen3, phi3, gemma2, gemma3) with the metadata llama.cpp's
+    converter writes for it. 2-D weights in `qtype` (token_embd too), norms and biases F32."""
+    d = ARCH_DEFAULTS[arch]
+    n_layer = n_layer if n_layer is not None else d.get("n_layer", 2)
+    n_head = n_head if n_head is not None else d.get("n_head", 4)
+    n_kv = n_kv if n_kv is not None else d.get("n_kv", 2)
+    hd = head_dim if head_dim is not None else d.get("head_dim", dim // n_head)
+    tied = tied if tied is not None else d["tied"]
+    window = window if window is not None else d.get("window", 0)
+    a = arch
+    meta: dict[str, Any] = {
+        "general.architecture": arch, "general.name": f"tiny-{arch}", "general.file_type": 0,
+        f"{a}.block_count": n_layer, f"{a}.context_length": ctx, f"{a}.embedding_length": dim,
+        f"{a}.feed_forward_length": ffn, f"{a}.attention.head_count": n_head, f"{a}.attention.head_count_kv": n_kv,
+        f"{a}.rope.freq_base": 10000.0, f"{a}.attention.layer_norm_rms_epsilon": 1e-6,
+    }
+    if arch in ("llama", "phi3"):
+        meta[f"{a}.rope.dimension_count"] = hd
+    if arch in ("qwen3", "gemma2", "gemma3"):
+        meta[f"{a}.attention.key_length"] = hd
+        meta[f"{a}.attention.value_length"] = hd
+    if arch == "gemma2":
+        meta[f"{a}.attn_logit_softcapping"] = 50.0  # transformers' defaults, which it does not read from GGUF
+        meta[f"{a}.final_logit_softcapping"] = 30.0
+    if arch.startswith("gemma"):
+        meta[f"{a}.attention.sliding_window"] = window
+    if arch == "gemma3":
+        meta[f"{a}.rope.freq_base"] = 1000000.0  # global layers; local (sliding) layers use 10000
+    if arch == "phi3":
+        meta[f"{a}.rope.scaling.original_context_length"] = ctx
+    meta.update(tokenizer_metadata())
+    if arch == "phi3":  # llama.cpp's phi3 vocab code looks up "<|end|>": give it one in place of an unused token
+        from gguf.gguf_writer import GGUFValue
+
+        tv = meta["tokenizer.ggml.tokens"]
+        toks = list(tv.value)
+        toks[toks.index("<repo_name>")] = "<|end|>"
+        meta["tokenizer.ggml.tokens"] = GGUFValue(toks, tv.type, tv.sub_type)
+    vocab = len(meta["tokenizer.ggml.tokens"].value)
+    tensors = arch_tensors(arch, n_layer, dim, n_head, n_kv, hd, ffn, vocab, tied, seed)
+    q = Q[qtype.upper()]
+    if q not in (Q.F32, Q.F16):
+        from toolkit.quants import quantize
+    specs = []
+    for name, t in tensors.items():
+        tq = q if t.ndim == 2 else Q.F32
+        data = t if tq in (Q.F32, Q.F16) else quantize(t.reshape(-1, t.shape[-1]), tq)
+        specs.append(TensorSpec(name, tq, tuple(t.shape), data))
+    path = Path(path)
+    write_gguf(path, meta, specs)
+    return path

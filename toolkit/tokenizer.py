@@ -37,6 +37,10 @@ PRE_TOKENIZERS: dict[str, list[str]] = {
                               "smaug-bpe", "lfm2", "midm-2.0")},
     **{k: [_QWEN2] for k in ("qwen2", "stablelm2", "deepseek-r1-qwen", "hunyuan", "megrez")},
 }
+_EOG_NAMES = {"<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>", "_<EOT>",
+              "<|eom_id|>", "<｜end▁of▁sentence｜>", "<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "<|repo_name|>",
+              "<|fim_repo|>", "<fim-repo>", "<reponame>", "<REPO>", "<|file_sep|>", "<|return|>", "<|call|>",
+              "<|end_of_text|>"}
 # pre types whose llama.cpp default is add_bos = true when the file does not say
 _BOS_BY_DEFAULT = {"llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral", "dbrx", "smaug-bpe"}
 
@@ -117,13 +121,11 @@ class Tokenizer:
         self.add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", default_bos))
         self.add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
         self.chat_template: str | None = meta.get("tokenizer.chat_template")
-        # end-of-generation: eos, eot, eom and the usual end-of-turn control tokens (llama.cpp's
-        # llama_vocab_is_eog gathers the same names)
+        # end-of-generation, as llama.cpp's vocab loader gathers it: eos/eot/eom ids, the usual end-of-turn
+        # control tokens by name, and the FIM pad/repo/separator tokens
         eog = {self.eos_id, meta.get("tokenizer.ggml.eot_token_id"), meta.get("tokenizer.ggml.eom_token_id")}
-        names = {"<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>", "<|eom_id|>",
-                 "<|end_of_text|>", "<｜end▁of▁sentence｜>"}
         for i, (t, ty) in enumerate(zip(self.tokens, types)):
-            if ty == CONTROL and t in names:
+            if ty in (CONTROL, USER_DEFINED) and t in _EOG_NAMES:
                 eog.add(i)
         self.eot_ids: set[int] = {i for i in eog if i is not None}
         self._byte_tokens: dict[int, bytes] | None = None
