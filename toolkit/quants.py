@@ -454,35 +454,89 @@ def _q_q8_0(x: torch.Tensor) -> torch.Tensor:
 
 # ---- K-quants. Sub-blocks are laid out element-major, xt [n, S] (S sub-blocks), so C's inner loops over
 # the n elements of a sub-block become n vector steps over all sub-blocks at once.
+#
+# nearest_int(v) is an integer-bit trick; for |v| < 2^22 it is exactly round-half-even, which float adds
+# give without leaving float: (v + 1.5*2^23) - 1.5*2^23. The fast path is taken where a cheap per-sub-block
+# bound proves |v| < 2^21; anything else (inf, NaN, overflowing ranges) goes through the bit trick itself.
+
+_FAST_BOUND = float(1 << 21)
+
+
+def _round_clamp(v: torch.Tensor, lo: int, hi: int, fast: bool) -> torch.Tensor:
+    """float(MAX(lo, MIN(hi, nearest_int(v)))), in place on v when fast."""
+    if fast:
+        v.add_(_MAGIC).clamp_(_MAGIC + lo, _MAGIC + hi)
+        return v.sub_(_MAGIC)
+    return _nearest_int(v).clamp_(lo, hi).to(_F32)
+
+
+def _bounded(bound: torch.Tensor) -> bool:
+    """True when every entry is finite and below the fast-rounding bound."""
+    return bool((bound < _FAST_BOUND).all())  # False for NaN / inf
+
+
+def _absmax_fast(x: torch.Tensor, amax_abs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """_first_absmax for finite x over dim 0, from amax/amin; ties (+a and -a both present) resolved by
+    looking at those sub-blocks only."""
+    hi, lo = x.amax(dim=0), x.amin(dim=0)
+    nlo = -lo
+    amax = torch.maximum(hi, nlo)
+    mx = torch.where(hi >= nlo, hi, lo)
+    tie = (hi == nlo) & (hi > 0)
+    idx = tie.nonzero()[:, 0]
+    if idx.numel():
+        _, m = _first_absmax(x[:, idx])
+        mx[idx] = m
+    mx = torch.where(amax > 0, mx, torch.zeros_like(mx))
+    return amax, mx
+
 
 def _make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
-                      use_mad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """make_qkx2_quants over x, w [n, S] -> (scale [S], the_min [S], L int32 [n, S])."""
+                      use_mad: bool, finite: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """make_qkx2_quants over x, w [n, S] -> (scale [S], the_min [S], L float [n, S])."""
+    n, S = x.shape
     mn = x.amin(dim=0)  # the sign of a zero min cannot change any byte here
     mx = x.amax(dim=0)
+    xabs = torch.maximum(mx.abs(), mn.abs())
     sum_w = _seqsum(w[1:], w[0])
     sum_x = _seqsum(w[1:] * x[1:], w[0] * x[0])
     mn = torch.where(mn > 0, torch.zeros_like(mn), mn)
     flat = mx == mn
     iscale = _cdiv(float(nmax), mx - mn)
     scale = _cdiv(1.0, iscale)
-    L = _nearest_int(iscale * (x - mn)).clamp_(0, nmax)
+
+    def levels(isc: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        fast = finite and _bounded(isc.abs() * (xabs + m.abs()))
+        return _round_clamp((x - m).mul_(isc), 0, nmax, fast)
+
+    err = torch.empty_like(x)
 
     def error(sc: torch.Tensor, m: torch.Tensor, lf: torch.Tensor) -> torch.Tensor:
-        diff = (sc * lf + m) - x
-        diff = diff.abs() if use_mad else diff * diff
-        return _seqsum(w * diff)
+        torch.mul(lf, sc, out=err)
+        err.add_(m).sub_(x)
+        if use_mad:
+            err.abs_()
+        else:
+            err.mul_(err)
+        err.mul_(w)
+        return _seqsum(err)
 
-    best = error(scale, mn, L.to(_F32))
+    lf = levels(iscale, mn)
+    best = error(scale, mn, lf)
+    best_is, best_mn = iscale, mn
+    terms = torch.empty((3, n, S), dtype=_F32, device=x.device)
+    sums = torch.empty((3, S), dtype=_F32, device=x.device)
     for step in range(nstep + 1):
         c = _f32(np.float32(rmin) + np.float32(rdelta) * np.float32(step) + np.float32(nmax))
         iscale = _cdiv(c, mx - mn)
-        la = _nearest_int(iscale * (x - mn)).clamp_(0, nmax)
-        lf = la.to(_F32)
-        wl = w * lf
-        sum_l = _seqsum(wl)
-        sum_l2 = _seqsum(wl * lf)
-        sum_xl = _seqsum(wl * x)
+        lf = levels(iscale, mn)
+        wl = torch.mul(w, lf, out=terms[0])
+        torch.mul(wl, lf, out=terms[1])
+        torch.mul(wl, x, out=terms[2])
+        sums.zero_()
+        for i in range(n):
+            sums.add_(terms[:, i])
+        sum_l, sum_l2, sum_xl = sums[0], sums[1], sums[2]
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
@@ -491,79 +545,97 @@ def _make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, 
         this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
         cur = error(this_scale, this_min, lf)
         upd = (D > 0) & (cur < best)
-        L = torch.where(upd, la, L)
         best = torch.where(upd, cur, best)
         scale = torch.where(upd, this_scale, scale)
+        best_is = torch.where(upd, iscale, best_is)
+        best_mn = torch.where(upd, mn, best_mn)
         mn = torch.where(upd, this_min, mn)
+    L = levels(best_is, best_mn)
     L = torch.where(flat, torch.zeros_like(L), L)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
     return scale, -mn, L
 
 
-def _make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL) over x [n, S] -> (scale [S], L int32 [n, S])."""
-    amax, mx = _first_absmax(x)
+def _make_qx_quants(x: torch.Tensor, nmax: int, finite: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL) over x [n, S] -> (scale [S], L float [n, S]).
+    The 19 retries do not depend on each other's outcome, so their sums are computed in one batch."""
+    n, S = x.shape
+    amax, mx = _absmax_fast(x) if finite else _first_absmax(x)
     zero = amax < GROUP_MAX_EPS
+    mx = torch.where(zero, torch.ones_like(mx), mx)  # keeps the discarded all-zero sub-blocks finite
     w = x * x
     wx = w * x
-
-    def try_(iscale: torch.Tensor):
-        li = _nearest_int(iscale * x).clamp_(-nmax, nmax - 1)
-        lf = li.to(_F32)
-        return li, _seqsum(wx * lf), _seqsum((w * lf) * lf)
-
-    L, sumlx, suml2 = try_(_cdiv(float(-nmax), mx))
-    scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(suml2))
-    best = scale * sumlx
-    for step in range(-9, 10):
-        if step == 0:
-            continue
-        c = _f32(-(np.float32(nmax) + np.float32(0.1) * np.float32(step)))
-        li, sumlx, suml2 = try_(_cdiv(c, mx))
-        upd = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        L = torch.where(upd, li, L)
-        scale = torch.where(upd, sumlx / suml2, scale)
-        best = torch.where(upd, scale * sumlx, best)
+    steps = [0] + [s for s in range(-9, 10) if s != 0]  # step 0 is the first try (-nmax / max)
+    cs = torch.tensor([_f32(-(np.float32(nmax) + np.float32(0.1) * np.float32(s))) for s in steps],
+                      dtype=_F32, device=x.device)
+    iscale = cs[:, None] / mx[None, :]  # [T, S]
+    T = len(steps)
+    fast = finite  # finite x and a non-zero max: |iscale * x| <= ~nmax
+    v = x[None] * iscale[:, None, :]  # [T, n, S]
+    lf = _round_clamp(v, -nmax, nmax - 1, fast)
+    terms = torch.empty((T, 2, n, S), dtype=_F32, device=x.device)
+    torch.mul(wx, lf, out=terms[:, 0])
+    torch.mul(w, lf, out=terms[:, 1]).mul_(lf)
+    sums = torch.zeros((T, 2, S), dtype=_F32, device=x.device)
+    for i in range(n):
+        sums.add_(terms[:, :, i])
+    sumlx, suml2 = sums[:, 0], sums[:, 1]
+    scale = torch.where(suml2[0] != 0, sumlx[0] / suml2[0], torch.zeros_like(suml2[0]))
+    best = scale * sumlx[0]
+    best_t = torch.zeros(S, dtype=torch.long, device=x.device)
+    for t in range(1, T):
+        sx, s2 = sumlx[t], suml2[t]
+        upd = (s2 > 0) & (sx * sx > best * s2)
+        best_t = torch.where(upd, t, best_t)
+        scale = torch.where(upd, sx / s2, scale)
+        best = torch.where(upd, scale * sx, best)
+    isc = iscale.gather(0, best_t[None])[0]
+    L = _round_clamp(x * isc, -nmax, nmax - 1, fast)
     L = torch.where(zero, torch.zeros_like(L), L + nmax)
     scale = torch.where(zero, torch.zeros_like(scale), scale)
     return scale, L
 
 
-def _make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """make_q3_quants(n, nmax, x, L, do_rmse=true) over x [n, S] -> (scale [S], L int32 [n, S])."""
-    amax, mx = _first_absmax(x)
+def _make_q3_quants(x: torch.Tensor, nmax: int, finite: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_q3_quants(n, nmax, x, L, do_rmse=true) over x [n, S] -> (scale [S], L float [n, S]).
+    After the first pass only the sub-blocks that changed something go on (C stops the others)."""
+    amax, mx = _absmax_fast(x) if finite else _first_absmax(x)
     zero = amax < GROUP_MAX_EPS
+    mx = torch.where(zero, torch.ones_like(mx), mx)
     iscale = _cdiv(float(-nmax), mx)
-    L = _nearest_int(iscale * x).clamp_(-nmax, nmax - 1)
+    L = _round_clamp(x * iscale, -nmax, nmax - 1, finite)
     w = x * x
     wx = w * x
-    lf = L.to(_F32)
-    sumlx = _seqsum(wx * lf)
-    suml2 = _seqsum((w * lf) * lf)
+    sumlx = _seqsum(wx * L)
+    suml2 = _seqsum((w * L).mul_(L))
     n = x.shape[0]
-    active = None  # sub-blocks still changing: C stops a sub-block's passes once one changes nothing
+    idx = None  # the active sub-blocks (None: all)
+    xs, ws, wxs, Ls, slxs, sl2s = x, w, wx, L, sumlx, suml2
     for _ in range(5):
-        changed_any = torch.zeros_like(zero)
+        changed = torch.zeros(xs.shape[1], dtype=torch.bool, device=x.device)
         for i in range(n):
-            xi, wi, wxi = x[i], w[i], wx[i]
-            li = L[i]
-            lif = li.to(_F32)
-            slx = sumlx - wxi * lif
-            sl2 = suml2 - (wi * lif) * lif
-            new_l = _nearest_int((xi * sl2) / slx).clamp_(-nmax, nmax - 1)
-            nlf = new_l.to(_F32)
-            slx2 = slx + wxi * nlf
-            sl22 = sl2 + (wi * nlf) * nlf
-            acc = (slx > 0) & (new_l != li) & (sl22 > 0) & ((slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22)
-            if active is not None:
-                acc &= active
-            L[i] = torch.where(acc, new_l, li)
-            sumlx = torch.where(acc, slx2, sumlx)
-            suml2 = torch.where(acc, sl22, suml2)
-            changed_any |= acc
-        active = changed_any
-        if not bool(changed_any.any()):
+            xi, wi, wxi, li = xs[i], ws[i], wxs[i], Ls[i]
+            slx = slxs - wxi * li
+            sl2 = sl2s - (wi * li) * li
+            new_l = _nearest_int((xi * sl2) / slx).clamp_(-nmax, nmax - 1).to(_F32)
+            slx2 = slx + wxi * new_l
+            sl22 = sl2 + (wi * new_l) * new_l
+            acc = (slx > 0) & (new_l != li) & (sl22 > 0) & ((slx2 * slx2) * sl2s > (slxs * slxs) * sl22)
+            Ls[i] = torch.where(acc, new_l, li)
+            slxs = torch.where(acc, slx2, slxs)
+            sl2s = torch.where(acc, sl22, sl2s)
+            changed |= acc
+        # write back, then keep only the sub-blocks that changed in this pass
+        if idx is None:
+            L, sumlx, suml2 = Ls, slxs, sl2s
+        else:
+            L[:, idx], sumlx[idx], suml2[idx] = Ls, slxs, sl2s
+        keep = changed.nonzero()[:, 0]
+        if keep.numel() == 0:
             break
+        idx = keep if idx is None else idx[keep]
+        xs, ws, wxs = x[:, idx], w[:, idx], wx[:, idx]
+        Ls, slxs, sl2s = L[:, idx], sumlx[idx], suml2[idx]
     L = torch.where(zero, torch.zeros_like(L), L + nmax)
     scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(suml2))
     scale = torch.where(zero, torch.zeros_like(scale), scale)
@@ -583,19 +655,28 @@ def _pack_2bit(L: torch.Tensor) -> torch.Tensor:
 
 
 def _requant(x: torch.Tensor, L: torch.Tensor, d: torch.Tensor, dm: torch.Tensor | None, lo: int, hi: int,
-             off: int) -> torch.Tensor:
+             off: int, finite: bool) -> torch.Tensor:
     """The final pass: `if (!d) continue; l = nearest_int((x + dm)/d)` (or x/d), clamped, + off.
-    x, L [S, n]; d, dm [S]."""
+    x, L [S, n] (L float); d, dm [S]."""
     num = x if dm is None else x + dm[:, None]
-    l = _nearest_int(num / d[:, None]).clamp_(lo, hi) + off
-    return torch.where((d != 0)[:, None], l, L)
+    ok = d != 0
+    dsafe = torch.where(ok, d, torch.ones_like(d))
+    bound = num.abs().amax(dim=1) / dsafe.abs() if finite else None
+    fast = finite and _bounded(bound)
+    l = _round_clamp(num / dsafe[:, None], lo, hi, fast).add_(off)
+    return torch.where(ok[:, None], l, L)
+
+
+def _finite(x: torch.Tensor) -> bool:
+    return bool(torch.isfinite(x).all())
 
 
 def _q_q2_k(x: torch.Tensor) -> torch.Tensor:
+    fin = _finite(x)
     xs = x.reshape(-1, 16)  # sub-blocks of 16
     xt = xs.t().contiguous()
-    scales, mins, L = _make_qkx2_quants(xt, xt.abs(), 3, -0.5, 0.1, 15, True)
-    scales, mins, L = scales.reshape(-1, 16), mins.reshape(-1, 16), L.t().reshape(-1, 16, 16)
+    scales, mins, L = _make_qkx2_quants(xt, xt.abs(), 3, -0.5, 0.1, 15, True, fin)
+    scales, mins, L = scales.reshape(-1, 16), mins.reshape(-1, 16), L.t().reshape(-1, 16)
     max_scale, max_min = _max_pos(scales), _max_pos(mins)
     has_s, has_m = max_scale > 0, max_min > 0
     zero = torch.zeros_like(max_scale)
@@ -605,15 +686,16 @@ def _q_q2_k(x: torch.Tensor) -> torch.Tensor:
     dmin = torch.where(has_m, _cdiv(max_min, 15.0), zero)
     dd = _fp16_round(d)[:, None] * (sc & 0xF).to(_F32)
     dm = _fp16_round(dmin)[:, None] * (sc >> 4).to(_F32)
-    L = _requant(xs, L.reshape(-1, 16), dd.reshape(-1), dm.reshape(-1), 0, 3, 0)
+    L = _requant(xs, L, dd.reshape(-1), dm.reshape(-1), 0, 3, 0, fin)
     qs = _pack_2bit(L.reshape(-1, 256))
     return torch.cat((sc.to(torch.uint8), qs, _f16_bytes(d), _f16_bytes(dmin)), dim=1)
 
 
 def _q_q3_k(x: torch.Tensor) -> torch.Tensor:
+    fin = _finite(x)
     xs = x.reshape(-1, 16)
     xt = xs.t().contiguous()
-    scales, L = _make_q3_quants(xt, 4)
+    scales, L = _make_q3_quants(xt, 4, fin)
     scales, L = scales.reshape(-1, 16), L.t().reshape(-1, 16)
     _, max_scale = _first_absmax(scales.t())
     has = max_scale != 0
@@ -627,7 +709,7 @@ def _q_q3_k(x: torch.Tensor) -> torch.Tensor:
     d = torch.where(has, _cdiv(1.0, iscale), torch.zeros_like(iscale))
     sc = torch.where(has[:, None], l - 32, -32)  # what the packed bytes decode to
     dd = _fp16_round(d)[:, None] * sc.to(_F32)
-    L = _requant(xs, L, dd.reshape(-1), None, -4, 3, 4).reshape(-1, 256)
+    L = _requant(xs, L, dd.reshape(-1), None, -4, 3, 4, fin).reshape(-1, 256)
     high = L > 3
     hmask = _pack_bits(high.reshape(-1, 8, 32).transpose(1, 2))  # bit j//32 of hmask[j % 32]
     L = torch.where(high, L - 4, L)
@@ -636,11 +718,12 @@ def _q_q3_k(x: torch.Tensor) -> torch.Tensor:
 
 def _qk45(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
     """The shared part of Q4_K / Q5_K: scales and mins of 8 sub-blocks of 32, packed; final L [nb, 256]."""
+    fin = _finite(x)
     xs = x.reshape(-1, 32)
     xt = xs.t().contiguous()
     av_x = _sqrtf(_cdiv(_seqsum(xt * xt), 32.0))
-    w = av_x + xt.abs()
-    scales, mins, L = _make_qkx2_quants(xt, w, nmax, rmin, 0.1, nstep, False)
+    w = xt.abs().add_(av_x)
+    scales, mins, L = _make_qkx2_quants(xt, w, nmax, rmin, 0.1, nstep, False, fin)
     scales, mins, L = scales.reshape(-1, 8), mins.reshape(-1, 8), L.t().reshape(-1, 32)
     max_scale, max_min = _max_pos(scales), _max_pos(mins)
     zero = torch.zeros_like(max_scale)
@@ -654,7 +737,7 @@ def _qk45(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
     dmin = _cdiv(max_min, 63.0)
     dd = _fp16_round(d)[:, None] * ls.to(_F32)
     dm = _fp16_round(dmin)[:, None] * lm.to(_F32)
-    L = _requant(xs, L, dd.reshape(-1), dm.reshape(-1), 0, nmax, 0).reshape(-1, 256)
+    L = _requant(xs, L, dd.reshape(-1), dm.reshape(-1), 0, nmax, 0, fin).reshape(-1, 256)
     head = torch.cat((_f16_bytes(d), _f16_bytes(dmin), packed), dim=1)
     return head, L
 
@@ -675,9 +758,10 @@ def _q_q5_k(x: torch.Tensor) -> torch.Tensor:
 
 
 def _q_q6_k(x: torch.Tensor) -> torch.Tensor:
+    fin = _finite(x)
     xs = x.reshape(-1, 16)
     xt = xs.t().contiguous()
-    scales, L = _make_qx_quants(xt, 32)
+    scales, L = _make_qx_quants(xt, 32, fin)
     scales, L = scales.reshape(-1, 16), L.t().reshape(-1, 16)
     max_abs, max_scale = _first_absmax(scales.t())
     zero_blk = max_abs < GROUP_MAX_EPS
@@ -685,7 +769,7 @@ def _q_q6_k(x: torch.Tensor) -> torch.Tensor:
     d = _cdiv(1.0, iscale)
     sc = _as_i8(torch.clamp_max(_nearest_int(iscale[:, None] * scales), 127))
     dd = _fp16_round(d)[:, None] * sc.to(_F32)
-    L = _requant(xs, L, dd.reshape(-1), None, -32, 31, 32).reshape(-1, 2, 4, 32)  # (half, k, l)
+    L = _requant(xs, L, dd.reshape(-1), None, -32, 31, 32, fin).reshape(-1, 2, 4, 32)  # (half, k, l)
     q = L.to(torch.uint8)
     lo = q & 0xF
     ql = torch.cat((lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)), dim=2).reshape(-1, 128)
