@@ -61,4 +61,11 @@ class ModelBackend:
 
     # -- generation
     def generate(self, prompt_ids: list[int], s: Sampling) -> Iterator[int]:
-        raise NotImplementedError("waiting for infer/generate.py")
+        """The same token loop `toolkit.generate` / `toolkit infer` run (same sampler chain, seed handling and
+        end-of-generation ids), so a request's text equals theirs for the same adapter set and seed."""
+        from .generate import generate_tokens
+
+        stop = frozenset() if s.ignore_eos else frozenset(self.tok.eot_ids)
+        return generate_tokens(self.model, prompt_ids, s.max_tokens, s.temperature, s.top_k, s.top_p, s.min_p,
+                               s.repeat_penalty, s.presence_penalty, s.frequency_penalty, seed=s.seed,
+                               stop_ids=stop)

@@ -266,3 +266,183 @@ def test_api_key_guards_every_endpoint():
         r = c.post("/v1/completions", json={"prompt": "a", "max_tokens": 2, "seed": 4}, headers=good)
         assert r.json()["choices"][0]["text"] == expected(backend, "a", {}, 4, 2)
     engine.stop()
+
+
+# ---- the real model: `toolkit serve` as a subprocess -----------------------------------------------------
+
+SAMPLING = {"temperature": 1.3, "top_k": 0, "top_p": 1.0, "min_p": 0.0}  # wide sampling: adapters show
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory):
+    """`toolkit serve` on the tiny GGUF: a (id 0, scale 1), b (id 1, --lora-scaled 0.5), c in --adapter-dir."""
+    sys.path.insert(0, str(Path(__file__).parent.parent))
+    from serve_helpers import make_random_adapter
+    from tiny import make_tiny_gguf
+
+    d = tmp_path_factory.mktemp("serve")
+    base = make_tiny_gguf(d / "tiny.gguf")
+    (d / "dir").mkdir()
+    paths = {"a": make_random_adapter(base, d / "a.gguf", seed=1, std=0.3),
+             "b": make_random_adapter(base, d / "b.gguf", seed=2, std=0.3, rank=8, alpha=4.0),
+             "c": make_random_adapter(base, d / "dir" / "c.gguf", seed=3, std=0.3, targets=("attn_k", "ffn_gate"))}
+    args = ["-m", str(base), "--lora", str(paths["a"]), "--lora-scaled", str(paths["b"]), "0.5",
+            "--adapter-dir", str(d / "dir"), "-t", "1", "--device", "cpu"]
+    with process_server(args) as url:
+        yield url, base, paths
+
+
+def solo(base: Path, paths: dict, scales: dict[str, float], prompt, max_tokens: int, seed: int, **kw) -> str:
+    """The oracle: toolkit.generate alone in this process, with exactly this adapter set."""
+    import toolkit
+    from toolkit.infer.generate import generate
+
+    key = str(base)
+    if key not in _MODELS:
+        model, tok = toolkit.load(base, device="cpu")
+        for name, p in paths.items():
+            model.load_adapter(p, name=name, scale=0.0)
+        _MODELS[key] = (model, tok)
+    model, tok = _MODELS[key]
+    model.set_adapters(scales)
+    return generate(model, tok, prompt, max_tokens, seed=seed, **kw)
+
+
+_MODELS: dict[str, tuple] = {}
+
+
+def test_tiny_concurrent_adapter_sets_equal_generation_alone(tiny_server):
+    url, base, paths = tiny_server
+    c = httpx.Client(base_url=url, timeout=120)
+    r = c.post("/lora-adapters/load", json={"name": "c.gguf"}).json()
+    assert r["id"] == 2 and r["scale"] == 0.0
+    ids = {"a": 0, "b": 1, "c": 2}
+    sets = [None, {}, {"a": 1.0}, {"b": 0.7}, {"a": 0.5, "b": -1.0}, {"c": 1.0}, {"a": 1.0, "c": 2.0}]
+    prompts = ["Hello there", "The quick brown fox", "Once upon a time", "1, 2, 3,"]
+    jobs = [(prompts[i % len(prompts)], sets[i % len(sets)], 100 + i, i % 3 == 0) for i in range(14)]
+
+    def one(job):
+        prompt, scales, seed, chat = job
+        body = {"max_tokens": 10, "seed": seed, **SAMPLING}
+        if scales is not None:
+            body["lora"] = [{"id": ids[n], "scale": s} for n, s in scales.items()]
+        if chat:
+            body["messages"] = [{"role": "user", "content": prompt}]
+            return c.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+        return c.post("/v1/completions", json={**body, "prompt": prompt}).json()["choices"][0]["text"]
+
+    with cf.ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(one, jobs))
+
+    import toolkit
+
+    _, tok = toolkit.load(base, device="cpu")
+    texts = set()
+    for (prompt, scales, seed, chat), text in zip(jobs, got):
+        scales = {"a": 1.0, "b": 0.5} if scales is None else scales
+        p = tok.encode(tok.apply_chat_template([{"role": "user", "content": prompt}])) if chat else prompt
+        assert text == solo(base, paths, scales, p, 10, seed, **SAMPLING), (prompt, scales, seed, chat)
+        texts.add((prompt, chat, text))
+    # the adapter sets really change the text (else the check above could not catch cross-talk)
+    assert len(texts) > len({(p, ch) for p, _, _, ch in jobs}) + 3
+    c.post("/lora-adapters/unload", json={"id": 2})
+    assert [a["id"] for a in c.get("/lora-adapters").json()] == [0, 1]
+
+
+def test_tiny_streaming_equals_non_streaming_and_errors_keep_serving(tiny_server):
+    url, base, paths = tiny_server
+    c = httpx.Client(base_url=url, timeout=120)
+    body = {"prompt": "The quick brown fox", "max_tokens": 16, "seed": 7, "lora": [{"id": 0, "scale": 0.8}], **SAMPLING}
+    whole = c.post("/v1/completions", json=body).json()
+    with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+        events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == whole["choices"][0]["text"]
+    assert whole["choices"][0]["text"] == solo(base, paths, {"a": 0.8}, body["prompt"], 16, 7, **SAMPLING)
+    # the tiny model's context is 256 tokens
+    assert_error(c.post("/v1/completions", json={"prompt": list(range(300)), "max_tokens": 1}), 400, "context size is 256")
+    assert_error(c.post("/v1/completions", json={**body, "max_tokens": -3}), 400, "max_tokens")
+    assert_error(c.post("/v1/completions", json={**body, "lora": [{"id": 5, "scale": 1}]}), 400, "unknown adapter id 5")
+    assert_error(c.post("/v1/completions", content=b"{nope"), 400, "JSON")
+    assert_error(c.post("/lora-adapters/load", json={"name": "../a.gguf"}), 403, "")
+    # max_tokens larger than the room left is cut at the context end
+    r = c.post("/v1/completions", json={"prompt": list(range(1, 251)), "max_tokens": 50, "ignore_eos": True}).json()
+    assert r["usage"]["completion_tokens"] == 6 and r["choices"][0]["finish_reason"] == "length"
+    assert c.post("/v1/completions", json=body).json()["choices"][0]["text"] == whole["choices"][0]["text"]
+
+
+def test_official_openai_client(tiny_server):
+    openai = pytest.importorskip("openai")
+    url, base, paths = tiny_server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == ["tiny.gguf"]
+    r = client.completions.create(model="tiny.gguf", prompt="Hello there", max_tokens=8, seed=11,
+                                  extra_body={"lora": [{"id": 1, "scale": 1.0}], **SAMPLING})
+    assert r.choices[0].text == solo(base, paths, {"b": 1.0}, "Hello there", 8, 11, **SAMPLING)
+    assert r.usage.completion_tokens == 8
+    msgs = [{"role": "user", "content": "Once upon a time"}]
+    chunks = list(client.chat.completions.create(model="tiny.gguf", messages=msgs, max_tokens=8, seed=12,
+                                                 stream=True, temperature=1.3, top_p=1.0,
+                                                 extra_body={"top_k": 0, "min_p": 0.0}))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    import toolkit
+
+    _, tok = toolkit.load(base, device="cpu")
+    ids = tok.encode(tok.apply_chat_template(msgs))
+    assert text == solo(base, paths, {"a": 1.0, "b": 0.5}, ids, 8, 12, **SAMPLING)
+    assert chunks[-1].choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model="x", prompt="hi", max_tokens=-1)
+
+
+def test_api_key_on_the_command_line(tiny_server):
+    url, base, paths = tiny_server
+    with process_server(["-m", str(base), "--api-key", "k3y", "--device", "cpu", "-t", "1"]) as url2:
+        assert_error(httpx.get(url2 + "/health"), 401, "API key")
+        assert_error(httpx.get(url2 + "/v1/models", headers={"Authorization": "Bearer nope"}), 401, "API key")
+        r = httpx.post(url2 + "/v1/completions", headers={"Authorization": "Bearer k3y"}, timeout=60,
+                       json={"prompt": "Hello there", "max_tokens": 4, "seed": 1, "lora": [], **SAMPLING})
+        assert r.json()["choices"][0]["text"] == solo(base, paths, {}, "Hello there", 4, 1, **SAMPLING)
+
+
+def test_cli_errors_are_one_line(tmp_path, tiny_server):
+    url, base, paths = tiny_server
+    import subprocess
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"nope")
+    for args, words in [(["-m", str(tmp_path / "missing.gguf")], "missing.gguf"),
+                        (["-m", str(base), "--lora", str(bad)], "bad.gguf"),
+                        (["-m", str(base), "--lora-scaled", str(paths["a"]), "x"], "not a number"),
+                        (["-m", str(base), "--adapter-dir", str(tmp_path / "nodir")], "--adapter-dir")]:
+        p = subprocess.run([sys.executable, "-m", "toolkit.cli", "serve", "--port", "0", *args],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 1, p.stderr
+        assert p.stderr.startswith("toolkit: error:") and words in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+def test_smollm2_chat_with_and_without_adapter(smollm2_path, tmp_path):
+    from serve_helpers import make_random_adapter
+
+    adapter = make_random_adapter(smollm2_path, tmp_path / "smol-lora.gguf", rank=8, std=0.02, seed=5)
+    with process_server(["-m", str(smollm2_path), "--lora", str(adapter), "--lora-init-without-apply",
+                         "--device", "cpu", "-t", "2"]) as url:
+        c = httpx.Client(base_url=url, timeout=300)
+        assert c.get("/lora-adapters").json()[0]["scale"] == 0.0
+        msgs = [{"role": "user", "content": "What is the capital of France?"}]
+        bodies = [{"messages": msgs, "max_tokens": 8, "temperature": 0},
+                  {"messages": msgs, "max_tokens": 8, "temperature": 0, "lora": [{"id": 0, "scale": 1.0}]}]
+        with cf.ThreadPoolExecutor(2) as pool:
+            got = [r.json()["choices"][0]["message"]["content"] for r in
+                   pool.map(lambda b: c.post("/v1/chat/completions", json=b), bodies)]
+    assert "Paris" in got[0]
+    import toolkit
+    from toolkit.infer.generate import generate
+
+    model, tok = toolkit.load(smollm2_path, device="cpu")
+    ids = tok.encode(tok.apply_chat_template(msgs))
+    assert got[0] == generate(model, tok, ids, 8, temperature=0)
+    model.load_adapter(adapter, scale=1.0)
+    assert got[1] == generate(model, tok, ids, 8, temperature=0)
+    assert got[1] != got[0]
