@@ -8,9 +8,135 @@ import gguf
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
-from toolkit.quants import DEQUANT_TYPES, QuantEmbedding, QuantLinear, dequantize
+import oracle_ggml
+from toolkit.errors import ToolkitError
+from toolkit.quants import DEQUANT_TYPES, QUANT_TYPES, QuantEmbedding, QuantLinear, dequantize, quantize
 
 CUDA = torch.cuda.is_available()
+needs_ggml = [pytest.mark.llamacpp,
+              pytest.mark.skipif(not oracle_ggml.available(), reason="llama-cpp-python's libggml not available")]
+GGUF_PY_QUANTIZES = [Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0]
+
+
+def distributions(rows: int, n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Float32 [rows, n] inputs that exercise every branch of the reference quantizers."""
+    rng = np.random.default_rng(seed)
+
+    def normal() -> np.ndarray:
+        return rng.standard_normal((rows, n)).astype(np.float32)
+
+    d: dict[str, np.ndarray] = {"normal": normal()}
+    x = normal()
+    x[rng.random(x.shape) < 0.01] *= 1e4
+    d["outliers"] = x
+    x = normal()
+    m = rng.random(x.shape) < 0.005
+    x[m] = rng.choice(np.array([3e38, -3e38, 1e30, -1e37], np.float32), int(m.sum()))
+    d["huge"] = x  # x*x overflows to inf inside the searches
+    d["zeros"] = np.zeros((rows, n), np.float32)
+    x = np.zeros((rows, n), np.float32)
+    x[:, ::7] = -0.0
+    x[1::3, 5::11] = 1e-3
+    d["signed_zeros"] = x
+    d["subnormal"] = (rng.standard_normal((rows, n)) * 1e-39).astype(np.float32)
+    d["tiny"] = (rng.standard_normal((rows, n)) * 1e-30).astype(np.float32)
+    x = normal()
+    x[rows // 2] = 0.37  # one constant row among normal ones
+    d["constant_row"] = x
+    d["negative"] = -np.abs(normal())
+    d["positive"] = np.abs(normal())
+    d["ties"] = (rng.integers(-64, 64, (rows, n)) / 8).astype(np.float32)  # exact halves, +a/-a ties
+    d["sparse"] = (rng.standard_normal((rows, n)) * (rng.random((rows, n)) < 0.1)).astype(np.float32)
+    d["fp16_overflow"] = (rng.standard_normal((rows, n)) * 1e6).astype(np.float32)  # block scales -> inf
+    with np.errstate(over="ignore"):
+        d["log_scale"] = (rng.standard_normal((rows, n)) * 10.0 ** rng.uniform(-44, 38, (rows, 1))).astype(np.float32)
+    return d
+
+
+@pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda q: q.name)
+@needs_ggml[0]
+@needs_ggml[1]
+def test_quantize_matches_libggml(qtype):
+    """Every byte equals ggml_quantize_chunk's (no imatrix), on every input distribution; and our
+    dequantize of those bytes equals ggml's to_float, bit for bit."""
+    rows, n = 6, 1024
+    for name, x in distributions(rows, n, seed=int(qtype)).items():
+        ref = np.frombuffer(oracle_ggml.ggml_quantize(x, qtype), np.uint8).reshape(rows, -1)
+        ours = quantize(torch.from_numpy(x), qtype)
+        assert ours.dtype == torch.uint8 and tuple(ours.shape) == ref.shape
+        bad = np.nonzero((ours.numpy() != ref).any(1))[0]
+        assert bad.size == 0, f"{qtype.name} {name}: rows {bad.tolist()} differ from libggml"
+        ref_f = oracle_ggml.ggml_dequantize(ref, qtype, rows * n).reshape(rows, n)
+        assert same_bits(ref_f, dequantize(ours, qtype, (rows, n)).numpy()), f"{qtype.name} {name}: to_float"
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q3_K], ids=lambda q: q.name)
+@needs_ggml[0]
+@needs_ggml[1]
+def test_quantize_many_blocks_matches_libggml(qtype):
+    """More blocks of plain normal data (the common case), across several row chunks."""
+    import toolkit.quants as tq
+
+    x = np.random.default_rng(7).standard_normal((96, 2048)).astype(np.float32)
+    old, tq.QUANT_CHUNK = tq.QUANT_CHUNK, 2048 * 40  # three uneven chunks
+    try:
+        ours = quantize(torch.from_numpy(x), qtype).numpy().tobytes()
+    finally:
+        tq.QUANT_CHUNK = old
+    assert ours == oracle_ggml.ggml_quantize(x, qtype)
+
+
+@pytest.mark.parametrize("qtype", DEQUANT_TYPES, ids=lambda q: q.name)
+@needs_ggml[0]
+@needs_ggml[1]
+def test_dequantize_matches_libggml(qtype):
+    """Random bytes (any scale bit pattern, NaN and inf included) through ggml's to_float and ours."""
+    raw = random_blocks(qtype, 8, 1024, seed=11)
+    ref = oracle_ggml.ggml_dequantize(raw, qtype, 8 * 1024).reshape(8, 1024)
+    assert same_bits(ref, dequantize(torch.from_numpy(raw), qtype, (8, 1024)).numpy())
+
+
+@pytest.mark.parametrize("qtype", GGUF_PY_QUANTIZES, ids=lambda q: q.name)
+def test_quantize_matches_gguf_py(qtype):
+    """gguf-py's numpy quantizers agree with llama.cpp except on blocks whose extreme is a -0.0 (numpy picks
+    the zero's sign differently; libggml, checked above, is the authority), so -0.0 becomes +0.0 here."""
+    rows, n = 4, 512
+    for name, x in distributions(rows, n, seed=3).items():
+        x = x + np.float32(0.0)  # -0.0 -> +0.0
+        with np.errstate(all="ignore"):
+            ref = gguf.quants.quantize(x, qtype)
+        ours = quantize(torch.from_numpy(x), qtype).numpy()
+        assert ours.tobytes() == ref.tobytes(), f"{qtype.name} {name}"
+
+
+def test_quantize_api():
+    x = torch.randn(3, 512)
+    a = quantize(x, "q4_k")
+    assert a.shape == (3, 2 * 144) and a.dtype == torch.uint8
+    assert torch.equal(quantize(x[1], Q.Q4_K), a[1:2])  # 1-D = one row
+    assert torch.equal(quantize(x.double(), Q.Q4_K), a)  # any float dtype is read as float32
+    xt = torch.randn(512, 3).t()  # non-contiguous
+    assert torch.equal(quantize(xt, Q.Q8_0), quantize(xt.contiguous(), Q.Q8_0))
+    assert quantize(torch.empty(0, 256), Q.Q6_K).shape == (0, 210)
+    with pytest.raises(ToolkitError, match="multiple"):
+        quantize(torch.randn(2, 100), Q.Q4_K)
+    with pytest.raises(ToolkitError, match="IQ4_NL"):
+        quantize(x, Q.IQ4_NL)
+    with pytest.raises(ToolkitError, match="unknown"):
+        quantize(x, "Q9_K")
+    with pytest.raises(ToolkitError):
+        dequantize(a, Q.Q4_K, (3, 500))
+
+
+@pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda q: q.name)
+def test_roundtrip_error_is_small(qtype):
+    """Sanity on the numbers, not only the bytes: relative RMS error of quantize -> dequantize."""
+    x = torch.randn(16, 1024)
+    y = dequantize(quantize(x, qtype), qtype, x.shape)
+    rel = float((y - x).pow(2).mean().sqrt() / x.pow(2).mean().sqrt())
+    limit = {"Q2_K": 0.45, "Q3_K": 0.25, "Q4_0": 0.15, "Q4_1": 0.15, "Q4_K": 0.1, "Q5_0": 0.07,
+             "Q5_1": 0.07, "Q5_K": 0.05, "Q6_K": 0.03, "Q8_0": 0.01, "F16": 1e-3, "BF16": 1e-2, "F32": 0}
+    assert rel <= limit[qtype.name], rel
 
 
 def random_blocks(qtype: Q, rows: int, cols: int, seed: int = 0) -> np.ndarray:
@@ -134,6 +260,15 @@ def test_dequantize_cuda_matches_cpu(qtype):
     cpu = dequantize(raw, qtype, (16, 512)).numpy()
     gpu = dequantize(raw.cuda(), qtype, (16, 512)).cpu().numpy()
     assert same_bits(cpu, gpu)
+
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda q: q.name)
+def test_quantize_cuda_matches_cpu(qtype):
+    for name, x in distributions(4, 1024, seed=5).items():
+        cpu = quantize(torch.from_numpy(x), qtype)
+        gpu = quantize(torch.from_numpy(x).cuda(), qtype)
+        assert gpu.is_cuda and torch.equal(gpu.cpu(), cpu), f"{qtype.name} {name}"
 
 
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")
