@@ -1,0 +1,158 @@
+"""Quantize / dequantize throughput of toolkit.quants against libggml (llama.cpp's C, through ctypes) and
+gguf-py's numpy, measured in one run on the same 4096x4096 float32 tensor, with the same thread count.
+
+    python bench/quants.py [--threads N] [--repeat R] [--types Q4_K,Q6_K,Q8_0] [--device cpu|cuda] [--out FILE]
+
+MB/s counts the float32 side (64 MiB for 4096x4096). libggml's ggml_quantize_chunk / to_float are
+single-threaded calls, so they are run on N row ranges from N Python threads (ctypes releases the GIL);
+torch gets torch.set_num_threads(N). gguf-py's numpy is single-threaded whatever N is, and cannot quantize
+K-quants at all. Every timing is the best of R runs; our bytes are checked against libggml's each time.
+Writes a markdown table to bench/results/quants.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+import gguf  # noqa: E402
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # noqa: E402
+
+import oracle_ggml  # noqa: E402
+from toolkit.quants import QuantLinear, dequantize, quantize  # noqa: E402
+
+
+def best(fn, repeat: int) -> tuple[float, object]:
+    out, ts = None, []
+    for _ in range(repeat):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = fn()
+        if isinstance(out, torch.Tensor) and out.is_cuda:
+            torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t)
+    return min(ts), out
+
+
+def split_rows(rows: int, parts: int) -> list[tuple[int, int]]:
+    step = -(-rows // parts)
+    return [(r, min(rows, r + step)) for r in range(0, rows, step)]
+
+
+def ggml_quantize_mt(x: np.ndarray, qtype, pool: ThreadPoolExecutor, threads: int) -> bytes:
+    parts = list(pool.map(lambda rr: oracle_ggml.ggml_quantize(x[rr[0]:rr[1]], qtype), split_rows(len(x), threads)))
+    return b"".join(parts)
+
+
+def ggml_dequantize_mt(raw: np.ndarray, qtype, cols: int, pool: ThreadPoolExecutor, threads: int) -> np.ndarray:
+    out = np.empty((raw.shape[0], cols), np.float32)
+
+    def one(rr):
+        out[rr[0]:rr[1]] = oracle_ggml.ggml_dequantize(raw[rr[0]:rr[1]], qtype, (rr[1] - rr[0]) * cols).reshape(-1, cols)
+
+    list(pool.map(one, split_rows(raw.shape[0], threads)))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--types", default="Q4_K,Q6_K,Q8_0")
+    ap.add_argument("--size", type=int, default=4096)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quants.md"))
+    args = ap.parse_args(argv)
+    if not oracle_ggml.available():
+        print("llama-cpp-python's libggml is needed for this benchmark", file=sys.stderr)
+        return 1
+
+    torch.set_num_threads(args.threads)
+    n = args.size
+    x = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    xt = torch.from_numpy(x).to(args.device)
+    mb = x.nbytes / 1e6
+    rows, decode_rows = [], []
+    with ThreadPoolExecutor(args.threads) as pool:
+        for name in args.types.split(","):
+            qt = GGMLQuantizationType[name]
+            # quantize: libggml, ours, gguf-py (where it can)
+            t_c, ref = best(lambda: ggml_quantize_mt(x, qt, pool, args.threads), args.repeat)
+            t_t, ours = best(lambda: quantize(xt, qt), max(1, args.repeat - 1))
+            exact_q = ours.cpu().numpy().tobytes() == ref
+            try:
+                t_g, _ = best(lambda: gguf.quants.quantize(x, qt), args.repeat)
+            except NotImplementedError:
+                t_g = None
+            raw = np.frombuffer(ref, np.uint8).reshape(n, -1)
+            raw_t = torch.from_numpy(raw.copy()).to(args.device)
+            # dequantize
+            d_c, ref_f = best(lambda: ggml_dequantize_mt(raw, qt, n, pool, args.threads), args.repeat)
+            d_t, ours_f = best(lambda: dequantize(raw_t, qt, (n, n)), args.repeat)
+            d_g, _ = best(lambda: gguf.quants.dequantize(raw, qt), args.repeat)
+            exact_d = np.array_equal(ours_f.cpu().numpy().view(np.uint32), ref_f.view(np.uint32))
+            rows.append((name, mb / t_t, mb / t_c, None if t_g is None else mb / t_g, t_c / t_t,
+                         None if t_g is None else t_g / t_t, exact_q, mb / d_t, mb / d_c, mb / d_g,
+                         d_c / d_t, d_g / d_t, exact_d))
+            print(f"{name}: quantize {mb / t_t:.0f} MB/s (libggml {mb / t_c:.0f}, x{t_c / t_t:.2f}; exact {exact_q})  "
+                  f"dequantize {mb / d_t:.0f} MB/s (libggml x{d_c / d_t:.2f}, gguf-py x{d_g / d_t:.2f}; exact {exact_d})",
+                  flush=True)
+            # QuantLinear decode (one token) against a dense fp32 matmul on the dequantized weight
+            layer = QuantLinear(raw_t, qt, n, n)
+            dense = ours_f
+            v = torch.randn(1, n, device=args.device)
+            with torch.no_grad():
+                l_q, _ = best(lambda: layer(v), args.repeat + 2)
+                l_d, _ = best(lambda: v @ dense.t(), args.repeat + 2)
+            decode_rows.append((name, l_q * 1e3, l_d * 1e3, raw.nbytes / 2**20, dense.numel() * 4 / 2**20))
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
+    lines = [
+        "# toolkit.quants throughput",
+        "",
+        f"`python bench/quants.py --threads {args.threads}` on a {n}x{n} float32 tensor ({mb:.0f} MB), device "
+        f"{args.device}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, load average {load:.1f} at the end, best of {args.repeat}.",
+        "libggml: llama-cpp-python's build, N row ranges on N threads; gguf-py: numpy, one thread.",
+        "Ratios are ours / theirs in throughput (> 1: we are faster). exact: bytes (quantize) or float bits "
+        "(dequantize) identical to libggml's.",
+        "",
+        "| type | quantize MB/s | libggml | gguf-py | vs libggml | vs gguf-py | exact | dequantize MB/s | libggml | gguf-py | vs libggml | vs gguf-py | exact |",
+        "|---|---:|---:|---:|---:|---:|:-:|---:|---:|---:|---:|---:|:-:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r[0]} | {r[1]:.0f} | {r[2]:.0f} | {fmt(r[3], '.0f')} | {r[4]:.2f}x | {fmt(r[5], '.2f')}"
+                     f"{'' if r[5] is None else 'x'} | {'yes' if r[6] else 'NO'} | {r[7]:.0f} | {r[8]:.0f} | {r[9]:.0f} | "
+                     f"{r[10]:.2f}x | {r[11]:.2f}x | {'yes' if r[12] else 'NO'} |")
+    lines += [
+        "",
+        "QuantLinear decode (x: [1, %d]): packed weight dequantized on the fly vs a dense fp32 matmul on the" % n,
+        "already-dequantized weight (which would cost the memory in the last column).",
+        "",
+        "| type | QuantLinear ms | dense fp32 ms | packed MiB | dense MiB |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in decode_rows:
+        lines.append(f"| {r[0]} | {r[1]:.1f} | {r[2]:.1f} | {r[3]:.1f} | {r[4]:.1f} |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
