@@ -90,16 +90,25 @@ def _dq_bf16(b: torch.Tensor) -> torch.Tensor:
     return b.contiguous().view(torch.bfloat16).to(torch.float32)
 
 
+def _new_out(nb: int, *shape: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.empty((nb, *shape), dtype=torch.float32, device=like.device)
+
+
 def _dq_q4_0(b: torch.Tensor) -> torch.Tensor:
-    d = _f16(b, 0)
-    q = _nibbles(b[:, 2:18]).reshape(-1, 32).to(torch.int8) - 8
-    return q * d[:, None]
+    # The integer part is built in bytes (cheap), converted to float once, then scaled in place.
+    nb, qs = b.shape[0], b[:, 2:18]
+    out = _new_out(nb, 2, 16, like=b)
+    out[:, 0] = (qs & 0x0F).view(torch.int8) - 8
+    out[:, 1] = (qs >> 4).view(torch.int8) - 8
+    return out.view(nb, 32).mul_(_f16(b, 0)[:, None])
 
 
 def _dq_q4_1(b: torch.Tensor) -> torch.Tensor:
-    d, m = _f16(b, 0), _f16(b, 2)
-    q = _nibbles(b[:, 4:20]).reshape(-1, 32)
-    return q * d[:, None] + m[:, None]
+    nb, qs = b.shape[0], b[:, 4:20]
+    out = _new_out(nb, 2, 16, like=b)
+    out[:, 0] = qs & 0x0F
+    out[:, 1] = qs >> 4
+    return out.view(nb, 32).mul_(_f16(b, 0)[:, None]).add_(_f16(b, 2)[:, None])
 
 
 def _q5_high(qh4: torch.Tensor) -> torch.Tensor:
@@ -110,33 +119,37 @@ def _q5_high(qh4: torch.Tensor) -> torch.Tensor:
 
 
 def _dq_q5_0(b: torch.Tensor) -> torch.Tensor:
-    d = _f16(b, 0)
-    q = (_nibbles(b[:, 6:22]).reshape(-1, 32) | _q5_high(b[:, 2:6])).to(torch.int8) - 16
-    return q * d[:, None]
+    nb = b.shape[0]
+    q = (_nibbles(b[:, 6:22]).reshape(nb, 32) | _q5_high(b[:, 2:6])).view(torch.int8) - 16
+    out = _new_out(nb, 32, like=b)
+    out.copy_(q)
+    return out.mul_(_f16(b, 0)[:, None])
 
 
 def _dq_q5_1(b: torch.Tensor) -> torch.Tensor:
-    d, m = _f16(b, 0), _f16(b, 2)
-    q = _nibbles(b[:, 8:24]).reshape(-1, 32) | _q5_high(b[:, 4:8])
-    return q * d[:, None] + m[:, None]
+    nb = b.shape[0]
+    out = _new_out(nb, 32, like=b)
+    out.copy_(_nibbles(b[:, 8:24]).reshape(nb, 32) | _q5_high(b[:, 4:8]))
+    return out.mul_(_f16(b, 0)[:, None]).add_(_f16(b, 2)[:, None])
 
 
 def _dq_q8_0(b: torch.Tensor) -> torch.Tensor:
-    d = _f16(b, 0)
-    return b[:, 2:34].view(torch.int8) * d[:, None]
+    out = _new_out(b.shape[0], 32, like=b)
+    out.copy_(b[:, 2:34].view(torch.int8))
+    return out.mul_(_f16(b, 0)[:, None])
 
 
 def _dq_q2_k(b: torch.Tensor) -> torch.Tensor:
     # block_q2_K: scales[16], qs[64], d, dmin
-    sc = b[:, 0:16]
+    nb, sc = b.shape[0], b[:, 0:16]
     d, dmin = _f16(b, 80), _f16(b, 82)
-    dl = d[:, None] * (sc & 0xF)  # [nb, 16]
-    ml = dmin[:, None] * (sc >> 4)
-    qs = b[:, 16:80].reshape(-1, 2, 1, 2, 16)  # (c, -, h, l)
+    dl = (d[:, None] * (sc & 0xF)).view(nb, 2, 4, 2, 1)  # scale index 8c + 2j + h
+    ml = (dmin[:, None] * (sc >> 4)).view(nb, 2, 4, 2, 1)
+    qs = b[:, 16:80].reshape(nb, 2, 1, 2, 16)  # (c, -, h, l)
     sh = _lut("sh2x4", b.device, lambda: (torch.arange(4, dtype=torch.uint8) * 2).reshape(1, 1, 4, 1, 1))
-    q = (qs >> sh) & 3  # [nb, c, j, h, l]; scale index 8c + 2j + h
-    y = dl.reshape(-1, 2, 4, 2, 1) * q - ml.reshape(-1, 2, 4, 2, 1)
-    return y.reshape(-1, QK_K)
+    out = _new_out(nb, 2, 4, 2, 16, like=b)
+    out.copy_((qs >> sh) & 3)  # [nb, c, j, h, l]
+    return out.mul_(dl).sub_(ml).view(nb, QK_K)
 
 
 def _q3_scales(s: torch.Tensor) -> torch.Tensor:
@@ -149,54 +162,54 @@ def _q3_scales(s: torch.Tensor) -> torch.Tensor:
 
 def _dq_q3_k(b: torch.Tensor) -> torch.Tensor:
     # block_q3_K: hmask[32], qs[64], scales[12], d
-    d = _f16(b, 108)
-    dl = d[:, None] * _q3_scales(b[:, 96:108])  # [nb, 16]
-    hm = b[:, 0:32].reshape(-1, 1, 1, 2, 16)  # (-, -, h, l)
-    qs = b[:, 32:96].reshape(-1, 2, 1, 2, 16)  # (c, -, h, l)
+    nb = b.shape[0]
+    dl = (_f16(b, 108)[:, None] * _q3_scales(b[:, 96:108])).view(nb, 2, 4, 2, 1)
+    hm = b[:, 0:32].reshape(nb, 1, 1, 2, 16)  # (-, -, h, l)
+    qs = b[:, 32:96].reshape(nb, 2, 1, 2, 16)  # (c, -, h, l)
     sh = _lut("sh2x4", b.device, lambda: (torch.arange(4, dtype=torch.uint8) * 2).reshape(1, 1, 4, 1, 1))
     hsh = _lut("sh8q3", b.device, lambda: torch.arange(8, dtype=torch.uint8).reshape(1, 2, 4, 1, 1))
-    q = ((qs >> sh) & 3).to(torch.int8)  # [nb, c, j, h, l]
-    h = ((hm >> hsh) & 1).to(torch.int8)  # bit 4c + j
-    q = q - 4 + h * 4  # q - (hbit ? 0 : 4)
-    y = dl.reshape(-1, 2, 4, 2, 1) * q
-    return y.reshape(-1, QK_K)
+    q = ((qs >> sh) & 3) | (((hm >> hsh) & 1) << 2)  # 3-bit value with the high bit (bit 4c + j)
+    out = _new_out(nb, 2, 4, 2, 16, like=b)
+    out.copy_(q.view(torch.int8) - 4)  # q - (hbit ? 0 : 4)
+    return out.mul_(dl).view(nb, QK_K)
 
 
 def _dq_q4_k(b: torch.Tensor) -> torch.Tensor:
     # block_q4_K: d, dmin, scales[12], qs[128]
-    d, dmin = _f16(b, 0), _f16(b, 2)
+    nb = b.shape[0]
     sc, m = _scale_min_k4(b[:, 4:16])
-    d1 = d[:, None] * sc  # [nb, 8]
-    m1 = dmin[:, None] * m
-    q = _nibbles(b[:, 16:144].reshape(-1, 4, 32)).reshape(-1, 8, 32)
-    y = d1[:, :, None] * q - m1[:, :, None]
-    return y.reshape(-1, QK_K)
+    d1 = (_f16(b, 0)[:, None] * sc).view(nb, 4, 2, 1)
+    m1 = (_f16(b, 2)[:, None] * m).view(nb, 4, 2, 1)
+    qs = b[:, 16:144].view(nb, 4, 32)
+    out = _new_out(nb, 4, 2, 32, like=b)
+    out[:, :, 0] = qs & 0xF
+    out[:, :, 1] = qs >> 4
+    return out.mul_(d1).sub_(m1).view(nb, QK_K)
 
 
 def _dq_q5_k(b: torch.Tensor) -> torch.Tensor:
     # block_q5_K: d, dmin, scales[12], qh[32], qs[128]
-    d, dmin = _f16(b, 0), _f16(b, 2)
+    nb = b.shape[0]
     sc, m = _scale_min_k4(b[:, 4:16])
-    d1 = d[:, None] * sc
-    m1 = dmin[:, None] * m
+    d1 = (_f16(b, 0)[:, None] * sc).view(nb, 8, 1)
+    m1 = (_f16(b, 2)[:, None] * m).view(nb, 8, 1)
     sh = _lut("sh8c", b.device, lambda: torch.arange(8, dtype=torch.uint8).reshape(1, 8, 1))
     hi = ((b[:, None, 16:48] >> sh) & 1) << 4  # [nb, 8, 32]
-    q = _nibbles(b[:, 48:176].reshape(-1, 4, 32)).reshape(-1, 8, 32) | hi
-    y = d1[:, :, None] * q - m1[:, :, None]
-    return y.reshape(-1, QK_K)
+    out = _new_out(nb, 8, 32, like=b)
+    out.copy_(_nibbles(b[:, 48:176].reshape(nb, 4, 32)).reshape(nb, 8, 32) | hi)
+    return out.mul_(d1).sub_(m1).view(nb, QK_K)
 
 
 def _dq_q6_k(b: torch.Tensor) -> torch.Tensor:
     # block_q6_K: ql[128], qh[64], scales[16] (int8), d
-    d = _f16(b, 208)
-    sc = b[:, 192:208].view(torch.int8)
-    ds = (d[:, None] * sc).reshape(-1, 2, 4, 2, 1)  # (c, quarter, l//16)
-    ql = _nibbles(b[:, 0:128].reshape(-1, 2, 64)).reshape(-1, 2, 4, 32)  # (c, 2*nibble + k, l)
+    nb = b.shape[0]
+    ds = (_f16(b, 208)[:, None] * b[:, 192:208].view(torch.int8)).view(nb, 2, 4, 2, 1)  # (c, quarter, l//16)
+    ql = _nibbles(b[:, 0:128].reshape(nb, 2, 64)).reshape(nb, 2, 4, 32)  # (c, 2*nibble + k, l)
     sh = _lut("sh2x4q6", b.device, lambda: (torch.arange(4, dtype=torch.uint8) * 2).reshape(1, 1, 4, 1))
-    qh = (b[:, 128:192].reshape(-1, 2, 1, 32) >> sh) & 3
-    q = (ql | (qh << 4)).to(torch.int8) - 32
-    y = ds * q.reshape(-1, 2, 4, 2, 16)
-    return y.reshape(-1, QK_K)
+    qh = (b[:, 128:192].reshape(nb, 2, 1, 32) >> sh) & 3
+    out = _new_out(nb, 2, 4, 2, 16, like=b)
+    out.copy_(((ql | (qh << 4)).view(torch.int8) - 32).view(nb, 2, 4, 2, 16))
+    return out.mul_(ds).view(nb, QK_K)
 
 
 def _kvalues(device: torch.device) -> torch.Tensor:
@@ -398,10 +411,15 @@ def _first_min_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _q_q4_0(x: torch.Tensor) -> torch.Tensor:
     x = x.reshape(-1, 32)
-    _, mx = _first_absmax(x.t())
+    fin = _finite(x)
+    _, mx = _absmax_fast(x.t()) if fin else _first_absmax(x.t())
     d = _cdiv(mx, -8.0)
     idv = _inv_or_zero(d)
-    xi = _u8(torch.clamp_max(_as_i8(_cvt_i32(x * idv[:, None] + 8.5)), 15))
+    v = (x * idv[:, None]).add_(8.5)
+    if fin and _finite(idv):  # v in [0, 17): the (int8_t) cast is a plain truncation
+        xi = v.to(torch.uint8).clamp_max_(15)
+    else:
+        xi = _u8(torch.clamp_max(_as_i8(_cvt_i32(v)), 15))
     qs = xi[:, :16] | (xi[:, 16:] << 4)
     return torch.cat((_f16_bytes(d), qs), dim=1)
 
@@ -425,7 +443,7 @@ def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
 
 def _q_q5_0(x: torch.Tensor) -> torch.Tensor:
     x = x.reshape(-1, 32)
-    _, mx = _first_absmax(x.t())
+    _, mx = _absmax_fast(x.t()) if _finite(x) else _first_absmax(x.t())
     d = _cdiv(mx, -16.0)
     idv = _inv_or_zero(d)
     xi = _u8(torch.clamp_max(_as_i8(_cvt_i32(x * idv[:, None] + 16.5)), 31))
@@ -443,20 +461,36 @@ def _q_q5_1(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((_f16_bytes(d), _f16_bytes(mn), _pack_bits((xi >> 4) & 1), qs), dim=1)
 
 
+_HALF_DOWN = float(np.nextafter(np.float32(0.5), np.float32(0)))  # 0.49999997f
+
+
 def _q_q8_0(x: torch.Tensor) -> torch.Tensor:
     x = x.reshape(-1, 32)
-    amax = x.abs().amax(dim=1)
+    if _finite(x):
+        amax = torch.maximum(x.amax(dim=1), -x.amin(dim=1))
+        amax = torch.where(amax > 0, amax, torch.zeros_like(amax))  # +0, as C's running MAX from 0
+    else:  # C's `amax = MAX(amax, fabsf(v))`, NaN semantics included
+        amax = torch.zeros_like(x[:, 0])
+        for j in range(32):
+            v = x[:, j].abs()
+            amax = torch.where(amax > v, amax, v)
     d = _cdiv(amax, 127.0)
     idv = _inv_or_zero(d)
-    q = _u8(_cvt_i32(_roundf(x * idv[:, None])))
+    v = x * idv[:, None]
+    if _finite(idv) and _finite(amax):
+        # |v| <= 127 and finite: roundf(v) == trunc(v + copysign(0.49999997f, v)) exactly
+        half = torch.full_like(v, _HALF_DOWN).copysign_(v)
+        q = v.add_(half).to(torch.int8).view(torch.uint8)
+    else:
+        q = _u8(_cvt_i32(_roundf(v)))
     return torch.cat((_f16_bytes(d), q), dim=1)
 
 
 # ---- K-quants. Sub-blocks are laid out element-major, xt [n, S] (S sub-blocks), so C's inner loops over
 # the n elements of a sub-block become n vector steps over all sub-blocks at once.
 #
-# nearest_int(v) is an integer-bit trick; for |v| < 2^22 it is exactly round-half-even, which float adds
-# give without leaving float: (v + 1.5*2^23) - 1.5*2^23. The fast path is taken where a cheap per-sub-block
+# nearest_int(v) is an integer-bit trick; for |v| < 2^22 it is exactly round-half-even (torch.round). The
+# fast path is taken where a cheap per-sub-block
 # bound proves |v| < 2^21; anything else (inf, NaN, overflowing ranges) goes through the bit trick itself.
 
 _FAST_BOUND = float(1 << 21)
@@ -464,9 +498,8 @@ _FAST_BOUND = float(1 << 21)
 
 def _round_clamp(v: torch.Tensor, lo: int, hi: int, fast: bool) -> torch.Tensor:
     """float(MAX(lo, MIN(hi, nearest_int(v)))), in place on v when fast."""
-    if fast:
-        v.add_(_MAGIC).clamp_(_MAGIC + lo, _MAGIC + hi)
-        return v.sub_(_MAGIC)
+    if fast:  # round half to even == nearest_int below 2^22
+        return v.round_().clamp_(lo, hi)
     return _nearest_int(v).clamp_(lo, hi).to(_F32)
 
 
@@ -798,8 +831,10 @@ _QUANT = {
 }
 QUANT_TYPES = tuple(_QUANT)
 
-# rows are quantized in chunks of about this many values (bounds the temporaries of the K-quant searches)
+# rows are quantized in chunks of about this many values (bounds the temporaries of the K-quant searches;
+# Q6_K's batched retries hold 20 copies, so it takes smaller chunks)
 QUANT_CHUNK = 1 << 18
+_CHUNK_DIV = {Q.Q6_K: 2}
 
 
 def quantize(x: torch.Tensor, qtype: QType) -> torch.Tensor:
@@ -823,7 +858,7 @@ def quantize(x: torch.Tensor, qtype: QType) -> torch.Tensor:
     x = x.detach()
     if qtype in (Q.F32, Q.F16, Q.BF16):
         return fn(x.to(_F32).contiguous()).reshape(rows, rb)
-    step = max(1, QUANT_CHUNK // n)
+    step = max(1, QUANT_CHUNK // _CHUNK_DIV.get(qtype, 1) // n)
     with torch.no_grad():
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
