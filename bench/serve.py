@@ -5,7 +5,10 @@ loaded with --lora-init-without-apply. Load A: request i asks for adapter i % 4 
 Load B (the peer, same server, same run): the same requests with `"lora": []`. Every request generates exactly
 --max-tokens tokens (ignore_eos), so both loads do the same token work. Writes bench/results/serve.md.
 
-    python bench/serve.py [--requests 64] [--clients 16] [--max-tokens 16] [--threads 2]
+    python bench/serve.py [--requests 64] [--clients 16] [--max-tokens 16] [--threads 1] [--rounds 2]
+
+The two loads alternate in --rounds rounds (each round: requests/rounds of each), so a change in the machine's
+background load during the run hits both loads alike.
 """
 from __future__ import annotations
 
@@ -65,7 +68,9 @@ def start_server(base: Path, adapters: list[Path], threads: int) -> tuple[subpro
     raise SystemExit(f"toolkit serve did not start (exit {proc.wait()})")
 
 
-def run_load(url: str, n_req: int, clients: int, max_tokens: int, lora_of) -> dict:
+def run_load(url: str, n_req: int, clients: int, max_tokens: int, lora_of, first: int = 0) -> dict:
+    """n_req requests through `clients` concurrent connections; raw latencies, wall time, tokens, groups."""
+
     def one(i: int) -> tuple[float, int]:
         body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "seed": i, "ignore_eos": True,
                 "lora": lora_of(i)}
@@ -78,13 +83,18 @@ def run_load(url: str, n_req: int, clients: int, max_tokens: int, lora_of) -> di
         switches0 = client.get(url + "/health").json()["adapter_switches"]
         t0 = time.perf_counter()
         with cf.ThreadPoolExecutor(clients) as pool:
-            res = list(pool.map(one, range(n_req)))
+            res = list(pool.map(one, range(first, first + n_req)))
         wall = time.perf_counter() - t0
         switches = client.get(url + "/health").json()["adapter_switches"] - switches0
-    lat = sorted(r[0] for r in res)
+    return {"lat": [r[0] for r in res], "wall": wall, "tokens": sum(r[1] for r in res), "switches": switches}
+
+
+def summary(parts: list[dict]) -> dict:
+    lat = sorted(x for p in parts for x in p["lat"])
+    wall = sum(p["wall"] for p in parts)
     q = statistics.quantiles(lat, n=100, method="inclusive")
-    return {"rps": n_req / wall, "tok_s": sum(r[1] for r in res) / wall, "p50": q[49], "p99": q[98],
-            "wall": wall, "switches": switches, "tokens": sum(r[1] for r in res)}
+    return {"rps": len(lat) / wall, "tok_s": sum(p["tokens"] for p in parts) / wall, "p50": q[49], "p99": q[98],
+            "wall": wall, "switches": sum(p["switches"] for p in parts), "n": len(lat)}
 
 
 def main() -> int:
@@ -94,7 +104,9 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--adapters", type=int, default=4)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads in the server (1: on a busy 2-core machine 2 threads oversubscribe)")
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.md"))
     args = ap.parse_args()
 
@@ -115,33 +127,38 @@ def main() -> int:
             with_lora = lambda i: [{"id": i % k, "scale": 1.0}]  # noqa: E731
             no_lora = lambda i: []  # noqa: E731
             run_load(url, 4, 4, 4, with_lora)  # warm-up: first forward passes, adapter paths
-            base_load = run_load(url, args.requests, args.clients, args.max_tokens, no_lora)
-            lora_load = run_load(url, args.requests, args.clients, args.max_tokens, with_lora)
+            per = args.requests // args.rounds
+            parts: dict[str, list[dict]] = {"base": [], "lora": []}
+            for r in range(args.rounds):
+                parts["base"].append(run_load(url, per, args.clients, args.max_tokens, no_lora, r * per))
+                parts["lora"].append(run_load(url, per, args.clients, args.max_tokens, with_lora, r * per))
+                print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+            base_load, lora_load = summary(parts["base"]), summary(parts["lora"])
         finally:
             proc.terminate()
             proc.wait(timeout=30)
 
     rows = [("no adapters", base_load), (f"{k} adapters (request i -> adapter i % {k})", lora_load)]
     lines = [
-        "# toolkit serve: 16 concurrent clients, per-request LoRA vs no adapters",
+        f"# toolkit serve: {args.clients} concurrent clients, per-request LoRA vs no adapters",
         "",
         f"SmolLM2-135M-Instruct Q4_1 GGUF, CPU ({platform.processor() or platform.machine()}, {args.threads} threads, "
         f"torch {torch.__version__}), loopback HTTP, one `toolkit serve` process for both loads. "
-        f"{args.requests} requests per load from {args.clients} concurrent clients, each `/v1/completions` with "
+        f"{base_load['n']} requests per load (in {args.rounds} alternating rounds) from {args.clients} concurrent clients, each `/v1/completions` with "
         f"{args.max_tokens} generated tokens (ignore_eos), {k} random adapters r={args.rank} on every linear.",
         "",
-        "| load | requests/s | generated tok/s | p50 latency (s) | p99 latency (s) | adapter switches |",
+        "| load | requests/s | generated tok/s | p50 latency (s) | p99 latency (s) | adapter-set groups |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name, r in rows:
         lines.append(f"| {name} | {r['rps']:.2f} | {r['tok_s']:.1f} | {r['p50']:.2f} | {r['p99']:.2f} | "
                      f"{r['switches']} |")
     ratio = lora_load["rps"] / base_load["rps"]
-    lines += ["", f"Throughput with 4 adapters: **{ratio:.2f}x** the no-adapter load "
+    lines += ["", f"Throughput with {k} adapters: **{ratio:.2f}x** the no-adapter load "
               f"(p50 latency {lora_load['p50'] / base_load['p50']:.2f}x). Requests run on one model thread, "
               "grouped by adapter set (one `set_adapters` per group, counted above), one after another inside a "
-              "group so each response equals the request run alone. Latency is queueing-dominated: 16 clients "
-              "share one model.", ""]
+              f"group so each response equals the request run alone. Latency is queueing-dominated: {args.clients} "
+              "clients share one model.", ""]
     text = "\n".join(lines)
     from toolkit.fileutil import atomic_path
 

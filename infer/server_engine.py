@@ -8,10 +8,12 @@ on that same thread between generations. HTTP handlers only enqueue work and awa
 Why grouping, not padded batches. Waiting requests are taken in groups that share an adapter set (the oldest
 request's set first, then every waiting request with the same set), so a burst over 4 adapters costs 4
 `set_adapters` calls, not one per request, and each group runs back to back. Inside a group requests run one
-after another rather than as one padded batch: a padded [B, T] forward computes each row with different
-kernels/reduction orders than the same row alone, so sampled tokens could drift from what the request gives
-on its own; running them one by one makes every response bit-identical to `toolkit infer` with that set and
-seed, which the issue requires. (On CPU a 135M model is compute-bound per token anyway; see bench/serve.py.)
+after another rather than as one padded batch: a [B, ...] matmul computes each row with other kernels and
+reduction orders than the same row alone (torch CPU, a [8, 576] x [576, 1536] linear: every row differs from
+its solo result, by up to 3e-5), so sampled tokens could drift from what the request gives on its own, and the
+model's KV cache takes one position vector for the whole batch (prompts of different lengths would need
+padding masks it does not have). Running them one by one makes every response bit-identical to `toolkit
+infer` with that set and seed, which the issue requires; bench/serve.py measures what it costs.
 
 Unloading while requests still use an adapter: the id leaves the registry at once (new requests cannot name
 it), and the worker frees the weights only when the last request that resolved it has finished.

@@ -106,6 +106,14 @@ def test_bad_requests_are_4xx_json_and_server_keeps_serving(scripted):
     assert_error(c.post("/v1/chat/completions", json={"messages": [{"role": "robot", "content": "x"}]}), 400, "role")
     assert_error(c.post("/v1/completions", content=b"[" * 10 + b"]" * 10), 400, "")
     assert_error(c.post("/v1/completions", content=b'{"prompt": "' + b"x" * (9 << 20) + b'"}'), 413, "bytes")
+
+    def chunked():  # no Content-Length: counted as it arrives
+        yield b'{"prompt": "'
+        for _ in range(9):
+            yield b"x" * (1 << 20)
+        yield b'"}'
+
+    assert_error(c.post("/v1/completions", content=chunked()), 413, "bytes")
     assert_error(c.post("/lora-adapters", json=[{"id": 9, "scale": 1}]), 400, "unknown adapter id 9")
     assert_error(c.post("/lora-adapters", json={"id": 0}), 400, "")
     assert_error(c.get("/v1/nothing"), 404, "Not Found")
