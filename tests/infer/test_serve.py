@@ -379,6 +379,32 @@ def test_tiny_streaming_equals_non_streaming_and_errors_keep_serving(tiny_server
     assert c.post("/v1/completions", json=body).json()["choices"][0]["text"] == whole["choices"][0]["text"]
 
 
+def test_tiny_equals_toolkit_infer_command(tiny_server):
+    """The issue's oracle verbatim: `toolkit infer` (its Python entry, same flags) alone with that set and seed."""
+    import io
+
+    from toolkit.infer.cli import InferConfig, infer
+
+    url, base, paths = tiny_server
+    c = httpx.Client(base_url=url, timeout=120)
+    flags = dict(temp=1.3, top_k=0, top_p=1.0, min_p=0.0, device="cpu")
+    cases = [("Hello there", [{"id": 0, "scale": 1.0}, {"id": 1, "scale": 0.3}], [str(paths["a"])],
+              [[str(paths["b"]), "0.3"]], False),
+             ("Once upon a time", [{"id": 1, "scale": 2.0}], [], [[str(paths["b"]), "2.0"]], True),
+             ("1, 2, 3,", [], [], [], False)]
+    for i, (prompt, lora, cli_lora, cli_scaled, chat) in enumerate(cases):
+        body = {"max_tokens": 12, "seed": 40 + i, "lora": lora, "temperature": 1.3, "top_k": 0, "top_p": 1.0,
+                "min_p": 0.0}
+        if chat:
+            got = c.post("/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": prompt}]})
+            got = got.json()["choices"][0]["message"]["content"]
+        else:
+            got = c.post("/v1/completions", json={**body, "prompt": prompt}).json()["choices"][0]["text"]
+        cfg = InferConfig(model=str(base), prompt=prompt, n_predict=12, seed=40 + i, chat=chat, lora=cli_lora,
+                          lora_scaled=cli_scaled, **flags)
+        assert got == infer(cfg, out=io.StringIO()), (prompt, lora)
+
+
 def test_official_openai_client(tiny_server):
     openai = pytest.importorskip("openai")
     url, base, paths = tiny_server
