@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import os
 import platform
 import re
 import statistics
@@ -124,8 +123,13 @@ def main() -> int:
                 except httpx.TransportError:
                     time.sleep(0.1)
             k = args.adapters
-            with_lora = lambda i: [{"id": i % k, "scale": 1.0}]  # noqa: E731
-            no_lora = lambda i: []  # noqa: E731
+
+            def with_lora(i: int) -> list[dict]:
+                return [{"id": i % k, "scale": 1.0}]
+
+            def no_lora(i: int) -> list[dict]:
+                return []
+
             run_load(url, 4, 4, 4, with_lora)  # warm-up: first forward passes, adapter paths
             per = args.requests // args.rounds
             parts: dict[str, list[dict]] = {"base": [], "lora": []}
@@ -142,10 +146,11 @@ def main() -> int:
     lines = [
         f"# toolkit serve: {args.clients} concurrent clients, per-request LoRA vs no adapters",
         "",
-        f"SmolLM2-135M-Instruct Q4_1 GGUF, CPU ({platform.processor() or platform.machine()}, {args.threads} threads, "
-        f"torch {torch.__version__}), loopback HTTP, one `toolkit serve` process for both loads. "
-        f"{base_load['n']} requests per load (in {args.rounds} alternating rounds) from {args.clients} concurrent clients, each `/v1/completions` with "
-        f"{args.max_tokens} generated tokens (ignore_eos), {k} random adapters r={args.rank} on every linear.",
+        (f"SmolLM2-135M-Instruct Q4_1 GGUF, CPU ({platform.processor() or platform.machine()}, "
+         f"{args.threads} server thread(s), torch {torch.__version__}), loopback HTTP, one `toolkit serve` process "
+         f"for both loads. {base_load['n']} requests per load (in {args.rounds} alternating rounds) from "
+         f"{args.clients} concurrent clients, each `/v1/completions` with {args.max_tokens} generated tokens "
+         f"(ignore_eos), {k} random adapters r={args.rank} on every linear."),
         "",
         "| load | requests/s | generated tok/s | p50 latency (s) | p99 latency (s) | adapter-set groups |",
         "|---|---:|---:|---:|---:|---:|",
@@ -154,11 +159,11 @@ def main() -> int:
         lines.append(f"| {name} | {r['rps']:.2f} | {r['tok_s']:.1f} | {r['p50']:.2f} | {r['p99']:.2f} | "
                      f"{r['switches']} |")
     ratio = lora_load["rps"] / base_load["rps"]
-    lines += ["", f"Throughput with {k} adapters: **{ratio:.2f}x** the no-adapter load "
+    lines += ["", (f"Throughput with {k} adapters: **{ratio:.2f}x** the no-adapter load "
               f"(p50 latency {lora_load['p50'] / base_load['p50']:.2f}x). Requests run on one model thread, "
               "grouped by adapter set (one `set_adapters` per group, counted above), one after another inside a "
               f"group so each response equals the request run alone. Latency is queueing-dominated: {args.clients} "
-              "clients share one model.", ""]
+              "clients share one model."), ""]
     text = "\n".join(lines)
     from toolkit.fileutil import atomic_path
 

@@ -18,8 +18,8 @@ from toolkit.errors import ToolkitError
 
 from .server_engine import Engine, Job
 from .server_protocol import (APIError, ChatRequest, CompletionRequest, LoadRequest, LoraRef, SamplingFields,
-                              UnloadRequest, check_lora_list, chat_body, chat_chunk, completion_body, error_body, new_id,
-                              sampling_of, sse, usage)
+                              UnloadRequest, chat_body, chat_chunk, check_lora_list, completion_body, error_body,
+                              new_id, sampling_of, sse, usage)
 
 MAX_BODY = 8 << 20  # bytes; a longer body is refused (413) before it is read into memory
 
@@ -170,7 +170,7 @@ def create_app(engine: Engine, api_key: str | None = None, adapter_dir: str | No
 
     # -- generation --
 
-    def admit(req: SamplingFields, prompt_ids: list[int]) -> tuple[Job, JobStream]:
+    def admit(req: SamplingFields, prompt_ids: list[int]) -> JobStream:
         # `model` is not checked: OpenAI clients insist on sending one, and there is one model to serve
         sampling = sampling_of(req, len(prompt_ids), backend.n_ctx)
         if any(t >= backend.vocab_size for t in prompt_ids):
@@ -183,7 +183,7 @@ def create_app(engine: Engine, api_key: str | None = None, adapter_dir: str | No
         except APIError:
             registry.release(aset)
             raise
-        return job, stream
+        return stream
 
     async def run_to_end(stream: JobStream) -> tuple[str, str, int, int]:
         parts: list[str] = []
@@ -223,8 +223,9 @@ def create_app(engine: Engine, api_key: str | None = None, adapter_dir: str | No
     async def completions(request: Request):
         req = await parse(request, CompletionRequest)
         # tokenizing a long prompt takes a while: off the event loop, so other clients are not stalled
-        ids = await asyncio.to_thread(backend.encode, req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
-        job, stream = admit(req, ids)
+        prompt = req.prompt
+        ids = await asyncio.to_thread(backend.encode, prompt) if isinstance(prompt, str) else list(prompt)
+        stream = admit(req, ids)
         rid, model = new_id("cmpl"), backend.model_id
         prefix = (req.prompt if isinstance(req.prompt, str) else backend.decode(ids)) if req.echo else ""
         if not req.stream:
@@ -245,7 +246,7 @@ def create_app(engine: Engine, api_key: str | None = None, adapter_dir: str | No
     async def chat(request: Request):
         req = await parse(request, ChatRequest)
         ids = await asyncio.to_thread(backend.chat_prompt, req.plain_messages())
-        job, stream = admit(req, ids)
+        stream = admit(req, ids)
         rid, model = new_id("chatcmpl"), backend.model_id
         if not req.stream:
             text, finish, n_p, n_c = await run_to_end(stream)

@@ -161,7 +161,8 @@ class ChatMessage(BaseModel):
         out = []
         for part in self.content:
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise APIError(400, f"unsupported message content part {part.get('type')!r}: only text", param="messages")
+                raise APIError(400, f"unsupported message content part {part.get('type')!r}: only text",
+                               param="messages")
             out.append(part["text"])
         return "".join(out)
 

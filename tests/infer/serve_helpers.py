@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import httpx
@@ -41,7 +42,7 @@ class ScriptedBackend:
         return bytes(ids).decode(errors="replace")
 
     def load_adapter(self, path: str, name: str) -> None:
-        if not os.path.isfile(path) or not open(path, "rb").read(4) == b"LORA":
+        if not os.path.isfile(path) or Path(path).read_bytes()[:4] != b"LORA":
             raise ValueError(f"{path}: not an adapter")
         self.loaded.add(name)
 

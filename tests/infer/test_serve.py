@@ -156,7 +156,7 @@ def test_completion_and_chat_shapes_and_streaming(scripted):
 
 
 def test_concurrent_requests_with_different_adapter_sets_do_not_cross(scripted):
-    c, backend, engine = scripted
+    c, backend, _ = scripted
     sets = [None, [], [{"id": 0, "scale": 1.0}], [{"id": 1, "scale": 0.25}],
             [{"id": 0, "scale": 0.5}, {"id": 1, "scale": -1.0}]]
     names = {0: "lora0", 1: "lora1"}
@@ -173,7 +173,7 @@ def test_concurrent_requests_with_different_adapter_sets_do_not_cross(scripted):
     before = backend.set_calls
     with cf.ThreadPoolExecutor(16) as pool:
         got = list(pool.map(one, jobs))
-    for (prompt, lora, seed), text in zip(jobs, got):
+    for (prompt, lora, seed), text in zip(jobs, got, strict=True):
         scales = globals_ if lora is None else {names[x["id"]]: x["scale"] for x in lora if x["scale"] != 0}
         assert text == expected(backend, prompt, scales, seed, 8), (prompt, lora)
     # one model thread did all the work, and requests sharing a set were grouped: fewer switches than requests
@@ -231,7 +231,7 @@ def test_load_and_unload_only_inside_adapter_dir(scripted, tmp_path):
 
 
 def test_client_disconnect_stops_generation(scripted):
-    c, backend, engine = scripted
+    c, backend, _ = scripted
     backend.delay = 0.02
     with c.stream("POST", "/v1/completions", json={"prompt": "q", "max_tokens": 60, "stream": True}) as s:
         for line in s.iter_lines():
@@ -346,7 +346,7 @@ def test_tiny_concurrent_adapter_sets_equal_generation_alone(tiny_server):
 
     _, tok = toolkit.load(base, device="cpu")
     texts = set()
-    for (prompt, scales, seed, chat), text in zip(jobs, got):
+    for (prompt, scales, seed, chat), text in zip(jobs, got, strict=True):
         scales = {"a": 1.0, "b": 0.5} if scales is None else scales
         p = tok.encode(tok.apply_chat_template([{"role": "user", "content": prompt}])) if chat else prompt
         assert text == solo(base, paths, scales, p, 10, seed, **SAMPLING), (prompt, scales, seed, chat)
@@ -368,7 +368,8 @@ def test_tiny_streaming_equals_non_streaming_and_errors_keep_serving(tiny_server
     assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == whole["choices"][0]["text"]
     assert whole["choices"][0]["text"] == solo(base, paths, {"a": 0.8}, body["prompt"], 16, 7, **SAMPLING)
     # the tiny model's context is 256 tokens
-    assert_error(c.post("/v1/completions", json={"prompt": list(range(300)), "max_tokens": 1}), 400, "context size is 256")
+    r = c.post("/v1/completions", json={"prompt": list(range(300)), "max_tokens": 1})
+    assert_error(r, 400, "context size is 256")
     assert_error(c.post("/v1/completions", json={**body, "max_tokens": -3}), 400, "max_tokens")
     assert_error(c.post("/v1/completions", json={**body, "lora": [{"id": 5, "scale": 1}]}), 400, "unknown adapter id 5")
     assert_error(c.post("/v1/completions", content=b"{nope"), 400, "JSON")
@@ -430,7 +431,7 @@ def test_official_openai_client(tiny_server):
 
 
 def test_api_key_on_the_command_line(tiny_server):
-    url, base, paths = tiny_server
+    _, base, paths = tiny_server
     with process_server(["-m", str(base), "--api-key", "k3y", "--device", "cpu", "-t", "1"]) as url2:
         assert_error(httpx.get(url2 + "/health"), 401, "API key")
         assert_error(httpx.get(url2 + "/v1/models", headers={"Authorization": "Bearer nope"}), 401, "API key")
@@ -440,7 +441,7 @@ def test_api_key_on_the_command_line(tiny_server):
 
 
 def test_cli_errors_are_one_line(tmp_path, tiny_server):
-    url, base, paths = tiny_server
+    _, base, paths = tiny_server
     import subprocess
 
     bad = tmp_path / "bad.gguf"
