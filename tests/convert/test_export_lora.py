@@ -1,0 +1,250 @@
+"""`toolkit export-lora` against llama.cpp running the same adapters unmerged, gguf-py's dequantize, and toolkit.
+
+Oracles: llama.cpp (llama-cpp-python ctypes, tests/oracle_llama.py) for logits of merged vs unmerged; gguf-py
+(GGUFReader + gguf.quants.dequantize) for the merged values themselves; toolkit's model with the adapters
+unmerged. Tolerances are stated per test.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from toolkit.adapter import Adapter, LoraPair, write_gguf_adapter, write_peft_adapter
+from toolkit.convert.export_lora import export_lora, main, parse_loras
+from toolkit.gguf_io import open_gguf
+
+pytest.importorskip("llama_cpp")
+from oracle_llama import llama_logits, llama_tokenize  # noqa: E402
+
+SMOL_A = ("attn_q", "attn_v", "attn_output", "ffn_down")  # enough to move the model; fewer tensors, faster tests
+LINEAR = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+TEXT = ("The history of Paris begins with a small fishing village on an island in the Seine. Over the centuries it "
+        "grew into the capital of France, a centre of art, science and trade, known today for its museums, cafes, "
+        "wide boulevards and the iron tower built for the world fair of 1889. Millions of people visit every year.")
+
+
+def random_adapter(base: Path, path: Path, targets=LINEAR, r: int = 8, alpha: float = 16.0, seed: int = 0,
+                   std: float = 0.02) -> Path:
+    """A GGUF adapter with random A and B (B non-zero, so the delta is real) on `targets` of every layer."""
+    g = open_gguf(base)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, ti in g.tensors.items():
+        if not any(name.endswith(f"{t}.weight") for t in targets):
+            continue
+        out, inp = ti.shape
+        if name == "token_embd.weight":  # a [r, n_vocab], b [n_embd, r] (see toolkit.adapter)
+            tensors[name] = LoraPair(torch.randn(r, out, generator=gen) * std * 5, torch.randn(inp, r, generator=gen) * std)
+        else:
+            tensors[name] = LoraPair(torch.randn(r, inp, generator=gen) * std * 5, torch.randn(out, r, generator=gen) * std)
+    write_gguf_adapter(Adapter(tensors, alpha, g.arch), path)
+    return path
+
+
+def delta_stats(merged: np.ndarray, unmerged: np.ndarray, base: np.ndarray) -> tuple[float, float]:
+    """(top-1 agreement, cosine of the logit deltas against the base)."""
+    top1 = float((merged.argmax(-1) == unmerged.argmax(-1)).mean())
+    d1, d2 = (merged - base).ravel(), (unmerged - base).ravel()
+    return top1, float(d1 @ d2 / np.linalg.norm(d1) / np.linalg.norm(d2))
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_path, tmp_path_factory):
+    """SmolLM2 (Q4_1) and its F32 twin (toolkit quantize F32, byte-identical to llama.cpp's), two adapters, merged."""
+    from toolkit.convert.quantize import quantize_model
+
+    d = tmp_path_factory.mktemp("export")
+    a = random_adapter(smollm2_path, d / "a.gguf", targets=SMOL_A, r=8, seed=1)
+    b = random_adapter(smollm2_path, d / "b.gguf", targets=("attn_q", "attn_v"), r=4, seed=2)
+    base32 = d / "smol-f32.gguf"
+    quantize_model(smollm2_path, base32, "F32", progress=False)
+    f32 = d / "merged-f32.gguf"  # llama-export-lora's flag forms
+    assert main(["-m", str(base32), "-o", str(f32), "--lora", str(a), "--lora-scaled", str(b), "0.5",
+                 "--outtype", "f32", "-t", "2", "--no-progress"]) == 0
+    q41 = d / "merged-q41-f32.gguf"
+    export_lora(smollm2_path, q41, [(str(a), 1.0), (str(b), 0.5)], "f32", progress=False)
+    keep = d / "merged-keep.gguf"  # llama.cpp's newer FNAME:SCALE,... form
+    assert main(["-m", str(smollm2_path), "-o", str(keep), "--lora-scaled", f"{a}:1,{b}:0.5", "--no-progress"]) == 0
+    toks = llama_tokenize(smollm2_path, TEXT)
+    ads = [(str(a), 1.0), (str(b), 0.5)]
+    return {"a": a, "b": b, "f32": f32, "q41": q41, "keep": keep, "toks": toks, "base": smollm2_path,
+            "base32": base32, "logits_base": llama_logits(smollm2_path, toks),
+            "logits_unmerged": llama_logits(smollm2_path, toks, adapters=ads),
+            "logits_base32": llama_logits(base32, toks), "logits_unmerged32": llama_logits(base32, toks, adapters=ads)}
+
+
+def test_f32_merge_matches_llama_cpp_unmerged(smol):
+    """llama.cpp runs the merged file; its logits match llama.cpp's base + adapters unmerged (top-1 >= 95%, cosine
+    of logit deltas >= 0.98), on the F32 base where both sides compute in f32."""
+    merged = llama_logits(smol["f32"], smol["toks"])
+    top1, cos = delta_stats(merged, smol["logits_unmerged32"], smol["logits_base32"])
+    assert len(smol["toks"]) >= 60
+    assert top1 >= 0.95 and cos >= 0.98, (top1, cos)
+    # the adapters really move the model (otherwise the comparison says nothing)
+    un, b = smol["logits_unmerged32"], smol["logits_base32"]
+    assert np.linalg.norm(un - b) > 0.2 * np.linalg.norm(b) and (un.argmax(-1) != b.argmax(-1)).mean() > 0.05
+
+
+def test_f32_merge_of_quantized_base_matches_llama_cpp_unmerged(smol):
+    """On the Q4_1 base, llama.cpp's unmerged run multiplies Q4_1 weights by Q8_1-quantized activations while the
+    merged F32 file does not: delta cosine >= 0.98 still, top-1 >= 90% (near-ties flip on that noise)."""
+    merged = llama_logits(smol["q41"], smol["toks"])
+    top1, cos = delta_stats(merged, smol["logits_unmerged"], smol["logits_base"])
+    assert top1 >= 0.90 and cos >= 0.98, (top1, cos)
+
+
+def test_f32_merge_matches_toolkit_unmerged(tmp_path):
+    """The merged file in llama.cpp vs toolkit's model with the same adapters unmerged (top-1 >= 95%, delta cos
+    >= 0.98), on a tiny Q8_0 model (all linear modules, two adapters)."""
+    from tiny import make_tiny_gguf
+
+    from toolkit.model import load
+
+    base = make_tiny_gguf(tmp_path / "tiny.gguf", qtype="Q8_0", n_layer=2, dim=64, ffn=128)
+    a = random_adapter(base, tmp_path / "a.gguf", r=4, std=0.1, seed=5)
+    b = random_adapter(base, tmp_path / "b.gguf", targets=("attn_k", "ffn_gate"), r=2, std=0.1, seed=6)
+    out = tmp_path / "m.gguf"
+    export_lora(base, out, [(str(a), 1.0), (str(b), -0.5)], "f32", progress=False)
+    toks = list(range(300, 400))
+    model, _ = load(base, device="cpu", dtype="f32", adapters=[(str(a), 1.0), (str(b), -0.5)])
+    with torch.no_grad():
+        ours = model(torch.tensor([toks]))[0].numpy()
+    top1, cos = delta_stats(llama_logits(out, toks), ours, llama_logits(base, toks))
+    assert top1 >= 0.95 and cos >= 0.98, (top1, cos)
+
+
+def test_f32_merged_values_equal_gguf_py_oracle(smol):
+    """Merged tensor = gguf-py dequantize(base) + sum scale*alpha/r * B@A (atol 1e-5); the rest byte for byte."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    base, out = GGUFReader(str(smol["base"])), open_gguf(smol["q41"])
+    ra, rb = GGUFReader(str(smol["a"])), GGUFReader(str(smol["b"]))
+    ad = [({t.name: t for t in r.tensors}, s) for r, s in ((ra, 1.0), (rb, 0.5))]
+    alpha = 16.0
+    n_merged = 0
+    check = {"blk.0.attn_q.weight", "blk.0.attn_v.weight", "blk.17.attn_output.weight", "blk.29.ffn_down.weight"}
+    for t in base.tensors:
+        o = out.tensors[t.name]
+        if f"{t.name}.lora_a" not in ad[0][0]:
+            assert o.qtype == t.tensor_type and np.array_equal(o.raw().numpy().ravel(), np.asarray(t.data).view(np.uint8).ravel())
+            continue
+        n_merged += 1
+        if t.name not in check:  # dequantizing all 120 in numpy is slow; a sample of roles and layers
+            continue
+        want = dequantize(np.asarray(t.data), t.tensor_type).reshape(o.shape).astype(np.float64)
+        for tensors, s in ad:
+            if f"{t.name}.lora_a" in tensors:
+                a = np.asarray(tensors[f"{t.name}.lora_a"].data, dtype=np.float64)  # [r, in]
+                b = np.asarray(tensors[f"{t.name}.lora_b"].data, dtype=np.float64)  # [out, r]
+                want += s * alpha / a.shape[0] * (b @ a)
+        assert o.qtype == Q.F32
+        np.testing.assert_allclose(np.asarray(o.data), want, rtol=0, atol=1e-5)
+        check.discard(t.name)
+    assert n_merged == 4 * 30 and not check
+
+
+def test_keep_preserves_types_size_and_metadata(smol):
+    """--outtype keep: every tensor keeps its type, size within 5% of the base, metadata (tokenizer, chat template,
+    file_type) identical; llama.cpp runs it and it lands nearer the unmerged logits than the base does."""
+    base, keep = open_gguf(smol["base"]), open_gguf(smol["keep"])
+    assert {n: t.qtype for n, t in keep.tensors.items()} == {n: t.qtype for n, t in base.tensors.items()}
+    assert abs(smol["keep"].stat().st_size / smol["base"].stat().st_size - 1) < 0.05
+    assert keep.metadata == base.metadata
+    assert not np.array_equal(keep.tensors["blk.0.attn_q.weight"].raw(), base.tensors["blk.0.attn_q.weight"].raw())
+    merged = llama_logits(smol["keep"], smol["toks"])
+    un, b = smol["logits_unmerged"], smol["logits_base"]
+    assert np.linalg.norm(merged - un) < 0.8 * np.linalg.norm(b - un)
+
+
+def test_forced_type_and_truthful_file_type(tmp_path):
+    """--outtype q8_0 on a Q4_0 base: merged tensors become Q8_0 (bytes = quants.quantize of the f32 merge),
+    untouched ones stay, general.file_type says MOSTLY_Q8_0 (now its most common weight type)."""
+    from tiny import make_tiny_gguf
+
+    from toolkit.quants import quantize
+
+    base = make_tiny_gguf(tmp_path / "tiny.gguf", qtype="Q4_0", n_layer=2, dim=64, ffn=128)
+    a = random_adapter(base, tmp_path / "a.gguf", r=4, seed=7)
+    export_lora(base, tmp_path / "q8.gguf", [(str(a), 1.0)], "q8_0", progress=False)
+    export_lora(base, tmp_path / "f32.gguf", [(str(a), 1.0)], "f32", progress=False)
+    g, f32 = open_gguf(tmp_path / "q8.gguf"), open_gguf(tmp_path / "f32.gguf")
+    assert g.get("general.file_type") == 7 and f32.get("general.file_type") == 0
+    for name in ("blk.0.attn_q.weight", "blk.1.ffn_down.weight"):
+        assert g.tensors[name].qtype == Q.Q8_0
+        assert torch.equal(g.tensors[name].raw(), quantize(torch.from_numpy(np.array(f32.tensors[name].data)), Q.Q8_0))
+    assert g.tensors["token_embd.weight"].qtype == Q.Q4_0 and g.tensors["blk.0.attn_norm.weight"].qtype == Q.F32
+
+
+def test_token_embd_and_output_on_untied_model(tmp_path):
+    """token_embd's transposed LoRA form and output.weight, merged, match llama.cpp unmerged (untied tiny model:
+    llama.cpp aborts on a token_embd LoRA when output is tied to it)."""
+    from tiny import make_tiny_gguf
+
+    base = make_tiny_gguf(tmp_path / "tiny.gguf", qtype="Q8_0", tied=False, n_layer=2, dim=64, ffn=128)
+    a = random_adapter(base, tmp_path / "a.gguf", targets=("token_embd", "output", "attn_q", "ffn_up"), r=4,
+                       std=0.1, seed=3)
+    out = tmp_path / "m.gguf"
+    export_lora(base, out, [(str(a), 0.7)], "f32", progress=False)
+    toks = list(range(100, 200))
+    b0, un, m = llama_logits(base, toks), llama_logits(base, toks, adapters=[(str(a), 0.7)]), llama_logits(out, toks)
+    top1, cos = delta_stats(m, un, b0)
+    assert top1 >= 0.95 and cos >= 0.98, (top1, cos)
+
+
+def test_peft_folder_gives_the_same_merge(tmp_path):
+    """A PEFT folder holding the same adapter merges to the same tensors (atol 1e-5)."""
+    from tiny import make_tiny_gguf
+
+    from toolkit.adapter import read_adapter
+
+    base = make_tiny_gguf(tmp_path / "tiny.gguf", qtype="Q4_0", n_layer=2, dim=64, ffn=128)
+    a = random_adapter(base, tmp_path / "a.gguf", targets=LINEAR, r=4, seed=4)
+    write_peft_adapter(read_adapter(a), tmp_path / "peft", base=open_gguf(base))
+    export_lora(base, tmp_path / "g.gguf", [(str(a), 1.0)], "f32", progress=False)
+    export_lora(base, tmp_path / "p.gguf", [(str(tmp_path / "peft"), 1.0)], "f32", progress=False)
+    g, p = open_gguf(tmp_path / "g.gguf"), open_gguf(tmp_path / "p.gguf")
+    for name, t in g.tensors.items():
+        np.testing.assert_allclose(np.asarray(p.tensors[name].data, dtype=np.float32),
+                                   np.asarray(t.data, dtype=np.float32), rtol=0, atol=1e-5)
+
+
+def test_lora_flag_forms():
+    assert parse_loras(["a.gguf,b.gguf"], [["c.gguf", "0.5"], ["d.gguf:2,e:f.gguf:-1"]]) == [
+        ("a.gguf", 1.0), ("b.gguf", 1.0), ("c.gguf", 0.5), ("d.gguf", 2.0), ("e:f.gguf", -1.0)]
+
+
+def _one_line_error(capsys, argv: list[str], must: str, out: Path) -> None:
+    from toolkit.cli import main as cli
+
+    assert cli(["export-lora", *argv, "-o", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and must in err[0], err
+    assert not out.exists() and not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
+
+
+def test_bad_adapters_one_line_nothing_written(tmp_path, capsys, tiny_llama, smollm2_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    # another architecture
+    qwen = tmp_path / "qwen.gguf"
+    ad = Adapter({"blk.0.attn_q.weight": LoraPair(torch.zeros(2, 64), torch.zeros(64, 2))}, 4.0, "qwen2")
+    write_gguf_adapter(ad, qwen)
+    _one_line_error(capsys, ["-m", str(tiny_llama), "--lora", str(qwen)], "architecture", other / "x.gguf")
+    # shapes of another model (tiny's 64-wide adapter on SmolLM2)
+    tiny_ad = random_adapter(tiny_llama, tmp_path / "tiny-a.gguf", r=2)
+    _one_line_error(capsys, ["-m", str(smollm2_path), "--lora", str(tiny_ad)], "shape", other / "y.gguf")
+    # conflicting adapters: both replace the same norm with different weights
+    n1, n2 = tmp_path / "n1.gguf", tmp_path / "n2.gguf"
+    for path, v in ((n1, 1.0), (n2, 2.0)):
+        write_gguf_adapter(Adapter({}, 0.0, "llama", norms={"blk.0.attn_norm.weight": torch.full((64,), v)}), path)
+    with pytest.warns(UserWarning):
+        _one_line_error(capsys, ["-m", str(tiny_llama), "--lora", f"{n1},{n2}"], "both replace", other / "z.gguf")
+    # no adapter at all; a missing file
+    _one_line_error(capsys, ["-m", str(tiny_llama)], "no adapters", other / "w.gguf")
+    _one_line_error(capsys, ["-m", str(tiny_llama), "--lora", str(tmp_path / "nope.gguf")], "nope.gguf",
+                    other / "v.gguf")
