@@ -65,7 +65,9 @@ class ModelBackend:
         end-of-generation ids), so a request's text equals theirs for the same adapter set and seed."""
         from .generate import generate_tokens
 
+        if s.max_tokens == 0:  # nothing to generate: skip the prefill too
+            return iter(())
         stop = frozenset() if s.ignore_eos else frozenset(self.tok.eot_ids)
         return generate_tokens(self.model, prompt_ids, s.max_tokens, s.temperature, s.top_k, s.top_p, s.min_p,
                                s.repeat_penalty, s.presence_penalty, s.frequency_penalty, seed=s.seed,
-                               stop_ids=stop)
+                               stop_ids=stop, n_ctx=self.n_ctx)

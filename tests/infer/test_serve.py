@@ -104,6 +104,8 @@ def test_bad_requests_are_4xx_json_and_server_keeps_serving(scripted):
     assert_error(c.post("/v1/completions", json={"max_tokens": 3}), 400, "prompt")
     assert_error(c.post("/v1/chat/completions", json={"messages": []}), 400, "messages")
     assert_error(c.post("/v1/chat/completions", json={"messages": [{"role": "robot", "content": "x"}]}), 400, "role")
+    assert_error(c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
+                                                      "tools": [{"type": "function"}]}), 400, "tool")
     assert_error(c.post("/v1/completions", content=b"[" * 10 + b"]" * 10), 400, "")
     assert_error(c.post("/v1/completions", content=b'{"prompt": "' + b"x" * (9 << 20) + b'"}'), 413, "bytes")
 
@@ -374,6 +376,9 @@ def test_tiny_streaming_equals_non_streaming_and_errors_keep_serving(tiny_server
     assert_error(c.post("/v1/completions", json={**body, "lora": [{"id": 5, "scale": 1}]}), 400, "unknown adapter id 5")
     assert_error(c.post("/v1/completions", content=b"{nope"), 400, "JSON")
     assert_error(c.post("/lora-adapters/load", json={"name": "../a.gguf"}), 403, "")
+    r = c.post("/v1/completions", json={**body, "max_tokens": 0}).json()
+    assert r["choices"][0]["text"] == "" and r["usage"]["completion_tokens"] == 0
+    assert r["choices"][0]["finish_reason"] == "length"
     # max_tokens larger than the room left is cut at the context end
     r = c.post("/v1/completions", json={"prompt": list(range(1, 251)), "max_tokens": 50, "ignore_eos": True}).json()
     assert r["usage"]["completion_tokens"] == 6 and r["choices"][0]["finish_reason"] == "length"
