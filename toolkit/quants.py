@@ -90,22 +90,25 @@ def _dq_bf16(b: torch.Tensor) -> torch.Tensor:
     return b.contiguous().view(torch.bfloat16).to(torch.float32)
 
 
-def _new_out(nb: int, *shape: int, like: torch.Tensor) -> torch.Tensor:
+def _new_out(nb: int, *shape: int, like: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The float32 result [nb, *shape]: a view of `out` (flat, preallocated by the caller) or a new tensor."""
+    if out is not None:
+        return out.view(nb, *shape)
     return torch.empty((nb, *shape), dtype=torch.float32, device=like.device)
 
 
-def _dq_q4_0(b: torch.Tensor) -> torch.Tensor:
+def _dq_q4_0(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     # The integer part is built in bytes (cheap), converted to float once, then scaled in place.
     nb, qs = b.shape[0], b[:, 2:18]
-    out = _new_out(nb, 2, 16, like=b)
+    out = _new_out(nb, 2, 16, like=b, out=out)
     out[:, 0] = (qs & 0x0F).view(torch.int8) - 8
     out[:, 1] = (qs >> 4).view(torch.int8) - 8
     return out.view(nb, 32).mul_(_f16(b, 0)[:, None])
 
 
-def _dq_q4_1(b: torch.Tensor) -> torch.Tensor:
+def _dq_q4_1(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     nb, qs = b.shape[0], b[:, 4:20]
-    out = _new_out(nb, 2, 16, like=b)
+    out = _new_out(nb, 2, 16, like=b, out=out)
     out[:, 0] = qs & 0x0F
     out[:, 1] = qs >> 4
     return out.view(nb, 32).mul_(_f16(b, 0)[:, None]).add_(_f16(b, 2)[:, None])
@@ -118,28 +121,28 @@ def _q5_high(qh4: torch.Tensor) -> torch.Tensor:
     return bits.reshape(-1, 32) << 4
 
 
-def _dq_q5_0(b: torch.Tensor) -> torch.Tensor:
+def _dq_q5_0(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     nb = b.shape[0]
     q = (_nibbles(b[:, 6:22]).reshape(nb, 32) | _q5_high(b[:, 2:6])).view(torch.int8) - 16
-    out = _new_out(nb, 32, like=b)
+    out = _new_out(nb, 32, like=b, out=out)
     out.copy_(q)
     return out.mul_(_f16(b, 0)[:, None])
 
 
-def _dq_q5_1(b: torch.Tensor) -> torch.Tensor:
+def _dq_q5_1(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     nb = b.shape[0]
-    out = _new_out(nb, 32, like=b)
+    out = _new_out(nb, 32, like=b, out=out)
     out.copy_(_nibbles(b[:, 8:24]).reshape(nb, 32) | _q5_high(b[:, 4:8]))
     return out.mul_(_f16(b, 0)[:, None]).add_(_f16(b, 2)[:, None])
 
 
-def _dq_q8_0(b: torch.Tensor) -> torch.Tensor:
-    out = _new_out(b.shape[0], 32, like=b)
+def _dq_q8_0(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    out = _new_out(b.shape[0], 32, like=b, out=out)
     out.copy_(b[:, 2:34].view(torch.int8))
     return out.mul_(_f16(b, 0)[:, None])
 
 
-def _dq_q2_k(b: torch.Tensor) -> torch.Tensor:
+def _dq_q2_k(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     # block_q2_K: scales[16], qs[64], d, dmin
     nb, sc = b.shape[0], b[:, 0:16]
     d, dmin = _f16(b, 80), _f16(b, 82)
@@ -147,7 +150,7 @@ def _dq_q2_k(b: torch.Tensor) -> torch.Tensor:
     ml = (dmin[:, None] * (sc >> 4)).view(nb, 2, 4, 2, 1)
     qs = b[:, 16:80].reshape(nb, 2, 1, 2, 16)  # (c, -, h, l)
     sh = _lut("sh2x4", b.device, lambda: (torch.arange(4, dtype=torch.uint8) * 2).reshape(1, 1, 4, 1, 1))
-    out = _new_out(nb, 2, 4, 2, 16, like=b)
+    out = _new_out(nb, 2, 4, 2, 16, like=b, out=out)
     out.copy_((qs >> sh) & 3)  # [nb, c, j, h, l]
     return out.mul_(dl).sub_(ml).view(nb, QK_K)
 
@@ -160,7 +163,7 @@ def _q3_scales(s: torch.Tensor) -> torch.Tensor:
     return (lo | (hi << 4)).to(torch.int32) - 32
 
 
-def _dq_q3_k(b: torch.Tensor) -> torch.Tensor:
+def _dq_q3_k(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     # block_q3_K: hmask[32], qs[64], scales[12], d
     nb = b.shape[0]
     dl = (_f16(b, 108)[:, None] * _q3_scales(b[:, 96:108])).view(nb, 2, 4, 2, 1)
@@ -169,25 +172,25 @@ def _dq_q3_k(b: torch.Tensor) -> torch.Tensor:
     sh = _lut("sh2x4", b.device, lambda: (torch.arange(4, dtype=torch.uint8) * 2).reshape(1, 1, 4, 1, 1))
     hsh = _lut("sh8q3", b.device, lambda: torch.arange(8, dtype=torch.uint8).reshape(1, 2, 4, 1, 1))
     q = ((qs >> sh) & 3) | (((hm >> hsh) & 1) << 2)  # 3-bit value with the high bit (bit 4c + j)
-    out = _new_out(nb, 2, 4, 2, 16, like=b)
+    out = _new_out(nb, 2, 4, 2, 16, like=b, out=out)
     out.copy_(q.view(torch.int8) - 4)  # q - (hbit ? 0 : 4)
     return out.mul_(dl).view(nb, QK_K)
 
 
-def _dq_q4_k(b: torch.Tensor) -> torch.Tensor:
+def _dq_q4_k(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     # block_q4_K: d, dmin, scales[12], qs[128]
     nb = b.shape[0]
     sc, m = _scale_min_k4(b[:, 4:16])
     d1 = (_f16(b, 0)[:, None] * sc).view(nb, 4, 2, 1)
     m1 = (_f16(b, 2)[:, None] * m).view(nb, 4, 2, 1)
     qs = b[:, 16:144].view(nb, 4, 32)
-    out = _new_out(nb, 4, 2, 32, like=b)
+    out = _new_out(nb, 4, 2, 32, like=b, out=out)
     out[:, :, 0] = qs & 0xF
     out[:, :, 1] = qs >> 4
     return out.mul_(d1).sub_(m1).view(nb, QK_K)
 
 
-def _dq_q5_k(b: torch.Tensor) -> torch.Tensor:
+def _dq_q5_k(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     # block_q5_K: d, dmin, scales[12], qh[32], qs[128]
     nb = b.shape[0]
     sc, m = _scale_min_k4(b[:, 4:16])
@@ -195,19 +198,19 @@ def _dq_q5_k(b: torch.Tensor) -> torch.Tensor:
     m1 = (_f16(b, 2)[:, None] * m).view(nb, 8, 1)
     sh = _lut("sh8c", b.device, lambda: torch.arange(8, dtype=torch.uint8).reshape(1, 8, 1))
     hi = ((b[:, None, 16:48] >> sh) & 1) << 4  # [nb, 8, 32]
-    out = _new_out(nb, 8, 32, like=b)
+    out = _new_out(nb, 8, 32, like=b, out=out)
     out.copy_(_nibbles(b[:, 48:176].reshape(nb, 4, 32)).reshape(nb, 8, 32) | hi)
     return out.mul_(d1).sub_(m1).view(nb, QK_K)
 
 
-def _dq_q6_k(b: torch.Tensor) -> torch.Tensor:
+def _dq_q6_k(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     # block_q6_K: ql[128], qh[64], scales[16] (int8), d
     nb = b.shape[0]
     ds = (_f16(b, 208)[:, None] * b[:, 192:208].view(torch.int8)).view(nb, 2, 4, 2, 1)  # (c, quarter, l//16)
     ql = _nibbles(b[:, 0:128].reshape(nb, 2, 64)).reshape(nb, 2, 4, 32)  # (c, 2*nibble + k, l)
     sh = _lut("sh2x4q6", b.device, lambda: (torch.arange(4, dtype=torch.uint8) * 2).reshape(1, 1, 4, 1))
     qh = (b[:, 128:192].reshape(nb, 2, 1, 32) >> sh) & 3
-    out = _new_out(nb, 2, 4, 2, 16, like=b)
+    out = _new_out(nb, 2, 4, 2, 16, like=b, out=out)
     out.copy_(((ql | (qh << 4)).view(torch.int8) - 32).view(nb, 2, 4, 2, 16))
     return out.mul_(ds).view(nb, QK_K)
 
@@ -262,6 +265,27 @@ def _as_blocks(raw: torch.Tensor, qtype: Q, n: int) -> torch.Tensor:
     return raw.reshape(nb, bb)
 
 
+# On CPU, dequantize works through the blocks in pieces of about this many values: it bounds the byte-sized
+# temporaries for huge tensors (smaller, cache-sized pieces measured slower: per-op overhead dominates).
+DEQUANT_CHUNK = 1 << 22
+_WRITES_OUT = {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K}
+
+
+def _run_dequant(qtype: Q, blocks: torch.Tensor) -> torch.Tensor:
+    """blocks [nb, block_bytes] -> float32 [nb, block_values], chunked on CPU."""
+    fn = _DEQUANT[qtype]
+    bv = GGML_QUANT_SIZES[qtype][0]
+    nb = blocks.shape[0]
+    step = max(1, DEQUANT_CHUNK // bv)
+    if blocks.is_cuda or nb <= step or qtype not in _WRITES_OUT:
+        return fn(blocks)
+    out = torch.empty((nb, bv), dtype=torch.float32, device=blocks.device)
+    for i in range(0, nb, step):
+        j = min(nb, i + step)
+        fn(blocks[i:j], out=out[i:j])
+    return out
+
+
 def dequantize(raw: torch.Tensor, qtype: QType, shape: Sequence[int] | int) -> torch.Tensor:
     """uint8 GGUF blocks ([rows, row_bytes] or flat) -> float32 tensor of `shape`, on raw's device.
 
@@ -271,16 +295,18 @@ def dequantize(raw: torch.Tensor, qtype: QType, shape: Sequence[int] | int) -> t
     fn = _DEQUANT.get(qtype)
     if fn is None:
         raise ToolkitError(f"dequantizing {qtype.name} is not supported")
+    if isinstance(raw, np.ndarray):
+        raw = torch.from_numpy(np.ascontiguousarray(raw).reshape(-1).view(np.uint8))
     shape = (shape,) if isinstance(shape, int) else tuple(int(s) for s in shape)
     n = math.prod(shape)
     if n == 0:
         return torch.empty(shape, dtype=torch.float32, device=raw.device)
-    return fn(_as_blocks(raw, qtype, n)).reshape(shape)
+    return _run_dequant(qtype, _as_blocks(raw, qtype, n)).reshape(shape)
 
 
 def _dequantize_rows(raw: torch.Tensor, qtype: Q, cols: int) -> torch.Tensor:
     """uint8 [rows, row_bytes] -> float32 [rows, cols]."""
-    return _DEQUANT[qtype](_as_blocks(raw, qtype, raw.shape[0] * cols)).reshape(raw.shape[0], cols)
+    return _run_dequant(qtype, _as_blocks(raw, qtype, raw.shape[0] * cols)).reshape(raw.shape[0], cols)
 
 
 # --------------------------------------------------------------------------------------------- quantize
@@ -846,6 +872,8 @@ def quantize(x: torch.Tensor, qtype: QType) -> torch.Tensor:
     fn = _QUANT.get(qtype)
     if fn is None:
         raise ToolkitError(f"quantizing to {qtype.name} is not supported")
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     if x.dim() == 1:
         x = x[None]
     if x.dim() != 2:
