@@ -148,9 +148,10 @@ def arch_tensors(arch: str, n_layer: int, dim: int, n_head: int, n_kv: int, hd: 
 def make_tiny_arch_gguf(path: str | Path, arch: str, n_layer: int | None = None, dim: int = 64,
                         n_head: int | None = None, n_kv: int | None = None, ffn: int = 128,
                         head_dim: int | None = None, qtype: str = "F32", tied: bool | None = None, seed: int = 0,
-                        ctx: int = 256, window: int | None = None) -> Path:
+                        ctx: int = 256, window: int | None = None, tokenizer: dict[str, Any] | None = None) -> Path:
     """A tiny random model of `arch` (llama, qwen2, qwen3, phi3, gemma2, gemma3) with the metadata llama.cpp's
-    converter writes for it. 2-D weights in `qtype` (token_embd too), norms and biases F32."""
+    converter writes for it. 2-D weights in `qtype` (token_embd too), norms and biases F32. tokenizer: the
+    tokenizer.* metadata to use (default: SmolLM2's gpt2 vocabulary; see spm_tokenizer_metadata)."""
     d = ARCH_DEFAULTS[arch]
     n_layer = n_layer if n_layer is not None else d.get("n_layer", 2)
     n_head = n_head if n_head is not None else d.get("n_head", 4)
@@ -179,8 +180,8 @@ def make_tiny_arch_gguf(path: str | Path, arch: str, n_layer: int | None = None,
         meta[f"{a}.rope.freq_base"] = 1000000.0  # global layers; local (sliding) layers use 10000
     if arch == "phi3":
         meta[f"{a}.rope.scaling.original_context_length"] = ctx
-    meta.update(tokenizer_metadata())
-    if arch == "phi3":  # llama.cpp's phi3 vocab code looks up "<|end|>": give it one in place of an unused token
+    meta.update(tokenizer if tokenizer is not None else tokenizer_metadata())
+    if arch == "phi3" and tokenizer is None:  # llama.cpp's phi3 vocab code looks up "<|end|>": give it one in place of an unused token
         from gguf.gguf_writer import GGUFValue
 
         tv = meta["tokenizer.ggml.tokens"]
@@ -200,3 +201,38 @@ def make_tiny_arch_gguf(path: str | Path, arch: str, n_layer: int | None = None,
     path = Path(path)
     write_gguf(path, meta, specs)
     return path
+
+
+SPM_CORPUS = ("the quick brown fox jumps over the lazy dog . hello world , this is a small sentencepiece "
+              "vocabulary for testing : numbers 123 and 4567 ; unicode café naïve")
+
+
+def spm_tokenizer_metadata() -> dict[str, Any]:
+    """A small SentencePiece-style (`llama`) vocabulary: <unk> <s> </s>, the 256 byte tokens, characters and
+    word pieces with scores (longer pieces score higher, as SentencePiece BPE learns them)."""
+    from gguf import GGUFValueType as V
+    from gguf.gguf_writer import GGUFValue
+
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [2, 3, 3] + [6] * 256  # UNKNOWN, CONTROL, CONTROL, BYTE
+    scores = [0.0, 0.0, 0.0] + [0.0] * 256
+    pieces: dict[str, float] = {}
+    for word in SPM_CORPUS.split():
+        w = "\u2581" + word
+        for ch in w:
+            pieces.setdefault(ch, -1000.0 - len(pieces))
+        for n in range(2, len(w) + 1):  # prefixes of each word, e.g. "▁t", "▁th", "▁the"
+            pieces.setdefault(w[:n], -float(100 - n) - len(pieces) * 1e-3)
+    for piece, score in pieces.items():
+        tokens.append(piece)
+        types.append(1)
+        scores.append(score)
+    return {
+        "tokenizer.ggml.model": GGUFValue("llama", V.STRING),
+        "tokenizer.ggml.tokens": GGUFValue(tokens, V.ARRAY, V.STRING),
+        "tokenizer.ggml.scores": GGUFValue(scores, V.ARRAY, V.FLOAT32),
+        "tokenizer.ggml.token_type": GGUFValue(types, V.ARRAY, V.INT32),
+        "tokenizer.ggml.bos_token_id": GGUFValue(1, V.UINT32),
+        "tokenizer.ggml.eos_token_id": GGUFValue(2, V.UINT32),
+        "tokenizer.ggml.unknown_token_id": GGUFValue(0, V.UINT32),
+    }

@@ -12,7 +12,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any, Sequence
 
-from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
 
 from .errors import ToolkitError
 from .gguf_io import GGUFFile
@@ -94,13 +94,14 @@ def _spm_tokenizer(meta: dict[str, Any], arch: str, path: str) -> HFTokenizer:
         raise ToolkitError("llama tokenizer without tokenizer.ggml.scores", path)
     hf = select_tokenizer_builder(arch, "llama")(d)
     tok = hf.backend_tokenizer
-    # llama.cpp: a space before each run of raw text (add_space_prefix), no other normalization
-    if meta.get("tokenizer.ggml.add_space_prefix", True) is False:
-        tok.normalizer = None
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=False)
-    else:
-        tok.normalizer = None
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=False)
+    # llama.cpp: a space before each run of raw text (the first, and each one after a special token) when
+    # add_space_prefix, then spaces -> U+2581, no other splitting. A normalizer runs per run of text between
+    # added tokens, which is exactly that.
+    steps = [normalizers.Replace(" ", "\u2581")]
+    if meta.get("tokenizer.ggml.add_space_prefix", True):
+        steps.insert(0, normalizers.Prepend("\u2581"))
+    tok.normalizer = normalizers.Sequence(steps)
+    tok.pre_tokenizer = None
     tok.post_processor = None
     return tok
 
@@ -200,22 +201,24 @@ class Tokenizer:
             # SentencePiece: llama.cpp drops the leading space of the first piece when it added the prefix
         return self._byte_tokens
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """Render the GGUF's chat template with jinja2 (as transformers does)."""
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                            **kwargs: Any) -> str:
+        """Render the GGUF's chat template with transformers' jinja renderer (the same environment and helpers
+        as `tokenizer.apply_chat_template` there); bos_token / eos_token from this vocabulary."""
         if not self.chat_template:
             raise ToolkitError("this GGUF has no chat template (tokenizer.chat_template)", self.path or None)
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from transformers.utils.chat_template_utils import render_jinja_template
 
-        def raise_exception(msg: str) -> None:
-            raise ToolkitError(f"chat template: {msg}", self.path or None)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        tpl = env.from_string(self.chat_template)
         bos = self.tokens[self.bos_id] if self.bos_id is not None else ""
         eos = self.tokens[self.eos_id] if self.eos_id is not None else ""
-        return tpl.render(messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos,
-                          eos_token=eos)
+        try:
+            rendered, _ = render_jinja_template([messages], chat_template=self.chat_template,
+                                                add_generation_prompt=add_generation_prompt, bos_token=bos,
+                                                eos_token=eos, **kwargs)
+        except Exception as e:  # jinja errors, raise_exception() in the template
+            raise ToolkitError(f"chat template failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                               self.path or None) from None
+        return rendered[0]
 
     def is_eog(self, token: int) -> bool:
         return int(token) in self.eot_ids
