@@ -138,6 +138,19 @@ def generate_tokens(model, prompt_ids: Sequence[int], max_tokens: int, temperatu
         model.clear_caches()
 
 
+def detokenize_stream(tokenizer, ids: Iterator[int]) -> Iterator[str]:
+    """Text pieces for a stream of token ids, holding back bytes until they form whole UTF-8 characters
+    (a byte-level token can end in the middle of one)."""
+    dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for tok in ids:
+        piece = dec.decode(tokenizer.token_bytes([tok]))
+        if piece:
+            yield piece
+    tail = dec.decode(b"", final=True)
+    if tail:
+        yield tail
+
+
 def stream(model, tokenizer, prompt: str | Sequence[int], max_tokens: int = 128, temperature: float = 0.8,
            top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
            seed: int | None = None, ignore_eos: bool = False, stats: GenStats | None = None,
@@ -145,15 +158,9 @@ def stream(model, tokenizer, prompt: str | Sequence[int], max_tokens: int = 128,
     """The streaming form of generate(): yields text pieces as soon as they are whole UTF-8."""
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     stop = frozenset() if ignore_eos else frozenset(tokenizer.eot_ids)
-    dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for tok in generate_tokens(model, ids, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty,
-                               seed=seed, stop_ids=stop, stats=stats, **kwargs):
-        piece = dec.decode(tokenizer.token_bytes([tok]))
-        if piece:
-            yield piece
-    tail = dec.decode(b"", final=True)
-    if tail:
-        yield tail
+    yield from detokenize_stream(tokenizer, generate_tokens(
+        model, ids, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed=seed, stop_ids=stop,
+        stats=stats, **kwargs))
 
 
 def generate(model, tokenizer, prompt: str | Sequence[int], max_tokens: int = 128, temperature: float = 0.8,

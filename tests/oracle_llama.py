@@ -163,3 +163,33 @@ def llama_perplexity(model_path, tokens: Sequence[int], n_ctx: int = 512, bos_id
                      adapters: Sequence[tuple[str, float]] = ()) -> float:
     nll, count = strided_nll(lambda ch: llama_logits(model_path, ch, adapters, n_ctx), tokens, n_ctx, bos_id)
     return math.exp(nll / count)
+
+
+def llama_sampler_filter(logits: np.ndarray, sampler: str, *args, accepted: Sequence[int] = ()) -> dict[int, float]:
+    """Run one of llama.cpp's samplers (top_k, top_p, min_p, penalties) over logits [V]; returns the surviving
+    candidates {id: logit} (penalties: every candidate, with its penalized logit). `accepted`: tokens fed to
+    llama_sampler_accept first (the penalties' history)."""
+    L = _lib()
+    init = getattr(L, f"llama_sampler_init_{sampler}")
+    smpl = init(*args)
+    try:
+        for t in accepted:
+            L.llama_sampler_accept(smpl, int(t))
+        n = len(logits)
+        data = (L.llama_token_data * n)()
+        for i, v in enumerate(logits):
+            data[i].id, data[i].logit, data[i].p = i, float(v), 0.0
+        arr = L.llama_token_data_array(data, n, -1, False)
+        L.llama_sampler_apply(smpl, ctypes.byref(arr))
+        return {int(arr.data[i].id): float(arr.data[i].logit) for i in range(arr.size)
+                if arr.data[i].logit != float("-inf")}
+    finally:
+        L.llama_sampler_free(smpl)
+
+
+def llama_greedy(model_path, tokens: Sequence[int], n: int, n_ctx: int = 512) -> list[int]:
+    """n greedy tokens after `tokens` (argmax of llama.cpp's logits, recomputed over the whole sequence)."""
+    seq = list(tokens)
+    for _ in range(n):
+        seq.append(int(llama_logits(model_path, seq, n_ctx=n_ctx)[-1].argmax()))
+    return seq[len(tokens):]
