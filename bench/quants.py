@@ -26,11 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-import gguf  # noqa: E402
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # noqa: E402
+import gguf
+import oracle_ggml
+from gguf import GGMLQuantizationType
 
-import oracle_ggml  # noqa: E402
-from toolkit.quants import QuantLinear, dequantize, quantize  # noqa: E402
+from toolkit.quants import QuantLinear, dequantize, quantize
 
 
 def best(fn, repeat: int) -> tuple[float, object]:
@@ -85,52 +85,56 @@ def main(argv=None) -> int:
     xt = torch.from_numpy(x).to(args.device)
     mb = x.nbytes / 1e6
     rows, decode_rows = [], []
+
+    def measure(name: str, pool: ThreadPoolExecutor) -> None:
+        qt = GGMLQuantizationType[name]
+        # quantize: libggml, ours, gguf-py (where it can)
+        t_c, ref = best(lambda: ggml_quantize_mt(x, qt, pool, args.threads), args.repeat)
+        t_t, ours = best(lambda: quantize(xt, qt), max(1, args.repeat - 1))
+        exact_q = ours.cpu().numpy().tobytes() == ref
+        try:
+            t_g, _ = best(lambda: gguf.quants.quantize(x, qt), args.repeat)
+        except NotImplementedError:
+            t_g = None
+        raw = np.frombuffer(ref, np.uint8).reshape(n, -1)
+        raw_t = torch.from_numpy(raw.copy()).to(args.device)
+        # dequantize
+        dr = max(5, args.repeat)  # cheap: more tries against a noisy machine
+        d_c, ref_f = best(lambda: ggml_dequantize_mt(raw, qt, n, pool, args.threads), dr)
+        d_t, ours_f = best(lambda: dequantize(raw_t, qt, (n, n)), dr)
+        d_g, _ = best(lambda: gguf.quants.dequantize(raw, qt), dr)
+        exact_d = np.array_equal(ours_f.cpu().numpy().view(np.uint32), ref_f.view(np.uint32))
+        rows.append((name, mb / t_t, mb / t_c, None if t_g is None else mb / t_g, t_c / t_t,
+                     None if t_g is None else t_g / t_t, exact_q, mb / d_t, mb / d_c, mb / d_g,
+                     d_c / d_t, d_g / d_t, exact_d))
+        print(f"{name}: quantize {mb / t_t:.0f} MB/s (libggml {mb / t_c:.0f}, x{t_c / t_t:.2f}; exact {exact_q})  "
+              f"dequantize {mb / d_t:.0f} MB/s (libggml x{d_c / d_t:.2f}, gguf-py x{d_g / d_t:.2f}; exact {exact_d})",
+              flush=True)
+        # QuantLinear decode (one token) against a dense fp32 matmul on the dequantized weight
+        layer = QuantLinear(raw_t, qt, n, n)
+        dense = ours_f
+        v = torch.randn(1, n, device=args.device)
+        with torch.no_grad():
+            l_q, _ = best(lambda: layer(v), args.repeat + 2)
+            l_d, _ = best(lambda: v @ dense.t(), args.repeat + 2)
+        decode_rows.append((name, l_q * 1e3, l_d * 1e3, raw.nbytes / 2**20, dense.numel() * 4 / 2**20))
+
     with ThreadPoolExecutor(args.threads) as pool:
         for name in args.types.split(","):
-            qt = GGMLQuantizationType[name]
-            # quantize: libggml, ours, gguf-py (where it can)
-            t_c, ref = best(lambda: ggml_quantize_mt(x, qt, pool, args.threads), args.repeat)
-            t_t, ours = best(lambda: quantize(xt, qt), max(1, args.repeat - 1))
-            exact_q = ours.cpu().numpy().tobytes() == ref
-            try:
-                t_g, _ = best(lambda: gguf.quants.quantize(x, qt), args.repeat)
-            except NotImplementedError:
-                t_g = None
-            raw = np.frombuffer(ref, np.uint8).reshape(n, -1)
-            raw_t = torch.from_numpy(raw.copy()).to(args.device)
-            # dequantize
-            dr = max(5, args.repeat)  # cheap: more tries against a noisy machine
-            d_c, ref_f = best(lambda: ggml_dequantize_mt(raw, qt, n, pool, args.threads), dr)
-            d_t, ours_f = best(lambda: dequantize(raw_t, qt, (n, n)), dr)
-            d_g, _ = best(lambda: gguf.quants.dequantize(raw, qt), dr)
-            exact_d = np.array_equal(ours_f.cpu().numpy().view(np.uint32), ref_f.view(np.uint32))
-            rows.append((name, mb / t_t, mb / t_c, None if t_g is None else mb / t_g, t_c / t_t,
-                         None if t_g is None else t_g / t_t, exact_q, mb / d_t, mb / d_c, mb / d_g,
-                         d_c / d_t, d_g / d_t, exact_d))
-            print(f"{name}: quantize {mb / t_t:.0f} MB/s (libggml {mb / t_c:.0f}, x{t_c / t_t:.2f}; exact {exact_q})  "
-                  f"dequantize {mb / d_t:.0f} MB/s (libggml x{d_c / d_t:.2f}, gguf-py x{d_g / d_t:.2f}; exact {exact_d})",
-                  flush=True)
-            # QuantLinear decode (one token) against a dense fp32 matmul on the dequantized weight
-            layer = QuantLinear(raw_t, qt, n, n)
-            dense = ours_f
-            v = torch.randn(1, n, device=args.device)
-            with torch.no_grad():
-                l_q, _ = best(lambda: layer(v), args.repeat + 2)
-                l_d, _ = best(lambda: v @ dense.t(), args.repeat + 2)
-            decode_rows.append((name, l_q * 1e3, l_d * 1e3, raw.nbytes / 2**20, dense.numel() * 4 / 2**20))
+            measure(name, pool)
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
+    fmt = lambda v, spec: "n/a" if v is None else format(v, spec)
     lines = [
         "# toolkit.quants throughput",
         "",
-        f"`python bench/quants.py --threads {args.threads}` on a {n}x{n} float32 tensor ({mb:.0f} MB), device "
-        f"{args.device}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs, load average {load:.1f} at the end, best of {args.repeat} (quantize) / "
-        f"{max(5, args.repeat)} (dequantize).",
+        (f"`python bench/quants.py --threads {args.threads}` on a {n}x{n} float32 tensor ({mb:.0f} MB), device "
+         f"{args.device}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+         f"{os.cpu_count()} CPUs, load average {load:.1f} at the end, best of {args.repeat} (quantize) / "
+         f"{max(5, args.repeat)} (dequantize)."),
         "libggml: llama-cpp-python's build, N row ranges on N threads; gguf-py: numpy, one thread.",
-        "Ratios are ours / theirs in throughput (> 1: we are faster). exact: bytes (quantize) or float bits "
-        "(dequantize) identical to libggml's.",
+        ("Ratios are ours / theirs in throughput (> 1: we are faster). exact: bytes (quantize) or float bits "
+         "(dequantize) identical to libggml's."),
         "",
         "| type | quantize MB/s | libggml | gguf-py | vs libggml | vs gguf-py | exact | dequantize MB/s | libggml | gguf-py | vs libggml | vs gguf-py | exact |",
         "|---|---:|---:|---:|---:|---:|:-:|---:|---:|---:|---:|---:|:-:|",
@@ -141,7 +145,7 @@ def main(argv=None) -> int:
                      f"{r[10]:.2f}x | {r[11]:.2f}x | {'yes' if r[12] else 'NO'} |")
     lines += [
         "",
-        "QuantLinear decode (x: [1, %d]): packed weight dequantized on the fly vs a dense fp32 matmul on the" % n,
+        f"QuantLinear decode (x: [1, {n}]): packed weight dequantized on the fly vs a dense fp32 matmul on the",
         "already-dequantized weight (which would cost the memory in the last column).",
         "",
         "| type | QuantLinear ms | dense fp32 ms | packed MiB | dense MiB |",
@@ -150,8 +154,8 @@ def main(argv=None) -> int:
     for r in decode_rows:
         lines.append(f"| {r[0]} | {r[1]:.1f} | {r[2]:.1f} | {r[3]:.1f} | {r[4]:.1f} |")
     if load > (os.cpu_count() or 1):
-        lines += ["", f"Note: the machine was oversubscribed (load {load:.1f} on {os.cpu_count()} CPUs) while this ran, so "
-                  "absolute numbers are low and ratios noisy; rerun on an idle machine for reference figures."]
+        lines += ["", (f"Note: the machine was oversubscribed (load {load:.1f} on {os.cpu_count()} CPUs) while this "
+                       "ran, so absolute numbers are low and ratios noisy; rerun on an idle machine for reference figures.")]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")

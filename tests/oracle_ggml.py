@@ -52,7 +52,7 @@ def _find(names: tuple[str, ...]) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _lib() -> ctypes.CDLL:
     """The library that exports ggml_quantize_chunk (libggml-base in current builds, libggml before)."""
     mode = getattr(os, "RTLD_GLOBAL", 0)
@@ -69,7 +69,7 @@ def _lib() -> ctypes.CDLL:
     raise OSError(f"no libggml exporting ggml_quantize_chunk under {_lib_dir()}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _to_float(qtype: int):
     lib = _lib()
     getter = getattr(lib, "ggml_get_type_traits", None) or getattr(lib, "ggml_internal_get_type_traits", None)

@@ -14,7 +14,7 @@ magic-number trick, the (int8_t) truncations) we work in int too.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -27,8 +27,14 @@ Q = GGMLQuantizationType
 QK_K = 256
 
 __all__ = [
-    "quantize", "dequantize", "QuantLinear", "QuantEmbedding", "DEQUANT_TYPES", "QUANT_TYPES",
-    "block_size", "row_bytes",
+    "DEQUANT_TYPES",
+    "QUANT_TYPES",
+    "QuantEmbedding",
+    "QuantLinear",
+    "block_size",
+    "dequantize",
+    "quantize",
+    "row_bytes",
 ]
 
 KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
@@ -44,10 +50,6 @@ def block_size(qtype: QType) -> tuple[int, int]:
 def _f16(b: torch.Tensor, off: int) -> torch.Tensor:
     """The fp16 stored at byte `off` of every block -> float32 [nb] (exact)."""
     return b[:, off:off + 2].contiguous().view(torch.float16).to(torch.float32).squeeze(-1)
-
-
-def _u8_to_i(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.int32)
 
 
 _LUT_CACHE: dict[tuple, torch.Tensor] = {}
@@ -908,7 +910,7 @@ class _QuantMatmul(torch.autograd.Function):
     """y = x @ W.T with W dequantized chunk by chunk; backward gives grad x only (W is frozen)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: "QuantLinear") -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:  # type: ignore[override]
         ctx.layer = layer
         return layer._matmul(x)
 
@@ -945,7 +947,7 @@ class QuantLinear(torch.nn.Module):
             self.bias = None
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, qtype: QType, bias: torch.Tensor | None = None) -> "QuantLinear":
+    def from_float(cls, weight: torch.Tensor, qtype: QType, bias: torch.Tensor | None = None) -> QuantLinear:
         out_f, in_f = weight.shape
         return cls(quantize(weight, qtype), qtype, in_f, out_f, bias=bias)
 
@@ -1009,7 +1011,7 @@ class QuantEmbedding(torch.nn.Module):
         self.register_buffer("qweight", raw.reshape(self.num_embeddings, rb))
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, qtype: QType) -> "QuantEmbedding":
+    def from_float(cls, weight: torch.Tensor, qtype: QType) -> QuantEmbedding:
         n, dim = weight.shape
         return cls(quantize(weight, qtype), qtype, n, dim)
 

@@ -1,16 +1,23 @@
 """toolkit.quants: bit-exact against gguf-py (numpy) and llama.cpp's libggml; the quantized layers."""
 from __future__ import annotations
 
+import gguf
 import numpy as np
+import oracle_ggml
 import pytest
 import torch
-import gguf
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
-import oracle_ggml
 from toolkit.errors import ToolkitError
-from toolkit.quants import DEQUANT_TYPES, QUANT_TYPES, QuantEmbedding, QuantLinear, dequantize, quantize
+from toolkit.quants import (
+    DEQUANT_TYPES,
+    QUANT_TYPES,
+    QuantEmbedding,
+    QuantLinear,
+    dequantize,
+    quantize,
+)
 
 CUDA = torch.cuda.is_available()
 needs_ggml = [pytest.mark.llamacpp,
@@ -180,7 +187,7 @@ def finite_blocks(qtype: Q, rows: int, cols: int, seed: int = 0) -> np.ndarray:
     raw = random_blocks(qtype, rows, cols, seed)
     if qtype in (Q.F32, Q.F16):
         return raw
-    bv, bb = GGML_QUANT_SIZES[qtype]
+    bb = GGML_QUANT_SIZES[qtype][1]
     blocks = raw.reshape(-1, bb)
     rng = np.random.default_rng(seed + 1)
     for off in SCALE_OFFSETS[qtype]:
