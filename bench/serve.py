@@ -13,6 +13,7 @@ background load during the run hits both loads alike.
 from __future__ import annotations
 
 import argparse
+import os
 import concurrent.futures as cf
 import platform
 import re
@@ -67,8 +68,19 @@ def start_server(base: Path, adapters: list[Path], threads: int) -> tuple[subpro
     raise SystemExit(f"toolkit serve did not start (exit {proc.wait()})")
 
 
-def run_load(url: str, n_req: int, clients: int, max_tokens: int, lora_of, first: int = 0) -> dict:
-    """n_req requests through `clients` concurrent connections; raw latencies, wall time, tokens, groups."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc; 0 elsewhere). Robust to other jobs on the machine,
+    unlike wall time: a busy shared machine stretches wall time but not the work done per token."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def run_load(url: str, n_req: int, clients: int, max_tokens: int, lora_of, first: int = 0, pid: int = 0) -> dict:
+    """n_req requests through `clients` concurrent connections; raw latencies, wall and server CPU time, tokens,
+    adapter-set groups."""
 
     def one(i: int) -> tuple[float, int]:
         body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "seed": i, "ignore_eos": True,
@@ -80,20 +92,23 @@ def run_load(url: str, n_req: int, clients: int, max_tokens: int, lora_of, first
 
     with httpx.Client(timeout=600, limits=httpx.Limits(max_connections=clients)) as client:
         switches0 = client.get(url + "/health").json()["adapter_switches"]
-        t0 = time.perf_counter()
+        cpu0, t0 = cpu_seconds(pid), time.perf_counter()
         with cf.ThreadPoolExecutor(clients) as pool:
             res = list(pool.map(one, range(first, first + n_req)))
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
         switches = client.get(url + "/health").json()["adapter_switches"] - switches0
-    return {"lat": [r[0] for r in res], "wall": wall, "tokens": sum(r[1] for r in res), "switches": switches}
+    return {"lat": [r[0] for r in res], "wall": wall, "cpu": cpu, "tokens": sum(r[1] for r in res),
+            "switches": switches}
 
 
 def summary(parts: list[dict]) -> dict:
     lat = sorted(x for p in parts for x in p["lat"])
     wall = sum(p["wall"] for p in parts)
     q = statistics.quantiles(lat, n=100, method="inclusive")
-    return {"rps": len(lat) / wall, "tok_s": sum(p["tokens"] for p in parts) / wall, "p50": q[49], "p99": q[98],
-            "wall": wall, "switches": sum(p["switches"] for p in parts), "n": len(lat)}
+    tokens = sum(p["tokens"] for p in parts)
+    return {"rps": len(lat) / wall, "tok_s": tokens / wall, "p50": q[49], "p99": q[98], "wall": wall,
+            "cpu_ms_tok": 1000 * sum(p["cpu"] for p in parts) / tokens, "switches": sum(p["switches"] for p in parts),
+            "n": len(lat)}
 
 
 def main() -> int:
@@ -105,13 +120,14 @@ def main() -> int:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads in the server (1: on a busy 2-core machine 2 threads oversubscribe)")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.md"))
     args = ap.parse_args()
 
     from toolkit.bundled import smollm2_gguf
 
     base = smollm2_gguf()
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         adapters = make_adapters(base, Path(tmp), args.adapters, args.rank)
         proc, url = start_server(base, adapters, args.threads)
@@ -134,10 +150,11 @@ def main() -> int:
             per = args.requests // args.rounds
             parts: dict[str, list[dict]] = {"base": [], "lora": []}
             for r in range(args.rounds):
-                parts["base"].append(run_load(url, per, args.clients, args.max_tokens, no_lora, r * per))
-                parts["lora"].append(run_load(url, per, args.clients, args.max_tokens, with_lora, r * per))
+                parts["base"].append(run_load(url, per, args.clients, args.max_tokens, no_lora, r * per, proc.pid))
+                parts["lora"].append(run_load(url, per, args.clients, args.max_tokens, with_lora, r * per, proc.pid))
                 print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
             base_load, lora_load = summary(parts["base"]), summary(parts["lora"])
+            load_after = os.getloadavg()[0]
         finally:
             proc.terminate()
             proc.wait(timeout=30)
@@ -152,15 +169,22 @@ def main() -> int:
          f"{args.clients} concurrent clients, each `/v1/completions` with {args.max_tokens} generated tokens "
          f"(ignore_eos), {k} random adapters r={args.rank} on every linear."),
         "",
-        "| load | requests/s | generated tok/s | p50 latency (s) | p99 latency (s) | adapter-set groups |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"The machine was shared (1-minute load average {load_before:.1f} before, {load_after:.1f} after, on "
+        f"{os.cpu_count()} cores), so wall-clock figures carry that noise; the server's own CPU time per generated "
+        "token (prefill included) does not, and is the fairer comparison of the two loads.",
+        "",
+        "| load | requests/s | generated tok/s | p50 latency (s) | p99 latency (s) | server CPU ms / token | "
+        "adapter-set groups |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in rows:
         lines.append(f"| {name} | {r['rps']:.2f} | {r['tok_s']:.1f} | {r['p50']:.2f} | {r['p99']:.2f} | "
-                     f"{r['switches']} |")
+                     f"{r['cpu_ms_tok']:.0f} | {r['switches']} |")
     ratio = lora_load["rps"] / base_load["rps"]
+    cpu_ratio = lora_load["cpu_ms_tok"] / base_load["cpu_ms_tok"]
     lines += ["", (f"Throughput with {k} adapters: **{ratio:.2f}x** the no-adapter load "
-              f"(p50 latency {lora_load['p50'] / base_load['p50']:.2f}x). Requests run on one model thread, "
+              f"(p50 latency {lora_load['p50'] / base_load['p50']:.2f}x); server CPU per token "
+              f"**{cpu_ratio:.2f}x**. Requests run on one model thread, "
               "grouped by adapter set (one `set_adapters` per group, counted above), one after another inside a "
               f"group so each response equals the request run alone. Latency is queueing-dominated: {args.clients} "
               "clients share one model."), ""]
