@@ -25,8 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-import torch.nn.functional as F
+# OpenMP threads that spin while waiting turn a busy machine (other jobs on the same cores) into a 5-10x
+# slowdown; sleeping waiters cost little when the machine is quiet. Only applies if torch is not loaded yet.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from toolkit.config import arg, parse_config
 from toolkit.errors import ToolkitError
@@ -151,6 +155,8 @@ class FinetuneConfig:
     # --- performance
     threads: int | None = arg(None, "-t", "--threads", help="CPU threads (default: torch's)")
     use_checkpointing: bool = toggle(True, "--use-checkpointing", "--no-checkpointing", "gradient checkpointing")
+    cache_base: bool = arg(False, help="keep a dequantized float copy of a quantized base: faster on CPU, but the base "
+                                       "then takes float memory (default: it stays packed in its GGUF blocks)")
     use_flash: bool = toggle(True, "--use-flash", "--no-flash", "fused attention (PyTorch SDPA picks the kernel)")
     device: str = arg("auto", help="auto | cpu | cuda | mps")
     dtype: str | None = arg(None, help="compute dtype of the base (f32 | bf16 | f16; default f32 on CPU)")
@@ -313,6 +319,26 @@ def _lora_tensors(model: torch.nn.Module, ranks: dict[str, int]) -> dict[str, to
     return out
 
 
+def _setup_packed_base(model: torch.nn.Module, cache: bool) -> None:
+    """The quantized linears stay packed (unless --cache-base) and dequantize block rows on every use, forward
+    and backward. Their row chunks go through model.fast_dequantize (same values as ggml's to_float, ~2.5x
+    faster than the general dequantizer for Q4_0/Q4_1/Q8_0), and stay small so transients do not dominate."""
+    import types
+
+    from toolkit import model as M
+    from toolkit.quants import QuantLinear
+
+    def chunk(self: QuantLinear, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+        w = M.fast_dequantize(self.qweight[r0:r1], self.qtype, self.in_features)
+        return w if dtype == torch.float32 else w.to(dtype)
+
+    for mod in model.modules():
+        if hasattr(mod, "cache_weights"):
+            mod.cache_weights = cache
+        if isinstance(mod, QuantLinear) and hasattr(M, "fast_dequantize"):
+            mod._chunk = types.MethodType(chunk, mod)
+
+
 def _param_groups(params: dict[str, torch.Tensor], cfg: FinetuneConfig) -> list[dict[str, Any]]:
     """AdamW decay only on tensors with ndim >= --adam-decay-min-ndim, as ggml's Adam."""
     decay = [p for p in params.values() if p.ndim >= cfg.adam_decay_min_ndim]
@@ -332,13 +358,86 @@ def make_optimizer(params: dict[str, torch.Tensor], cfg: FinetuneConfig) -> torc
                              eps=1e-8, foreach=not fused, fused=fused or None)
 
 
+def _head_weight(head: torch.nn.Module) -> Callable[[int, int], torch.Tensor] | None:
+    """Rows [r0, r1) of the output head's weight as float32, or None when the head is not a plain frozen linear
+    (a LoRA on the output, an unknown module): then the loss goes through the model's own logits."""
+    from toolkit.quants import QuantLinear
+
+    if isinstance(head, QuantLinear):
+        cached = head.__dict__.get("_wcache") if getattr(head, "cache_weights", False) else None
+        if cached is not None:
+            return lambda r0, r1: cached[r0:r1].float()
+        return lambda r0, r1: head._chunk(r0, r1, torch.float32)
+    if isinstance(head, torch.nn.Linear) and not head.weight.requires_grad and head.bias is None:
+        return lambda r0, r1: head.weight[r0:r1].float()
+    return None
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """sum_i w_i * CE(h_i @ W.T, y_i) over vocabulary chunks: the [N, V] logits (and their softmax and
+    gradient) never exist at once; backward recomputes each chunk's logits. W is frozen (packed or not)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, y: torch.Tensor, w: torch.Tensor, rows, n_vocab: int, step: int):  # noqa: ANN001
+        n = h.shape[0]
+        mx = torch.full((n,), float("-inf"), device=h.device)
+        se = torch.zeros(n, device=h.device)
+        tgt = torch.zeros(n, device=h.device)
+        for r0 in range(0, n_vocab, step):
+            r1 = min(r0 + step, n_vocab)
+            z = h @ rows(r0, r1).t()  # [N, Vc]
+            cm = torch.maximum(mx, z.amax(1))
+            se = se * torch.exp(mx - cm) + torch.exp(z - cm[:, None]).sum(1)
+            mx = cm
+            inside = (y >= r0) & (y < r1)
+            tgt = torch.where(inside, z.gather(1, (y - r0).clamp(0, r1 - r0 - 1)[:, None])[:, 0], tgt)
+        lse = mx + torch.log(se)
+        ctx.save_for_backward(h, y, w, lse)
+        ctx.rows, ctx.n_vocab, ctx.step = rows, n_vocab, step
+        return ((lse - tgt) * w).sum()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # noqa: ANN001
+        h, y, w, lse = ctx.saved_tensors
+        gh = torch.zeros_like(h)
+        scale = (w * g)[:, None]  # [N, 1]
+        for r0 in range(0, ctx.n_vocab, ctx.step):
+            r1 = min(r0 + ctx.step, ctx.n_vocab)
+            wc = ctx.rows(r0, r1)
+            p = torch.exp(h @ wc.t() - lse[:, None])  # softmax rows of this chunk [N, Vc]
+            inside = ((y >= r0) & (y < r1)).nonzero()[:, 0]
+            p[inside, y[inside] - r0] -= 1.0
+            gh += (p * scale) @ wc
+        return gh, None, None, None, None, None
+
+
+def _chunked_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """Sum of weighted token losses through the chunked head, or None if the model's head does not allow it."""
+    head = getattr(model, "output", None)
+    rows = _head_weight(head) if head is not None else None
+    if rows is None or getattr(model.args, "final_softcap", 0.0):
+        return None
+    model.output = torch.nn.Identity()  # the model's forward then returns the final normed hidden states
+    try:
+        h = model(x)  # [B, T, dim]
+    finally:
+        model.output = head
+    h = h.flatten(0, 1).float()
+    n_vocab = int(model.args.vocab_size)
+    step = max(1024, (1 << 23) // max(h.shape[0], 1))  # ~32 MiB of logits per chunk
+    return _ChunkedHeadLoss.apply(h, y.flatten(), w.flatten().float(), rows, n_vocab, step)
+
+
 def batch_loss(model: torch.nn.Module, b: Batch, device: torch.device) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy over the positions that count (llama.cpp: every position of the batch)."""
     x = b.inputs.to(device, non_blocking=True)
     y = b.targets.to(device, non_blocking=True)
     w = b.weights.to(device, non_blocking=True)
-    logits = model(x)  # [B, T, V] float32
     n = int(b.weights.sum())
+    total = _chunked_loss(model, x, y, w)
+    if total is not None:
+        return total / max(n, 1), n
+    logits = model(x)  # [B, T, V] float32
     if n == b.weights.numel():
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
     else:
@@ -520,6 +619,7 @@ def finetune(cfg: FinetuneConfig, on_iteration: Callable[[int, float], None] | N
     dtype = pick_dtype(cfg.dtype, device)
     torch.manual_seed(seed)
     model = build(g, dtype, rope_base=cfg.rope_freq_base, rope_scale=cfg.rope_freq_scale, norm_eps=cfg.norm_rms_eps)
+    _setup_packed_base(model, cfg.cache_base)
     if device.type != "cpu":
         model = model.to(device)
     model.add_trainable_adapter(ADAPTER, ranks, alpha, cfg.lora_dropout)

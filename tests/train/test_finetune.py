@@ -167,3 +167,40 @@ def test_adamw_step_is_ggml_adam():
         decay = 0.1 * c.adam_alpha * sched if p.ndim >= 2 else 0.0
         want = x0[k] * (1 - decay) - c.adam_alpha * sched * mh / (vh.sqrt() + 1e-8)
         torch.testing.assert_close(p.detach(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+def test_chunked_head_loss_equals_cross_entropy(tmp_path, qtype):
+    """The vocabulary-chunked loss (no [N, V] logits) against F.cross_entropy on the full logits: value and
+    LoRA gradients, with a loss mask."""
+    from tiny import make_tiny_gguf
+
+    from toolkit.model import load
+    from toolkit.train.finetune import _chunked_loss
+
+    model, _ = load(make_tiny_gguf(tmp_path / "m.gguf", qtype=qtype), device="cpu")
+    ranks = {n: 4 for n in model.lora_targets() if n.startswith("blk.")}
+    params = model.add_trainable_adapter("t", ranks, 8.0)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.1)
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 49152, (2, 10), generator=g)
+    y = torch.randint(0, 49152, (2, 10), generator=g)
+    w = torch.rand(2, 10, generator=g) > 0.3
+
+    def grads(loss):
+        for p in params:
+            p.grad = None
+        loss.backward()
+        return [p.grad.clone() for p in params]
+
+    ref = (torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="none")
+           * w.flatten()).sum()
+    ref_g = grads(ref)
+    got = _chunked_loss(model, x, y, w)
+    got_g = grads(got)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+    for a, b in zip(got_g, ref_g):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()))  # f32 summation order
