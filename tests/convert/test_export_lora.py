@@ -248,3 +248,24 @@ def test_bad_adapters_one_line_nothing_written(tmp_path, capsys, tiny_llama, smo
     _one_line_error(capsys, ["-m", str(tiny_llama)], "no adapters", other / "w.gguf")
     _one_line_error(capsys, ["-m", str(tiny_llama), "--lora", str(tmp_path / "nope.gguf")], "nope.gguf",
                     other / "v.gguf")
+
+
+def test_outtype_hf_writes_the_merged_model_for_transformers(tmp_path):
+    """--outtype hf -o DIR: transformers loads the merged model; its logits equal llama.cpp's on the --outtype f32
+    merge (top-1 >= 95%, max |diff| < 1e-2 * max |logit|). F32 base: with a quantized one, llama.cpp's untouched
+    quantized matmuls would quantize activations and blur the comparison."""
+    import transformers
+    from tiny import make_tiny_gguf
+
+    base = make_tiny_gguf(tmp_path / "tiny.gguf", qtype="F32", n_layer=2, dim=64, ffn=128)
+    a = random_adapter(base, tmp_path / "a.gguf", r=4, std=0.1, seed=8)
+    assert main(["-m", str(base), "-o", str(tmp_path / "hf"), "--lora-scaled", f"{a}:0.8", "--outtype", "hf",
+                 "--no-progress"]) == 0
+    export_lora(base, tmp_path / "m.gguf", [(str(a), 0.8)], "f32", progress=False)
+    toks = list(range(500, 560))
+    m = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32)
+    with torch.no_grad():
+        got = m(torch.tensor([toks])).logits[0].numpy()
+    ref = llama_logits(tmp_path / "m.gguf", toks)
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.95
+    assert np.abs(got - ref).max() < 1e-2 * np.abs(ref).max()
