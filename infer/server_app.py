@@ -89,7 +89,10 @@ class JobStream:
         self.cancelled = threading.Event()
 
     def emit(self, event: tuple) -> None:  # model thread
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the event loop is gone (server shutting down): nobody is listening
+            self.cancelled.set()
 
     async def events(self) -> AsyncIterator[tuple]:
         while True:
