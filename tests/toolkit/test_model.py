@@ -258,3 +258,30 @@ def test_smollm2_loads_fast(smollm2_path):
     elapsed = time.perf_counter() - t
     assert isinstance(model, Transformer) and tok.vocab_size == 49152
     assert elapsed < 2.0, elapsed  # mmap + header + tokenizer; ~0.2-0.3 s measured on an idle machine
+
+
+def test_load_with_two_adapters_moves_logits_as_llama_cpp(tiny_llama, tmp_path):
+    """load(adapters=[(file, scale), ...]) attaches them unmerged; llama.cpp with the same files and scales."""
+    from oracle_llama import llama_logits
+    from toolkit.adapter import Adapter, LoraPair, write_gguf_adapter
+
+    g = torch.Generator().manual_seed(0)
+    g_file = open_gguf(tiny_llama)
+    files = []
+    for k in range(2):
+        t = {}
+        for n in ["blk.0.attn_q.weight", "blk.1.ffn_down.weight", "blk.0.attn_v.weight"]:
+            out_f, in_f = g_file.tensors[n].shape
+            t[n] = LoraPair(torch.randn(4, in_f, generator=g) * 0.1, torch.randn(out_f, 4, generator=g) * 0.1)
+        files.append(tmp_path / f"a{k}.gguf")
+        write_gguf_adapter(Adapter(t, alpha=8.0, arch="llama"), files[-1])
+    adapters = [(str(files[0]), 1.0), (str(files[1]), 0.5)]
+    base, tok = load(tiny_llama, device="cpu")
+    model, _ = load(tiny_llama, device="cpu", adapters=adapters)
+    assert set(model.adapters) and len(model.adapters) == 2
+    ids = tok.encode(TEXT)
+    with torch.inference_mode():
+        d_ours = (model(torch.tensor([ids])) - base(torch.tensor([ids])))[0].numpy().ravel()
+    d_ref = (llama_logits(tiny_llama, ids, adapters) - llama_logits(tiny_llama, ids)).ravel()
+    assert np.abs(d_ours).max() > 0.1  # the adapters matter
+    assert d_ours @ d_ref / np.linalg.norm(d_ours) / np.linalg.norm(d_ref) > 0.999  # observed 0.9999993
