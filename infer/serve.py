@@ -115,12 +115,15 @@ def serve(cfg: ServeConfig) -> int:
         import uvicorn
     except ImportError:
         raise ToolkitError("toolkit serve needs FastAPI and uvicorn: pip install 'toolkit[serve]'") from None
-    api_key = cfg.api_key or os.environ.get("TOOLKIT_API_KEY")
-    if not is_loopback(cfg.host) and not api_key:
+    sock = bind(cfg.host, cfg.port)
+    if not is_loopback(cfg.host) and not (cfg.api_key or os.environ.get("TOOLKIT_API_KEY")):
         print(f"toolkit serve: warning: listening on {cfg.host} without --api-key: anyone who can reach it "
               "can use the model", file=sys.stderr)
-    sock = bind(cfg.host, cfg.port)
-    app, engine = build(cfg)
+    try:
+        app, engine = build(cfg)
+    except BaseException:
+        sock.close()
+        raise
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"toolkit serve: {engine.backend.model_id} (n_ctx {engine.backend.n_ctx}, "
