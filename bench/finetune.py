@@ -232,9 +232,14 @@ def main() -> int:
         rows.append((ckpt, peft, ours, cached))
         print(ckpt, peft, ours, cached, flush=True)
     big = None
+    saved = RESULTS.with_name("finetune-3b.json")  # the 3B part has no peer to run beside: reusable on its own
     if not a.skip_3b:
         big = run_worker("3b", ["--steps", str(a.steps_3b)], a.threads, 3600)
+        big["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        saved.write_text(json.dumps(big, indent=1) + "\n")
         print(big, flush=True)
+    elif saved.is_file():
+        big = json.loads(saved.read_text())
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -263,7 +268,8 @@ def main() -> int:
     if big is not None:
         lines += ["", "## 3B-shaped Q8_0 base (llama.cpp finetune guide's setting)", "",
                   f"open_llama 3B v2 shapes, random Q8_0 weights ({big['model_gb']:.2f} GB file), ctx {CTX}, batch 1, "
-                  f"r 4, gradient checkpointing, {a.steps_3b} iteration(s) of {big['s_per_iter']:.0f} s.",
+                  f"r 4, gradient checkpointing, {a.steps_3b} iteration(s) of {big['s_per_iter']:.0f} s; "
+                  f"measured {big.get('measured', '')} (`--skip-3b` reuses bench/results/finetune-3b.json).",
                   "",
                   "| | peak RSS GB | of which the model file (mmap) | training buffers |",
                   "|---|---|---|---|",

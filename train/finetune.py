@@ -424,7 +424,8 @@ def _chunked_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, w: t
         model.output = head
     h = h.flatten(0, 1).float()
     n_vocab = int(model.args.vocab_size)
-    step = max(1024, (1 << 23) // max(h.shape[0], 1))  # ~32 MiB of logits per chunk
+    # chunks of ~16 MiB of logits and of dequantized head rows (the head is the largest matrix of small models)
+    step = max(256, min((1 << 22) // max(h.shape[0], 1), (1 << 22) // h.shape[1]))
     return _ChunkedHeadLoss.apply(h, y.flatten(), w.flatten().float(), rows, n_vocab, step)
 
 

@@ -204,3 +204,21 @@ def test_chunked_head_loss_equals_cross_entropy(tmp_path, qtype):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
     for a, b in zip(got_g, ref_g):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()))  # f32 summation order
+
+
+def test_presets_parse_and_the_command_line_wins():
+    from pathlib import Path
+
+    from toolkit.config import parse_config
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    guide = parse_config(FinetuneConfig, ["--config", str(root / "open-llama-3b-guide.yaml"), "-m", "b.gguf",
+                                          "--train-data", "t.txt", "--lora-r", "8"], prog="t")
+    assert (guide.ctx, guide.lora_r, guide.adam_iter, guide.escape, guide.use_checkpointing) == (256, 8, 256, True, True)
+    from toolkit.train.data import process_escapes
+
+    assert process_escapes(guide.sample_start) == "\n"
+    demo = parse_config(FinetuneConfig, ["--config", str(root / "smollm2-demo.yaml"), "-m", "b.gguf",
+                                         "--use-checkpointing"], prog="t")
+    assert demo.use_checkpointing and demo.train_data == "configs/data/planets-train.txt" and demo.sample_start == "### "
+    assert (root / "data" / "planets-train.txt").stat().st_size > 10000

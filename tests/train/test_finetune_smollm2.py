@@ -31,7 +31,7 @@ def test_short_run_lowers_loss_and_llama_cpp_perplexity(tmp_path, smollm2_path):
         include_sample_start=True, ctx=64, batch=4, lora_r=8, lora_alpha=16, adam_iter=16, adam_alpha=0.004,
         warmup=2, cos_decay_steps=16, use_checkpointing=False, save_every=0, seed=1, threads=2, quiet=True,
         checkpoint_in=str(tmp_path / "none.gguf"), checkpoint_out="", lora_out=str(tmp_path / "planets-ITERATION.gguf"),
-        log_file="")
+        log_file="", peft_out=str(tmp_path / "peft"))
     r = finetune(cfg)
     first, last = np.mean(r.losses[:3]), np.mean(r.losses[-3:])
     assert last < first - 0.6, r.losses  # clearly lower (typically ~2.6 -> ~1.4)
@@ -41,3 +41,19 @@ def test_short_run_lowers_loss_and_llama_cpp_perplexity(tmp_path, smollm2_path):
     base = llama_cpp_ppl(oracle, smollm2_path, tokens)
     tuned = llama_cpp_ppl(oracle, smollm2_path, tokens, adapters=[(str(tmp_path / "planets-LATEST.gguf"), 1.0)])
     assert tuned < 0.75 * base, (base, tuned)
+
+    # --peft-out: transformers (the same GGUF, dequantized) + PEFT give our model's logits with the adapter
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from toolkit.model import load
+
+    hf = AutoModelForCausalLM.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name,
+                                              dtype=torch.float32)
+    hf = PeftModel.from_pretrained(hf, str(tmp_path / "peft")).eval()
+    ours, _ = load(smollm2_path, device="cpu", adapters=[(str(tmp_path / "planets-LATEST.gguf"), 1.0)])
+    ids = torch.tensor([tokens[:48]])
+    with torch.no_grad():
+        a, b = hf(input_ids=ids).logits[0], ours(ids)[0]
+    assert (a - b).abs().max() < 2e-3 * b.abs().max(), float((a - b).abs().max())  # f32 summation order only
