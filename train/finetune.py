@@ -601,6 +601,8 @@ def finetune(cfg: FinetuneConfig, on_iteration: Callable[[int, float], None] | N
         lora_cfg = resume.config.get("lora", {})
         ranks = {k: int(v) for k, v in lora_cfg.get("ranks", {}).items()}
         alpha = float(lora_cfg.get("alpha", cfg.lora_alpha))
+        if ranks != _resolve_ranks(cfg, shapes, args.n_layer, tied, cfg.model_base) or alpha != cfg.lora_alpha:
+            say("the checkpoint's LoRA ranks and alpha are used (they differ from this command's options)")
         missing = [n for n in ranks if n not in shapes]
         if missing:
             raise ToolkitError(f"checkpoint trains '{missing[0]}', which the base model does not have", cfg.checkpoint_in)
@@ -656,7 +658,7 @@ def finetune(cfg: FinetuneConfig, on_iteration: Callable[[int, float], None] | N
     result = FinetuneResult(iteration=state.iteration)
     log = MetricsLog(cfg.log_file or None)
 
-    def save(final: bool = False) -> None:
+    def save() -> None:
         it = state.iteration
         if not cfg.only_write_lora and cfg.checkpoint_out:
             snap = ck.Checkpoint({n: p.detach().float().cpu().clone() for n, p in params.items()}, opt.state_dict(),
@@ -731,7 +733,7 @@ def finetune(cfg: FinetuneConfig, on_iteration: Callable[[int, float], None] | N
                 break
     bar.close()
     if state.iteration > last_save:
-        save(final=True)
+        save()
     result.iteration = state.iteration
     elapsed = time.perf_counter() - t_start
     result.tokens_per_s = tokens_seen / elapsed if elapsed > 0 else 0.0

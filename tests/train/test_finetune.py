@@ -222,3 +222,19 @@ def test_presets_parse_and_the_command_line_wins():
                                          "--use-checkpointing"], prog="t")
     assert demo.use_checkpointing and demo.train_data == "configs/data/planets-train.txt" and demo.sample_start == "### "
     assert (root / "data" / "planets-train.txt").stat().st_size > 10000
+
+
+def test_stopping_tests_as_ggml_adam():
+    from toolkit.train.checkpoint import TrainState
+    from toolkit.train.finetune import converged
+
+    c = FinetuneConfig(model_base="x", opt_max_no_improvement=2)
+    st = TrainState()
+    assert [converged(st, v, c) for v in (3.0, 2.0, 2.5, 2.1)][-1].startswith("no improvement in 2")
+    c = FinetuneConfig(model_base="x", adam_epsf=0.01)
+    st = TrainState()
+    assert converged(st, 2.0, c) == "" and converged(st, 1.5, c) == "" and "adam-epsf" in converged(st, 1.499, c)
+    c = FinetuneConfig(model_base="x", opt_past=2, opt_delta=0.05)
+    st = TrainState()
+    out = [converged(st, v, c) for v in (4.0, 3.0, 2.0, 1.99, 1.98)]
+    assert out[:4] == ["", "", "", ""] and "opt-delta" in out[4]  # (2.0 - 1.98) / 1.98 < 0.05
