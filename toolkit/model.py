@@ -150,6 +150,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op (decode is op-bound)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * self.weight.float()).to(x.dtype)
@@ -167,16 +169,16 @@ def rope_tables(args: ModelArgs, base: float, scale: float, n_pos: int, freq_fac
     return ang.cos().float(), ang.sin().float()
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, neox: bool, n_rot: int) -> Tensor:
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, neox: bool, n_rot: int, cis: Tensor | None = None) -> Tensor:
     """x [B, H, T, hd]; cos/sin [T, n_rot/2]. neox rotates (x[i], x[i + n_rot/2]); normal rotates (x[2i], x[2i+1])."""
     rot, rest = x[..., :n_rot], x[..., n_rot:]
     xf = rot.float()
     if neox:
         x1, x2 = xf.chunk(2, dim=-1)
         out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    else:
-        x1, x2 = xf[..., 0::2], xf[..., 1::2]
-        out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    else:  # adjacent pairs are complex numbers: one complex multiply
+        rot_c = torch.view_as_complex(xf.reshape(*xf.shape[:-1], -1, 2).contiguous())
+        out = torch.view_as_real(rot_c * (cis if cis is not None else torch.complex(cos, sin))).flatten(-2)
     out = out.to(x.dtype)
     return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
 
@@ -196,7 +198,8 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, softcap: float, rep: int) -> Tensor:
+def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, softcap: float, rep: int,
+            causal: bool = True) -> Tensor:
     """Plain attention with GQA by reshaping the query heads (no copies of K/V): q [B, H, T, hd],
     k/v [B, Hkv, S, hd], mask [T, S] bool (True = attend) or None for causal."""
     B, H, T, hd = q.shape
@@ -205,9 +208,10 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, 
     s = (qg.float() @ k.float().transpose(-1, -2)) * scale  # [B, Hkv, rep*T, S]
     if softcap:
         s = softcap * torch.tanh(s / softcap)
-    if mask is None:
+    if mask is None and causal:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-    s = s.view(B, H // rep, rep, T, S).masked_fill(~mask, float("-inf")).view(B, H // rep, rep * T, S)
+    if mask is not None:
+        s = s.view(B, H // rep, rep, T, S).masked_fill(~mask, float("-inf")).view(B, H // rep, rep * T, S)
     y = s.softmax(-1) @ v.float()  # [B, Hkv, rep*T, hd_v]
     return y.view(B, H, T, -1).to(q.dtype)
 
@@ -225,7 +229,8 @@ class Block(nn.Module):
     def _lin(self, name: str, x: Tensor) -> Tensor:
         return getattr(self, name)(x)  # a plain/quantized linear, or the LoRA wrapper around it
 
-    def attention(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None) -> Tensor:
+    def attention(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None,
+                  cis: Tensor | None = None) -> Tensor:
         a = self.args
         B, T, _ = x.shape
         if a.fused_qkv:
@@ -239,8 +244,8 @@ class Block(nn.Module):
         if a.qk_norm:
             q, k = self.attn_q_norm(q), self.attn_k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, hd]
-        q = apply_rope(q, cos, sin, a.neox, a.rope_dim)
-        k = apply_rope(k, cos, sin, a.neox, a.rope_dim)
+        q = apply_rope(q, cos, sin, a.neox, a.rope_dim, cis)
+        k = apply_rope(k, cos, sin, a.neox, a.rope_dim, cis)
         if input_pos is not None and self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
             end = int(input_pos[-1]) + 1  # attend only over the filled part of the cache
@@ -252,13 +257,17 @@ class Block(nn.Module):
             else q_pos
         mask = None
         causal_simple = (input_pos is None or self.kv_cache is None) and not (self.swa and a.sliding_window)
-        if not causal_simple:
+        all_visible = T == 1 and not (self.swa and a.sliding_window) and self.kv_cache is not None \
+            and input_pos is not None  # one new token sees the whole filled cache: no mask at all
+        if not causal_simple and not all_visible:
             mask = k_pos[None, :] <= q_pos[:, None]  # [T, S]
             if self.swa and a.sliding_window:
                 mask = mask & (q_pos[:, None] - k_pos[None, :] < a.sliding_window)
         scale = a.attn_scale if a.attn_scale is not None else 1.0 / math.sqrt(a.head_dim)
         rep = a.n_head // a.n_kv_head
-        if mask is None and not a.attn_softcap:  # training / scoring: fused causal SDPA
+        if all_visible:
+            y = _attend(q, k, v, None, scale, a.attn_softcap, rep, causal=False)
+        elif mask is None and not a.attn_softcap:  # training / scoring: fused causal SDPA
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=scale, enable_gqa=rep > 1)
         else:  # decoding (CPU SDPA with a mask is slow for one query) and gemma2's soft-capped scores
             y = _attend(q, k, v, mask, scale, a.attn_softcap, rep)
@@ -274,8 +283,9 @@ class Block(nn.Module):
         act = F.gelu(gate, approximate="tanh") if a.gemma else F.silu(gate)
         return self._lin("ffn_down", act * up)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None) -> Tensor:
-        h = self.attention(self.attn_norm(x), cos, sin, input_pos)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None,
+                cis: Tensor | None = None) -> Tensor:
+        h = self.attention(self.attn_norm(x), cos, sin, input_pos, cis)
         if self.args.post_norms:
             h = self.post_attention_norm(h)
         x = x + h
@@ -358,14 +368,15 @@ class Transformer(AdapterHost, nn.Module):
             key = blk.swa and a.arch == "gemma3"
             if key not in tables:
                 cos, sin = self._rope_for(blk.swa, tokens.device, n_pos)
-                tables[key] = (cos[pos], sin[pos])
-            cos, sin = tables[key]
+                cos, sin = cos[pos], sin[pos]
+                tables[key] = (cos, sin, None if a.neox else torch.complex(cos, sin))
+            cos, sin, cis = tables[key]
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 from torch.utils.checkpoint import checkpoint
 
-                x = checkpoint(blk, x, cos, sin, input_pos, use_reentrant=False)
+                x = checkpoint(blk, x, cos, sin, input_pos, cis, use_reentrant=False)
             else:
-                x = blk(x, cos, sin, input_pos)
+                x = blk(x, cos, sin, input_pos, cis)
         x = self.output_norm(x)
         logits = self.output(x).float()
         if a.final_softcap:

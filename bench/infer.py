@@ -1,0 +1,159 @@
+"""Inference speed on the SmolLM2-135M Q4_1 GGUF: toolkit vs llama-cpp-python vs transformers, one run.
+
+For each: load time, load-to-first-token (load + prompt prefill + first token), and decode speed for 128 greedy
+tokens (end-of-text masked so all three generate exactly 128). Same threads for all. Writes
+bench/results/infer.md.
+
+    python bench/infer.py [--threads 2] [--tokens 128] [--skip-hf]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+def bench_toolkit(path: str, n: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    from toolkit.infer.generate import GenStats, generate_tokens
+    from toolkit.model import load
+
+    t0 = time.perf_counter()
+    model, tok = load(path, device="cpu")
+    t_load = time.perf_counter() - t0
+    ids = tok.encode(PROMPT)
+    stats = GenStats()
+    it = generate_tokens(model, ids, n, temperature=0.0, stats=stats)
+    next(it)
+    t_first = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    rest = sum(1 for _ in it)
+    t_dec = time.perf_counter() - t1
+    # a second, warm run: the dequantized weight copies already exist
+    stats2 = GenStats()
+    it = generate_tokens(model, ids, n, temperature=0.0, stats=stats2)
+    next(it)
+    t2 = time.perf_counter()
+    rest2 = sum(1 for _ in it)
+    t_dec2 = time.perf_counter() - t2
+    return dict(load=t_load, first=t_first, tps=rest / t_dec, tps_warm=rest2 / t_dec2, n=rest + 1,
+                prompt_tokens=len(ids))
+
+
+def bench_llama_cpp(path: str, n: int, threads: int) -> dict:
+    import numpy as np
+    from llama_cpp import Llama
+
+    t0 = time.perf_counter()
+    llm = Llama(model_path=path, n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+    t_load = time.perf_counter() - t0
+    eos = [llm.token_eos()] + [i for i in (0, 2, 4)]
+
+    def no_eos(input_ids, scores):  # generate exactly n tokens, as the others do
+        scores[eos] = -np.inf
+        return scores
+
+    times = []
+    for chunk in llm.create_completion(PROMPT, max_tokens=n, temperature=0.0, top_k=1, stream=True,
+                                       logits_processor=[no_eos]):
+        times.append(time.perf_counter())
+    t_first = times[0] - t0
+    count = len(times)
+    tps = (count - 1) / (times[-1] - times[0]) if count > 1 else float("nan")
+    return dict(load=t_load, first=t_first, tps=tps, n=count)
+
+
+def bench_transformers(path: str, n: int, threads: int) -> dict:
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(threads)
+    p = Path(path)
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, torch_dtype=torch.float32).eval()
+    t_load = time.perf_counter() - t0
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=1, do_sample=False)
+        t_first = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        t_all = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, do_sample=False)
+        t_one = time.perf_counter() - t1
+    return dict(load=t_load, first=t_first, tps=(n - 1) / max(t_all - t_one, 1e-9), n=n)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "infer.md"))
+    args = ap.parse_args()
+    from toolkit.bundled import smollm2_gguf
+
+    path = str(smollm2_gguf())
+    res = {}
+    print("llama.cpp ...", file=sys.stderr)
+    res["llama.cpp (llama-cpp-python)"] = bench_llama_cpp(path, args.tokens, args.threads)
+    print("toolkit ...", file=sys.stderr)
+    res["toolkit"] = bench_toolkit(path, args.tokens, args.threads)
+    if not args.skip_hf:
+        print("transformers ...", file=sys.stderr)
+        res["transformers (GGUF load)"] = bench_transformers(path, args.tokens, args.threads)
+    ref = res["llama.cpp (llama-cpp-python)"]
+    ours = res["toolkit"]
+    try:
+        load_avg = os.getloadavg()[0]
+    except OSError:
+        load_avg = float("nan")
+    lines = [
+        "# Inference speed: SmolLM2-135M-Instruct Q4_1 GGUF, CPU",
+        "",
+        f"{args.threads} threads, greedy, {args.tokens} new tokens (end-of-text masked), prompt of "
+        f"{ours['prompt_tokens']} tokens; all measured in one run of `python bench/infer.py` "
+        f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average {load_avg:.1f} "
+        "at the end: the machine was shared, so compare the ratios, not the absolute figures).",
+        "",
+        "| | load (s) | load to first token (s) | decode (tok/s) | decode vs llama.cpp |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, r in res.items():
+        lines.append(f"| {name} | {r['load']:.2f} | {r['first']:.2f} | {r['tps']:.1f} | {r['tps'] / ref['tps']:.2f}x |")
+    lines.append(f"| toolkit, second generation (weights already dequantized) | | | {ours['tps_warm']:.1f} | "
+                 f"{ours['tps_warm'] / ref['tps']:.2f}x |")
+    lines += [
+        "",
+        f"toolkit vs llama.cpp: load-to-first-token {ours['first'] / ref['first']:.1f}x llama.cpp's time; "
+        f"decode {ours['tps'] / ref['tps']:.2f}x llama.cpp's speed.",
+        "",
+        "How toolkit runs it: weights stay packed (Q4_1/Q8_0 blocks, memory-mapped); each quantized linear "
+        "dequantizes itself to float32 once, on first use, and then runs plain float32 matmuls (on this AVX2 CPU "
+        "torch's int8/int4 weight-only kernels were 20-40x slower than float32 matmul for these shapes). The "
+        "first forward pays that dequantization (~0.4 GB of float32 for 135M parameters), which dominates "
+        "load-to-first-token.",
+    ]
+    text = "\n".join(lines) + "\n"
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
