@@ -58,6 +58,8 @@ def test_lora_linear_on_linear_and_quant_base():
         m.add("two", A2, B2, scale=2.0, user_scale=0.25)
         want = ref + 0.5 * (x @ A1.T) @ B1.T + 0.5 * (x @ A2.T) @ B2.T
         assert torch.allclose(m(x), want, rtol=1e-5, atol=1e-5)
+        with torch.no_grad():  # the inference path (fused addmm) computes the same
+            assert torch.allclose(m(x), want, rtol=1e-5, atol=1e-5)
         assert (m.base.weight if isinstance(base, nn.Linear) else m.base.qweight).data_ptr() == storage  # no copy
         wf = w if isinstance(base, nn.Linear) else base.weight_float()
         assert torch.allclose(m.merged_weight(), wf + 0.5 * B1 @ A1 + 0.5 * B2 @ A2, atol=1e-5)
