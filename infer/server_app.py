@@ -94,9 +94,26 @@ class JobStream:
         except RuntimeError:  # the event loop is gone (server shutting down): nobody is listening
             self.cancelled.set()
 
-    async def events(self) -> AsyncIterator[tuple]:
+    async def events(self, request: Request | None = None) -> AsyncIterator[tuple]:
+        """The job's events until its end. With `request`, a client that hangs up while it waits (queued behind
+        other requests, or mid-generation) cancels the job, so no compute is spent on an answer nobody reads."""
+        checked = self.loop.time()
         while True:
-            ev = await self.queue.get()
+            if request is None:
+                ev = await self.queue.get()
+            else:
+                try:
+                    ev = await asyncio.wait_for(self.queue.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    ev = None
+                # checked on a clock, not only when idle: while tokens flow the queue never times out
+                if self.loop.time() - checked >= 0.5:
+                    checked = self.loop.time()
+                    if await request.is_disconnected():
+                        self.cancelled.set()
+                        return
+                if ev is None:
+                    continue
             yield ev
             if ev[0] != "text":
                 return
@@ -188,10 +205,10 @@ def create_app(engine: Engine, api_key: str | None = None, adapter_dir: str | No
             raise
         return stream
 
-    async def run_to_end(stream: JobStream) -> tuple[str, str, int, int]:
+    async def run_to_end(stream: JobStream, request: Request) -> tuple[str, str, int, int]:
         parts: list[str] = []
         try:
-            async for ev in stream.events():
+            async for ev in stream.events(request):
                 if ev[0] == "text":
                     parts.append(ev[1])
                 elif ev[0] == "error":
@@ -232,7 +249,7 @@ def create_app(engine: Engine, api_key: str | None = None, adapter_dir: str | No
         rid, model = new_id("cmpl"), backend.model_id
         prefix = (req.prompt if isinstance(req.prompt, str) else backend.decode(ids)) if req.echo else ""
         if not req.stream:
-            text, finish, n_p, n_c = await run_to_end(stream)
+            text, finish, n_p, n_c = await run_to_end(stream, request)
             return completion_body(rid, model, prefix + text, finish, usage(n_p, n_c))
 
         def last(finish: str, use: dict) -> list[dict]:
@@ -252,7 +269,7 @@ def create_app(engine: Engine, api_key: str | None = None, adapter_dir: str | No
         stream = admit(req, ids)
         rid, model = new_id("chatcmpl"), backend.model_id
         if not req.stream:
-            text, finish, n_p, n_c = await run_to_end(stream)
+            text, finish, n_p, n_c = await run_to_end(stream, request)
             return chat_body(rid, model, text, finish, usage(n_p, n_c))
 
         def last(finish: str, use: dict) -> list[dict]:

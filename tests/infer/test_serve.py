@@ -256,6 +256,30 @@ def test_client_disconnect_stops_generation(scripted):
     assert time.time() - t0 < 1.0
 
 
+def test_client_that_gives_up_waiting_is_not_served(scripted):
+    """A non-streaming client that times out while queued/generating: its job is dropped, not computed."""
+    c, backend, _ = scripted
+    backend.delay, backend.n_ctx = 0.02, 1000  # room for the 200 tokens asked below
+    backend.tokens = 0
+    orig = backend.generate
+
+    def counting(prompt_ids, sampling):
+        for tok in orig(prompt_ids, sampling):
+            backend.tokens += 1
+            yield tok
+
+    backend.generate = counting
+    with pytest.raises(httpx.ReadTimeout):
+        c.post("/v1/completions", json={"prompt": "w", "max_tokens": 200}, timeout=0.5)  # 4 s of work
+    time.sleep(1.5)
+    seen = backend.tokens
+    time.sleep(0.5)
+    # generation had started, and stopped within ~1 s of the client leaving (all 200 would take 4 s)
+    assert 0 < seen == backend.tokens < 200, (seen, backend.tokens)
+    r = c.post("/v1/completions", json={"prompt": "w", "max_tokens": 3, "seed": 1}, timeout=30)
+    assert r.json()["choices"][0]["text"] == expected(backend, "w", {"lora0": 1.0, "lora1": 0.5}, 1, 3)
+
+
 def test_busy_server_answers_503(tmp_path):
     backend = ScriptedBackend(delay=0.05)
     app, engine = build(ServeConfig(model="scripted", max_queue=2), backend=backend)
