@@ -15,8 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
+
+for _dep in ("fastapi", "uvicorn", "httpx"):  # the `serve` extra and the test client (pyproject)
+    pytest.importorskip(_dep)
+import httpx  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from serve_helpers import ScriptedBackend, process_server, thread_server  # noqa: E402
