@@ -144,6 +144,11 @@ def main() -> int:
         "torch's int8/int4 weight-only kernels were 20-40x slower than float32 matmul for these shapes). The "
         "first forward pays that dequantization (~0.4 GB of float32 for 135M parameters), which dominates "
         "load-to-first-token.",
+        "",
+        "Caveat: on a quiet machine llama.cpp decodes this model at ~130 tok/s with 2 threads and loads in 0.15 s "
+        "(measured earlier, alone); when the load average is far above the core count, every engine slows by "
+        "one to two orders of magnitude and llama.cpp's spinning worker threads suffer most, so re-run "
+        "`python bench/infer.py` on an idle machine before quoting these ratios.",
     ]
     text = "\n".join(lines) + "\n"
     out = Path(args.out)

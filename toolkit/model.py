@@ -1,8 +1,9 @@
 """A GGUF-native transformer (gpt-fast style): hyper-parameters from GGUF metadata, modules named as GGUF tensors.
 
 `model.get_submodule("blk.3.attn_q")` is the linear that the GGUF tensor `blk.3.attn_q.weight` fills, so GGUF
-LoRA adapters map without renaming. Quantized weights stay packed (toolkit.quants.QuantLinear); F32/F16/BF16
-weights are zero-copy views on the memory-mapped file where the dtype allows.
+LoRA adapters map without renaming. Quantized weights stay packed (CachedQuantLinear, a toolkit.quants.QuantLinear
+that also keeps a float copy made on first use, for speed); F32/F16/BF16 weights are zero-copy views on the
+memory-mapped file where the dtype allows.
 
 Semantics follow llama.cpp's graph for each architecture (llama-model.cpp), not transformers':
   * RoPE: llama uses ggml's "normal" mode (adjacent pairs: the converter permuted Q/K rows for it); qwen2,
@@ -522,7 +523,12 @@ def build(g: GGUFFile, dtype: torch.dtype = torch.float32, **overrides: Any) -> 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
     if str(device) != "auto":
-        return torch.device(device)
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ToolkitError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+        if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ToolkitError("--device mps: MPS is not available on this machine")
+        return dev
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
