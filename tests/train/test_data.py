@@ -215,3 +215,23 @@ def test_read_records_jsonl_csv_and_errors(tmp_path):
         read_records(tmp_path / "bad.jsonl")
     with pytest.raises(ToolkitError, match="no such file"):
         read_records(tmp_path / "missing.jsonl")
+
+
+def test_save_to_disk_dataset_dict_gives_train_validation_test(tmp_path, smol_tok, smollm2_path):
+    import datasets
+
+    from toolkit.train.finetune import FinetuneConfig, load_data
+
+    rows = lambda n, k: datasets.Dataset.from_list([{"text": f"{k} number {i}"} for i in range(n)])  # noqa: E731
+    datasets.DatasetDict({"train": rows(5, "train"), "validation": rows(2, "val"), "test": rows(3, "test")}) \
+        .save_to_disk(str(tmp_path / "ds"))
+    cfg = FinetuneConfig(model_base=str(smollm2_path), train_data=str(tmp_path / "ds"), ctx=16)
+    d = load_data(cfg, smol_tok, [])
+    assert (len(d.train), len(d.val), len(d.test)) == (5, 2, 3)
+    first = d.train.tokens[d.train.begins[0]:d.train.begins[0] + d.train.sizes[0]].tolist()
+    assert smol_tok.decode(first[:-1]) == "train number 0" and first[-1] == smol_tok.eos_id
+    (tmp_path / "p.parquet").write_bytes(b"")
+    rows(4, "pq").to_parquet(str(tmp_path / "p.parquet"))
+    cfg = FinetuneConfig(model_base=str(smollm2_path), train_data=str(tmp_path / "p.parquet"), ctx=16, val_split=0.25)
+    d = load_data(cfg, smol_tok, [])
+    assert (len(d.train), len(d.val)) == (3, 1) and d.test is None
