@@ -116,27 +116,29 @@ def main() -> int:
     rng = np.random.default_rng(0)
     prompt = [1] + rng.integers(100, 40000, 15).tolist()
     steps = rng.integers(100, 40000, args.tokens).tolist()
-    labels = ("none", "lora")
+    labels = ("none", "off", "lora")
     rows: list[tuple[str, int, dict[str, tuple[float, float]]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         adapter = make_adapter(path, Path(tmp) / "r16.gguf")
+        plain, _ = load(path, device=args.device)  # never had an adapter: the baseline
         model, _ = load(path, device=args.device)
         name = model.load_adapter(adapter, scale=0.0)
         for threads in thread_counts:
             torch.set_num_threads(threads)
             toolkit_decode(model, prompt, steps[:8], device)  # warm-up
+            toolkit_decode(plain, prompt, steps[:8], device)
             runs: dict[str, list[tuple[float, float]]] = {k: [] for k in labels}
-            for _ in range(args.repeat):  # alternate, so machine load hits both alike
+            for _ in range(args.repeat):  # alternate, so machine load hits all alike
                 for label in labels:
                     model.set_adapters({name: 1.0} if label == "lora" else {})
-                    runs[label].append(toolkit_decode(model, prompt, steps, device))
+                    runs[label].append(toolkit_decode(plain if label == "none" else model, prompt, steps, device))
             rows.append((f"toolkit (torch {torch.__version__}, {args.device})", threads, _best(runs)))
             if not args.no_llama and args.device == "cpu":
-                runs = {k: [] for k in labels}
+                runs = {k: [] for k in ("none", "lora")}
                 files = {"none": None, "lora": adapter}
                 llama_decode(path, adapter, prompt, steps[:8], threads)
                 for _ in range(args.repeat):
-                    for label in labels:
+                    for label in ("none", "lora"):
                         runs[label].append(llama_decode(path, files[label], prompt, steps, threads))
                 rows.append(("llama.cpp (llama-cpp-python, CPU)", threads, _best(runs)))
     load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -147,16 +149,17 @@ def main() -> int:
         f"decode steps after a 16-token prompt, best of {args.repeat} alternating runs; "
         f"{platform.machine()}, load average {load_avg:.1f} during the run. `python bench/lora.py`",
         "",
-        "Wall-clock tok/s, and the same from process CPU time (robust on a shared machine, but it also counts",
-        "spin-waiting threads).",
+        "Wall-clock tok/s; overheads from wall time and from process CPU time (steadier on a shared machine, but it",
+        "also counts spin-waiting threads). `loaded, scale 0`: the adapter attached but switched off.",
         "",
-        "| engine | threads | no adapter tok/s | with adapter tok/s | adapter cost ms/token | overhead (wall) | "
-        "overhead (CPU time) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| engine | threads | no adapter tok/s | loaded, scale 0 tok/s | r=16 active tok/s | adapter ms/token | "
+        "overhead (wall) | overhead (CPU time) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, threads, r in rows:
         (w0, c0), (w1, c1) = r["none"], r["lora"]
-        lines.append(f"| {label} | {threads} | {args.tokens / w0:.1f} | {args.tokens / w1:.1f} | "
+        off = f"{args.tokens / r['off'][0]:.1f}" if "off" in r else "-"
+        lines.append(f"| {label} | {threads} | {args.tokens / w0:.1f} | {off} | {args.tokens / w1:.1f} | "
                      f"{1000 * (w1 - w0) / args.tokens:.2f} | {100 * (w1 / w0 - 1):+.1f}% | {100 * (c1 / c0 - 1):+.1f}% |")
     text = "\n".join(lines) + "\n"
     Path(args.out).write_text(text)

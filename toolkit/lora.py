@@ -44,6 +44,7 @@ class _LoRABase(nn.Module):
         self.user_scale: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
         self._active: list[tuple[str, float, float]] = []  # (key, effective scale, dropout), scale != 0 only
+        self._fast: list[tuple[Tensor, Tensor, float]] = []  # (A, B, scale) of the active adapters
 
     def add(self, name: str, a: Tensor, b: Tensor, scale: float, user_scale: float = 1.0,
             trainable: bool = False, dropout: float = 0.0) -> tuple[nn.Parameter, nn.Parameter]:
@@ -83,6 +84,13 @@ class _LoRABase(nn.Module):
     def _refresh(self) -> None:
         self._active = [(self._keys[n], self.user_scale[n] * self.alpha_scale[n], self.dropout[n])
                         for n in self._keys if self.user_scale[n] * self.alpha_scale[n] != 0.0]
+        # inference reads the parameters straight from this list: a decode step is bound by per-op overhead
+        self._fast = [(self.lora_a[k], self.lora_b[k], s) for k, s, _ in self._active]
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() / .half(): rebuild the views on the new tensors
+        out = super()._apply(fn, *args, **kwargs)
+        self._refresh()
+        return out
 
     def _device(self) -> torch.device:
         for t in list(self.base.parameters()) + list(self.base.buffers()):
@@ -110,12 +118,10 @@ class LoRALinear(_LoRABase):
         if not self._active:
             return y
         if not torch.is_grad_enabled() and y.dtype == x.dtype == torch.float32:
-            # inference: 2 BLAS calls per adapter, the add fused into the second (decode is op-count bound)
-            x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-            for key, s, _ in self._active:
-                a, b = self.lora_a[key], self.lora_b[key]
-                y2 = torch.addmm(y2, torch.mm(x2, a.t()), b.t(), alpha=s)  # [N, r] -> [N, out]
-            return y2.view(y.shape)
+            # inference: three ops per adapter (F.linear folds the batch dims in C++, no transposes)
+            for a, b, s in self._fast:
+                y = torch.add(y, F.linear(F.linear(x, a), b), alpha=s)  # [B, T, r] -> [B, T, out]
+            return y
         for key, s, p in self._active:
             a, b = self.lora_a[key], self.lora_b[key]
             h = F.dropout(x, p) if p and self.training else x
