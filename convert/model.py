@@ -477,12 +477,11 @@ def write_hf_dir(g: GGUFFile, out: str | Path, weight: Callable[[str], torch.Ten
                  dtype: str = "F32", progress: bool = True) -> None:
     """A transformers folder from a GGUF model: config.json, model.safetensors (dequantized, `dtype` F32/F16/BF16),
     tokenizer. `weight(name)` gives each GGUF tensor as float32 (default: dequantized); export-lora merges there."""
-    from toolkit.quants import dequantize
+    from .export_lora import dequantize_tensor
 
     if weight is None:
         def weight(name: str) -> torch.Tensor:
-            ti = g.tensors[name]
-            return dequantize(ti.raw(), ti.qtype, ti.shape)
+            return dequantize_tensor(g.tensors[name])
 
     cfg = hf_config(g)
     entries = []
@@ -528,12 +527,9 @@ def export_lora_hf(base: str | Path, out: str | Path, loras: Sequence[tuple[str,
     touched = {n for ad, _ in adapters for n in (*ad.tensors, *ad.norms)}
 
     def weight(name: str) -> torch.Tensor:
-        from toolkit.quants import dequantize
+        from .export_lora import dequantize_tensor
 
-        if name in touched:
-            return merged_weight(g, name, adapters)
-        ti = g.tensors[name]
-        return dequantize(ti.raw(), ti.qtype, ti.shape)
+        return merged_weight(g, name, adapters) if name in touched else dequantize_tensor(g.tensors[name])
 
     write_hf_dir(g, out, weight, dtype=dtype, progress=progress)
 
