@@ -469,6 +469,7 @@ def read_peft(path: str | Path, base: BaseInfo | None = None) -> Adapter:
     from safetensors.torch import load_file
 
     state = load_file(str(st))
+    gguf_meta = _gguf_metadata_from_st(st)
     halves: dict[str, dict[str, Tensor]] = {}
     norms: dict[str, Tensor] = {}
     for key, t in state.items():
@@ -527,7 +528,7 @@ def read_peft(path: str | Path, base: BaseInfo | None = None) -> Adapter:
     alpha_g, folded = _fold_scales(tensors, scales)
     if norms:
         _warn_norms(p)
-    extra = {"metadata": {}, "peft_config": cfg, "folded": folded}
+    extra = {"metadata": gguf_meta, "peft_config": cfg, "folded": folded}
     return Adapter(tensors, alpha_g, arch, str(cfg.get("base_model_name_or_path") or ""), norms, extra, p)
 
 
@@ -669,8 +670,37 @@ def write_peft_adapter(adapter: Adapter, out_dir: str | Path,
     if norm_modules:
         cfg["modules_to_save"] = sorted(set(norm_modules))
     with atomic_path(out_dir, directory=True) as tmp:
-        save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_file(state, str(tmp / "adapter_model.safetensors"), metadata=_st_metadata(adapter))
         (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+ST_GGUF_KEY = "toolkit.gguf_metadata"  # a GGUF adapter's other metadata, kept through PEFT for round trips
+
+
+def _st_metadata(adapter: Adapter) -> dict[str, str]:
+    """safetensors header metadata (strings; PEFT ignores it): the GGUF keys this adapter carried."""
+    meta = adapter.extra.get("metadata") or {}
+    out = {"format": "pt"}
+    if meta:
+        out[ST_GGUF_KEY] = json.dumps({k: [v.value, int(v.type), None if v.sub_type is None else int(v.sub_type)]
+                                       for k, v in meta.items()})
+    return out
+
+
+def _gguf_metadata_from_st(path: Path) -> dict[str, Any]:
+    from gguf import GGUFValueType
+    from gguf.gguf_writer import GGUFValue
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        raw = (f.metadata() or {}).get(ST_GGUF_KEY)
+    if not raw:
+        return {}
+    try:
+        return {k: GGUFValue(v, GGUFValueType(t), None if st is None else GGUFValueType(st))
+                for k, (v, t, st) in json.loads(raw).items()}
+    except (ValueError, TypeError):
+        raise ToolkitError(f"corrupt {ST_GGUF_KEY} metadata", str(path)) from None
 
 
 def _fresh_config(adapter: Adapter, modules: dict[str, str], info: BaseInfo | None) -> dict[str, Any]:

@@ -183,3 +183,21 @@ def test_ggla_to_gguf_loads_in_llama_cpp(tmp_path):
         d2 = model(torch.tensor([toks]))[0].numpy() - b0
     c = float((d.ravel() @ d2.ravel()) / np.linalg.norm(d) / np.linalg.norm(d2))
     assert c >= 0.99
+
+
+def test_gguf_metadata_survives_peft(hf_base, tmp_path):
+    """A GGUF adapter's own keys (general.name, ...) ride along in the PEFT safetensors header and come back."""
+    from toolkit.adapter import read_adapter, write_gguf_adapter
+    from toolkit.gguf_io import infer_value
+
+    _, src = make_peft(hf_base, tmp_path / "src", r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    ad = read_adapter(src, base=hf_base)
+    ad.extra["metadata"] = {"general.name": infer_value("my adapter"), "general.basename": infer_value("mine"),
+                            "general.size_label": infer_value("F32"), "training.steps": infer_value(120)}
+    first = tmp_path / "a.gguf"
+    write_gguf_adapter(ad, first)
+    convert_lora(first, tmp_path / "peft", base=hf_base)
+    convert_lora(tmp_path / "peft", tmp_path / "b.gguf", base=hf_base)
+    f1 = {k: (v.types, [bytes(p.tobytes()) for p in v.parts]) for k, v in gguf.GGUFReader(first).fields.items()}
+    f2 = {k: (v.types, [bytes(p.tobytes()) for p in v.parts]) for k, v in gguf.GGUFReader(tmp_path / "b.gguf").fields.items()}
+    assert f1 == f2 and "general.name" in f1
