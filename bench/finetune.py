@@ -223,6 +223,7 @@ def main() -> int:
 
     import platform
 
+    load_before = os.getloadavg()[0]
     rows = []
     for ckpt in (False, True):
         peft = run_worker("peft", ["--steps", str(a.steps), "--ckpt", str(int(ckpt))], a.threads, 1800)
@@ -253,7 +254,9 @@ def main() -> int:
         f"down of every block, AdamW; {a.steps} steps per configuration (tokens/s over steps 2..{a.steps}), each in "
         f"its own process; peak = the process's peak RSS. {a.threads} threads, {cpu}. PEFT side: transformers' GGUF "
         "loader (dequantized to float32) + PEFT LoRA + torch AdamW, same token count per step. Measured in one run "
-        "of `python bench/finetune.py`.",
+        f"of `python bench/finetune.py`; the machine was shared (1-minute load average {load_before:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores): absolute tokens/s are low, the ratios are "
+        "what compares.",
         "",
         "| gradient checkpointing | PEFT tok/s | PEFT peak GB | toolkit (packed base) tok/s | peak GB | "
         "speed vs PEFT | memory vs PEFT | toolkit --cache-base tok/s | peak GB |",
@@ -267,14 +270,18 @@ def main() -> int:
               "167 tok/s / 1.90 GB (no checkpointing), 117 tok/s / 1.43 GB (checkpointing)."]
     if big is not None:
         lines += ["", "## 3B-shaped Q8_0 base (llama.cpp finetune guide's setting)", "",
-                  f"open_llama 3B v2 shapes, random Q8_0 weights ({big['model_gb']:.2f} GB file), ctx {CTX}, batch 1, "
+                  "open_llama 3B v2 shapes (26 blocks, 3200 wide, ffn 8640, untied) with SmolLM2's 49152-token "
+                  "vocabulary (so 3.5B parameters instead of 3.4B), "
+                  f"random Q8_0 weights ({big['model_gb']:.2f} GB file), ctx {CTX}, batch 1, "
                   f"r 4, gradient checkpointing, {a.steps_3b} iteration(s) of {big['s_per_iter']:.0f} s; "
                   f"measured {big.get('measured', '')} (`--skip-3b` reuses bench/results/finetune-3b.json).",
                   "",
                   "| | peak RSS GB | of which the model file (mmap) | training buffers |",
                   "|---|---|---|---|",
                   f"| toolkit | {big['peak_gb']:.2f} | {big['model_gb']:.2f} | {big['peak_gb'] - big['model_gb']:.2f} |",
-                  "| llama.cpp finetune (guide) | 3.02 + model | model | 3.02 |"]
+                  "| llama.cpp finetune (guide) | 3.02 + model | model | 3.02 |",
+                  "",
+                  "The model file is memory-mapped and stays packed; its pages count in the RSS once touched."]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
