@@ -110,3 +110,13 @@ def test_streaming_never_splits_utf8(smollm2_path):
     pieces = list(detokenize_stream(tok, iter(ids)))
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == text
+
+
+def test_public_api_one_liners(tiny_llama, tiny):
+    import toolkit
+
+    model, tok = toolkit.load(tiny_llama, device="cpu")
+    text = toolkit.generate(model, tok, "Once upon a time", 8, temperature=0.0, ignore_eos=True)
+    m2, t2 = tiny
+    assert text == generate(m2, t2, "Once upon a time", 8, temperature=0.0, ignore_eos=True)
+    assert text == tok.decode(llama_greedy(tiny_llama, tok.encode("Once upon a time"), 8))
