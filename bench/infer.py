@@ -141,7 +141,7 @@ def main() -> int:
         "",
         "How toolkit runs it: weights stay packed (Q4_1/Q8_0 blocks, memory-mapped); each quantized linear "
         "dequantizes itself to float32 once, on first use, and then runs plain float32 matmuls (on this AVX2 CPU "
-        "torch's int8/int4 weight-only kernels were 20-40x slower than float32 matmul for these shapes). The "
+        "torch's int8/int4 weight-only kernels were 10-40x slower than float32 matmul for these shapes). The "
         "first forward pays that dequantization (~0.4 GB of float32 for 135M parameters), which dominates "
         "load-to-first-token.",
         "",
