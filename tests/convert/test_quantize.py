@@ -74,7 +74,7 @@ def _supported(qtype: str) -> bool:
 
 
 LEGACY = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16", "BF16", "F32"]
-KQUANTS = ["Q2_K", "Q3_K_S", "Q4_K_S", "Q5_K_S", "Q6_K"]
+KQUANTS = ["Q3_K_S", "Q4_K_S", "Q5_K_S", "Q6_K"]
 
 
 @pytest.mark.parametrize("qtype", ["Q4_K_M", "Q3_K_L", "Q2_K"])
