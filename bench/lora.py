@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from toolkit.adapter import Adapter, BaseInfo, LoraPair, write_gguf_adapter  # noqa: E402
-from toolkit.bundled import smollm2_gguf  # noqa: E402
-from toolkit.model import load  # noqa: E402
+from toolkit.adapter import Adapter, BaseInfo, LoraPair, write_gguf_adapter
+from toolkit.bundled import smollm2_gguf
+from toolkit.model import load
 
 RANK = 16
 
@@ -145,15 +145,15 @@ def main() -> int:
     lines = [
         "# LoRA decode overhead",
         "",
-        f"SmolLM2-135M-Instruct Q4_1, one r={RANK} adapter on all 210 block linears (F32 A/B), {args.tokens} "
-        f"decode steps after a 16-token prompt, best of {args.repeat} alternating runs; "
-        f"{platform.machine()}, load average {load_avg:.1f} during the run. `python bench/lora.py`",
+        (f"SmolLM2-135M-Instruct Q4_1, one r={RANK} adapter on all 210 block linears (F32 A/B), {args.tokens} "
+         f"decode steps after a 16-token prompt, best of {args.repeat} alternating runs; "
+         f"{platform.machine()}, load average {load_avg:.1f} during the run. `python bench/lora.py`"),
         "",
         "Wall-clock tok/s; overheads from wall time and from process CPU time (steadier on a shared machine, but it",
         "also counts spin-waiting threads). `loaded, scale 0`: the adapter attached but switched off.",
         "",
-        "| engine | threads | no adapter tok/s | loaded, scale 0 tok/s | r=16 active tok/s | adapter ms/token | "
-        "overhead (wall) | overhead (CPU time) |",
+        ("| engine | threads | no adapter tok/s | loaded, scale 0 tok/s | r=16 active tok/s | adapter ms/token | "
+         "overhead (wall) | overhead (CPU time) |"),
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, threads, r in rows:

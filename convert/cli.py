@@ -26,7 +26,8 @@ class ConvertModelConfig:
 def model_main(argv: list[str]) -> int:
     cfg = parse_config(ConvertModelConfig, argv, prog="toolkit convert model",
                        description="Convert a model between Hugging Face safetensors and GGUF.")
-    from toolkit.convert.model import convert_model  # lazy: written separately, heavy imports
+    # lazy: written separately, heavy imports
+    from toolkit.convert.model import convert_model
 
     out = convert_model(cfg.input, cfg.output, cfg.outtype)
     print(f"wrote {out if out is not None else cfg.output}")

@@ -9,7 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from toolkit.adapter import OUTTYPES, BaseInfo, read_adapter, write_gguf_adapter, write_peft_adapter
+from toolkit.adapter import (
+    OUTTYPES,
+    BaseInfo,
+    read_adapter,
+    write_gguf_adapter,
+    write_peft_adapter,
+)
 from toolkit.config import arg, parse_config
 from toolkit.errors import ToolkitError
 

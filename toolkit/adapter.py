@@ -21,9 +21,10 @@ import re
 import struct
 import warnings
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -102,7 +103,7 @@ class BaseInfo:
     path: str = ""
 
     @classmethod
-    def of(cls, base: "BaseInfo | GGUFFile | str | Path | None") -> "BaseInfo | None":
+    def of(cls, base: BaseInfo | GGUFFile | str | Path | None) -> BaseInfo | None:
         if base is None or isinstance(base, BaseInfo):
             return base
         if isinstance(base, GGUFFile):
@@ -111,7 +112,7 @@ class BaseInfo:
         return cls.from_hf_dir(p) if p.is_dir() else cls.from_gguf(open_gguf(p))
 
     @classmethod
-    def from_gguf(cls, g: GGUFFile) -> "BaseInfo":
+    def from_gguf(cls, g: GGUFFile) -> BaseInfo:
         def first(v: Any) -> int:
             return int(v[0] if isinstance(v, list) else v)
 
@@ -121,7 +122,7 @@ class BaseInfo:
         return cls(g.arch, n_head, n_kv, shapes, "output.weight" not in shapes, str(g.get("general.name", "")), g.path)
 
     @classmethod
-    def from_hf_dir(cls, path: Path) -> "BaseInfo":
+    def from_hf_dir(cls, path: Path) -> BaseInfo:
         cfg_path = path / "config.json"
         if not cfg_path.is_file():
             raise ToolkitError("no config.json: --base must be a GGUF model or a Hugging Face model folder", str(path))
@@ -262,7 +263,7 @@ def read_gguf_adapter(path: str | Path, base: BaseInfo | None = None) -> Adapter
     pairs: dict[str, dict[str, TensorInfo]] = {}
     norm_infos: dict[str, TensorInfo] = {}
     for name, t in g.tensors.items():
-        if name.endswith(".lora_a") or name.endswith(".lora_b"):
+        if name.endswith((".lora_a", ".lora_b")):
             pairs.setdefault(name[:-7], {})[name[-1]] = t
         elif is_norm(name):
             norm_infos[name] = t
@@ -473,7 +474,7 @@ def read_peft(path: str | Path, base: BaseInfo | None = None) -> Adapter:
     halves: dict[str, dict[str, Tensor]] = {}
     norms: dict[str, Tensor] = {}
     for key, t in state.items():
-        k = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        k = key.removeprefix(PEFT_PREFIX)
         if "lora_magnitude_vector" in k:
             raise ToolkitError("DoRA adapters (lora_magnitude_vector) are not supported", p)
         suffix = next((s for s in _PEFT_SUFFIXES if k.endswith(s)), None)
@@ -732,8 +733,8 @@ def _target_modules(modules: dict[str, str], info: BaseInfo | None) -> list[str]
     covered = set(modules)
     out: list[str] = []
     for leaf in leaves:
-        base_names = [n for n in info.shapes if n.endswith(".weight") and
-                      (lambda hf: hf is not None and N.hf_leaf(hf[:-7]) == leaf)(N.gguf_to_hf(info.arch, n))]
+        hf_names = {n: N.gguf_to_hf(info.arch, n) for n in info.shapes if n.endswith(".weight")}
+        base_names = [n for n, hf in hf_names.items() if hf is not None and N.hf_leaf(hf[:-7]) == leaf]
         if info.tied and leaf == "lm_head":
             base_names.append("output.weight")
         if all(n in covered for n in base_names):

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+import oracle_llama
 import pytest
 import torch
-
-import oracle_llama
 from tiny import make_tiny_gguf
-from toolkit.cli import main as toolkit_main
 from toolkit.convert.lora import convert_lora
+
+from toolkit.cli import main as toolkit_main
 
 needs_llama = pytest.mark.skipif(not oracle_llama.available(), reason="llama-cpp-python not installed")
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -68,10 +68,10 @@ def cfg(d: Path) -> dict:
 
 
 EXACT = {
-    "plain": dict(r=8, lora_alpha=16, target_modules=ALL),
-    "rank_pattern": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"],
-                         rank_pattern={"model.layers.1.self_attn.k_proj": 8, "down_proj": 2}),
-    "rslora": dict(r=4, lora_alpha=6, target_modules=["q_proj", "v_proj"], use_rslora=True),
+    "plain": {"r": 8, "lora_alpha": 16, "target_modules": ALL},
+    "rank_pattern": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "down_proj"],
+                         "rank_pattern": {"model.layers.1.self_attn.k_proj": 8, "down_proj": 2}},
+    "rslora": {"r": 4, "lora_alpha": 6, "target_modules": ["q_proj", "v_proj"], "use_rslora": True},
 }
 
 

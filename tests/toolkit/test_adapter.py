@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import json
 import struct
-import warnings
 from pathlib import Path
 
 import gguf
 import numpy as np
+import oracle_llama
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-
-import oracle_llama
 from tiny import make_tiny_gguf
-from toolkit.adapter import (Adapter, BaseInfo, LoraPair, read_adapter, write_gguf_adapter, write_peft_adapter)
+
+from toolkit import names as N
+from toolkit.adapter import (
+    Adapter,
+    BaseInfo,
+    LoraPair,
+    read_adapter,
+    write_gguf_adapter,
+    write_peft_adapter,
+)
 from toolkit.errors import ToolkitError
 from toolkit.gguf_io import TensorSpec, write_gguf
-from toolkit import names as N
 
 needs_llama = pytest.mark.skipif(not oracle_llama.available(), reason="llama-cpp-python not installed")
 

@@ -7,13 +7,20 @@ import time
 from pathlib import Path
 
 import numpy as np
+import oracle_llama
 import pytest
 import torch
+from tiny import make_tiny_gguf
 from torch import nn
 
-import oracle_llama
-from tiny import make_tiny_gguf
-from toolkit.adapter import Adapter, BaseInfo, LoraPair, read_adapter, write_gguf_adapter, write_peft_adapter
+from toolkit.adapter import (
+    Adapter,
+    BaseInfo,
+    LoraPair,
+    read_adapter,
+    write_gguf_adapter,
+    write_peft_adapter,
+)
 from toolkit.errors import ToolkitError
 from toolkit.lora import LoRAEmbedding, LoRALinear
 from toolkit.model import load
@@ -131,12 +138,12 @@ def peft_adapter(gguf_path: Path, out: Path, seed: int = 0, std: float = 0.05, *
 
 
 VARIANTS = {
-    "plain": dict(r=8, lora_alpha=16, target_modules=ALL),
-    "patterns": dict(r=4, lora_alpha=8, target_modules=ALL + ["embed_tokens", "lm_head"],
-                     rank_pattern={"model.layers.1.self_attn.q_proj": 8, "down_proj": 2},
-                     alpha_pattern={"v_proj": 3, "model.layers.0.mlp.up_proj": 20}),
-    "rslora": dict(r=4, lora_alpha=6, target_modules=["q_proj", "k_proj", "lm_head"], use_rslora=True,
-                   rank_pattern={"k_proj": 8}),
+    "plain": {"r": 8, "lora_alpha": 16, "target_modules": ALL},
+    "patterns": {"r": 4, "lora_alpha": 8, "target_modules": ALL + ["embed_tokens", "lm_head"],
+                     "rank_pattern": {"model.layers.1.self_attn.q_proj": 8, "down_proj": 2},
+                     "alpha_pattern": {"v_proj": 3, "model.layers.0.mlp.up_proj": 20}},
+    "rslora": {"r": 4, "lora_alpha": 6, "target_modules": ["q_proj", "k_proj", "lm_head"], "use_rslora": True,
+                   "rank_pattern": {"k_proj": 8}},
 }
 
 

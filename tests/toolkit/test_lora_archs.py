@@ -7,10 +7,10 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import oracle_llama
 import pytest
 import torch
 
-import oracle_llama
 from toolkit.adapter import BaseInfo, read_adapter, write_gguf_adapter
 from toolkit.gguf_io import open_gguf
 from toolkit.model import load
@@ -32,9 +32,9 @@ def tokenizer_dir(smollm2_path, tmp_path_factory) -> Path:
 def tiny_hf(arch: str, folder: Path, tokenizer_dir: Path):
     import transformers
 
-    common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
-                  tie_word_embeddings=arch.startswith("gemma"), bos_token_id=1, eos_token_id=2, pad_token_id=None)
+    common = {"vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                  "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
+                  "tie_word_embeddings": arch.startswith("gemma"), "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None}
     cfg = {
         "llama": lambda: transformers.LlamaConfig(**common),
         "qwen2": lambda: transformers.Qwen2Config(**common),
@@ -68,7 +68,6 @@ def cos(a, b) -> float:
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"])
 def test_peft_adapter_on_converted_model(arch, tokenizer_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
-
     from toolkit.convert.model import convert_model
 
     hf_dir = tmp_path / "hf"
