@@ -17,7 +17,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -428,7 +428,8 @@ def hf_config(g: GGUFFile) -> dict[str, Any]:
         cfg["final_logit_softcapping"] = float(hp("final_logit_softcapping", 30.0))
     if hp("rope.scaling.type") == "linear":
         cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(hp("rope.scaling.factor"))}
-        cfg["rope_parameters"] = {"rope_type": "linear", "factor": float(hp("rope.scaling.factor")), "rope_theta": theta}
+        cfg["rope_parameters"] = {"rope_type": "linear", "factor": float(hp("rope.scaling.factor")),
+                                  "rope_theta": theta}
     return cfg
 
 

@@ -38,9 +38,10 @@ def random_adapter(base: Path, path: Path, targets=LINEAR, r: int = 8, alpha: fl
             continue
         out, inp = ti.shape
         if name == "token_embd.weight":  # a [r, n_vocab], b [n_embd, r] (see toolkit.adapter)
-            tensors[name] = LoraPair(torch.randn(r, out, generator=gen) * std * 5, torch.randn(inp, r, generator=gen) * std)
+            a, b = torch.randn(r, out, generator=gen), torch.randn(inp, r, generator=gen)
         else:
-            tensors[name] = LoraPair(torch.randn(r, inp, generator=gen) * std * 5, torch.randn(out, r, generator=gen) * std)
+            a, b = torch.randn(r, inp, generator=gen), torch.randn(out, r, generator=gen)
+        tensors[name] = LoraPair(a * std * 5, b * std)
     write_gguf_adapter(Adapter(tensors, alpha, g.arch), path)
     return path
 
@@ -131,7 +132,8 @@ def test_f32_merged_values_equal_gguf_py_oracle(smol):
     for t in base.tensors:
         o = out.tensors[t.name]
         if f"{t.name}.lora_a" not in ad[0][0]:
-            assert o.qtype == t.tensor_type and np.array_equal(o.raw().numpy().ravel(), np.asarray(t.data).view(np.uint8).ravel())
+            raw = np.asarray(t.data).view(np.uint8).ravel()
+            assert o.qtype == t.tensor_type and np.array_equal(o.raw().numpy().ravel(), raw)
             continue
         n_merged += 1
         if t.name not in check:  # dequantizing all 120 in numpy is slow; a sample of roles and layers
