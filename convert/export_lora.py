@@ -92,11 +92,10 @@ def forced_type(outtype: str) -> Q:
 
 
 def dequantize_tensor(ti: TensorInfo) -> torch.Tensor:
-    """float32 values of a GGUF tensor (torch shape), identical to ggml's to_float; the model's contiguous-op
-    path for Q4_0/Q4_1/Q8_0 is several times faster than the general one."""
-    from toolkit.model import fast_dequantize
+    """float32 values of a GGUF tensor (torch shape), identical to ggml's to_float."""
+    from toolkit.quants import dequantize
 
-    return fast_dequantize(ti.raw(), ti.qtype, ti.shape[-1] if ti.shape else 1).reshape(ti.shape)
+    return dequantize(ti.raw(), ti.qtype, ti.shape or (1,)).reshape(ti.shape)
 
 
 def merged_weight(g: GGUFFile, name: str, adapters: Sequence[tuple[Adapter, float]]) -> torch.Tensor:

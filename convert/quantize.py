@@ -236,12 +236,11 @@ def llama_order(names) -> list[str]:
 
 def requantize(ti: TensorInfo, qtype: Q) -> torch.Tensor | np.ndarray:
     """One tensor in `qtype`: raw bytes copied when the type is unchanged, else dequantize -> quantize."""
-    from toolkit.model import fast_dequantize
-    from toolkit.quants import quantize
+    from toolkit.quants import dequantize, quantize
 
     if ti.qtype == qtype:
         return ti.raw()
-    x = fast_dequantize(ti.raw(), ti.qtype, ti.shape[-1])  # [rows, cols] float32, ggml's to_float values
+    x = dequantize(ti.raw(), ti.qtype, (ti.raw().shape[0], ti.shape[-1]))  # [rows, cols], ggml's to_float values
     if qtype == Q.F32:
         return x
     if qtype == Q.F16:

@@ -1,8 +1,8 @@
 """A GGUF-native transformer (gpt-fast style): hyper-parameters from GGUF metadata, modules named as GGUF tensors.
 
 `model.get_submodule("blk.3.attn_q")` is the linear that the GGUF tensor `blk.3.attn_q.weight` fills, so GGUF
-LoRA adapters map without renaming. Quantized weights stay packed (CachedQuantLinear, a toolkit.quants.QuantLinear
-that also keeps a float copy made on first use, for speed); F32/F16/BF16 weights are zero-copy views on the
+LoRA adapters map without renaming. Quantized weights stay packed (toolkit.quants.QuantLinear
+with cache_weights on: a float copy is made on first use, for speed); F32/F16/BF16 weights are zero-copy views on the
 memory-mapped file where the dtype allows.
 
 Semantics follow llama.cpp's graph for each architecture (llama-model.cpp), not transformers':
@@ -396,58 +396,10 @@ def _float_tensor(t: TensorInfo, dtype: torch.dtype | None) -> Tensor:
     return w if dtype is None or w.dtype == dtype else w.to(dtype)
 
 
-def fast_dequantize(raw: Tensor, qtype: Q, cols: int) -> Tensor:
-    """uint8 [rows, row_bytes] -> float32 [rows, cols]; the common types with contiguous ops only (several
-    times faster than the general path on CPU), everything else through toolkit.quants.dequantize.
-    Values are identical to ggml's to_float (tests/toolkit/test_model.py checks against quants)."""
-    rows = raw.shape[0]
-    if qtype in (Q.Q4_0, Q.Q4_1):
-        bb = 18 if qtype == Q.Q4_0 else 20
-        b = raw.reshape(-1, bb)
-        d = b[:, : bb - 16].contiguous().view(torch.float16).float()  # [nb, 1 or 2]: d (, m)
-        qs = b[:, bb - 16:].contiguous()
-        q = torch.empty(qs.shape[0], 2, 16, dtype=torch.uint8, device=raw.device)
-        torch.bitwise_and(qs, 15, out=q[:, 0])
-        torch.bitwise_right_shift(qs, 4, out=q[:, 1])
-        w = q.reshape(-1, 32).float()
-        if qtype == Q.Q4_0:
-            return w.sub_(8).mul_(d).reshape(rows, cols)
-        return w.mul_(d[:, :1]).add_(d[:, 1:2]).reshape(rows, cols)
-    if qtype == Q.Q8_0:
-        b = raw.reshape(-1, 34)
-        d = b[:, :2].contiguous().view(torch.float16).float()
-        return b[:, 2:].contiguous().view(torch.int8).float().mul_(d).reshape(rows, cols)
-    from .quants import dequantize
-
-    return dequantize(raw, qtype, (rows, cols))
-
-
-class CachedQuantLinear(QuantLinear):
-    """A QuantLinear (packed blocks in `qweight`, what LoRA, export and finetune see) that, for speed, keeps a
-    dequantized copy made on first use: on this CPU (AVX2, no AVX-512) float32 matmuls are ~20x faster than
-    torch's int4/int8 weight-only kernels. `cache_weights = False` (class or instance) turns it off."""
-
-    cache_weights = True
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.cache_weights:
-            return super().forward(x)
-        w = self.__dict__.get("_wcache")
-        if w is None or w.dtype != x.dtype or w.device != x.device:
-            w = fast_dequantize(self.qweight, self.qtype, self.in_features).to(x.dtype)
-            self.__dict__["_wcache"] = w  # not a buffer: never saved, never counted
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
-
-    def drop_cache(self) -> None:
-        self.__dict__.pop("_wcache", None)
-
-    def _apply(self, fn, recurse=True):  # .to(device) and friends: rebuild the copy lazily
-        self.drop_cache()
-        return super()._apply(fn, recurse)
-
-
 def quant_linear(raw: Tensor, qtype: Q, in_f: int, out_f: int, bias: Tensor | None = None) -> nn.Module:
-    return CachedQuantLinear(raw, qtype, in_f, out_f, bias=bias)
+    lin = QuantLinear(raw, qtype, in_f, out_f, bias=bias)
+    lin.cache_weights = True  # inference speed; finetune turns it off to keep the base packed
+    return lin
 
 
 def _linear(t: TensorInfo, dtype: torch.dtype, bias: TensorInfo | None = None) -> nn.Module:

@@ -321,22 +321,13 @@ def _lora_tensors(model: torch.nn.Module, ranks: dict[str, int]) -> dict[str, to
 
 def _setup_packed_base(model: torch.nn.Module, cache: bool) -> None:
     """The quantized linears stay packed (unless --cache-base) and dequantize block rows on every use, forward
-    and backward. Their row chunks go through model.fast_dequantize (same values as ggml's to_float, ~2.5x
-    faster than the general dequantizer for Q4_0/Q4_1/Q8_0), and stay small so transients do not dominate."""
-    import types
-
-    from toolkit import model as M
+    and backward, in chunks small enough that transients do not dominate."""
     from toolkit.quants import QuantLinear
 
-    def chunk(self: QuantLinear, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
-        w = M.fast_dequantize(self.qweight[r0:r1], self.qtype, self.in_features)
-        return w if dtype == torch.float32 else w.to(dtype)
-
     for mod in model.modules():
-        if hasattr(mod, "cache_weights"):
+        if isinstance(mod, QuantLinear):
             mod.cache_weights = cache
-        if isinstance(mod, QuantLinear) and hasattr(M, "fast_dequantize"):
-            mod._chunk = types.MethodType(chunk, mod)
+            mod.drop_cache()
 
 
 def _param_groups(params: dict[str, torch.Tensor], cfg: FinetuneConfig) -> list[dict[str, Any]]:
@@ -364,9 +355,9 @@ def _head_weight(head: torch.nn.Module) -> Callable[[int, int], torch.Tensor] | 
     from toolkit.quants import QuantLinear
 
     if isinstance(head, QuantLinear):
-        cached = head.__dict__.get("_wcache") if getattr(head, "cache_weights", False) else None
-        if cached is not None:
-            return lambda r0, r1: cached[r0:r1].float()
+        if head.cache_weights:
+            cached = head.cached_weight(torch.float32)
+            return lambda r0, r1: cached[r0:r1]
         return lambda r0, r1: head._chunk(r0, r1, torch.float32)
     if isinstance(head, torch.nn.Linear) and not head.weight.requires_grad and head.bias is None:
         return lambda r0, r1: head.weight[r0:r1].float()

@@ -288,3 +288,19 @@ def test_quant_linear_cuda():
     torch.testing.assert_close(y.detach(), ref, rtol=1e-4, atol=1e-4)
     y.sum().backward()
     torch.testing.assert_close(x.grad, layer.weight_float().sum(0).expand(4, -1), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q6_K"])
+def test_cached_weights_mode_matches_packed_mode(qtype):
+    # inference keeps a dequantized copy (cache_weights); it must compute what the packed path computes
+    torch.manual_seed(0)
+    layer = QuantLinear.from_float(torch.randn(96, 256), qtype)
+    x = torch.randn(3, 5, 256)
+    packed = layer(x)
+    layer.cache_weights = True
+    cached = layer(x)
+    assert torch.allclose(cached, packed, rtol=1e-5, atol=1e-6 * packed.abs().max().item())
+    assert torch.equal(layer.cached_weight(torch.float32), dequantize(layer.qweight, qtype, (96, 256)))
+    assert set(layer.state_dict()) == {"qweight"}  # the copy is never saved
+    layer.to(torch.device("cpu"))
+    assert "_wcache" not in layer.__dict__  # moving rebuilds it lazily
