@@ -1,5 +1,5 @@
 """`toolkit convert lora`: PEFT <-> GGUF round trips (adapters made by PEFT itself), HF-folder bases, old GGLA in,
-refusals that write nothing. llama.cpp loading converted files is checked here and in tests/toolkit/test_lora.py."""
+refusals that write nothing. llama.cpp loading converted files is checked here and in tests/core/test_lora.py."""
 from __future__ import annotations
 
 import json
