@@ -144,16 +144,14 @@ class BaseInfo:
 
 
 def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes from a safetensors header (8-byte length + JSON) without reading the data."""
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise ToolkitError("truncated safetensors file", str(path))
-        (n,) = struct.unpack("<Q", head)
-        if n > 100_000_000:
-            raise ToolkitError("corrupt safetensors header", str(path))
-        meta = json.loads(fh.read(n))
-    return {k: tuple(v["shape"]) for k, v in meta.items() if k != "__metadata__"}
+    """Tensor shapes from a safetensors header, without reading the data."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ToolkitError(f"corrupt safetensors file ({str(e).splitlines()[0]})", str(path)) from None
 
 
 # --- validation against a base (llama.cpp's rules, on canonical shapes) ------------------------------------
