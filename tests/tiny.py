@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from toolkit.gguf_io import TensorSpec, open_gguf, write_gguf
@@ -73,6 +72,11 @@ def make_tiny_gguf(path: str | Path, n_layer: int = 2, dim: int = 64, n_head: in
     vocab = len(meta["tokenizer.ggml.tokens"].value)
     meta["llama.vocab_size"] = vocab
     tensors = llama_tensors(n_layer, dim, n_head, n_kv, ffn, vocab, tied, seed)
+    return write_tiny(path, meta, tensors, qtype)
+
+
+def write_tiny(path: str | Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor], qtype: str) -> Path:
+    """2-D weights in `qtype` (quantized with toolkit.quants where needed), 1-D tensors F32."""
     q = Q[qtype.upper()]
     if q not in (Q.F32, Q.F16):
         from toolkit.quants import quantize  # only quantized tiny models need it
@@ -190,17 +194,7 @@ def make_tiny_arch_gguf(path: str | Path, arch: str, n_layer: int | None = None,
         meta["tokenizer.ggml.tokens"] = GGUFValue(toks, tv.type, tv.sub_type)
     vocab = len(meta["tokenizer.ggml.tokens"].value)
     tensors = arch_tensors(arch, n_layer, dim, n_head, n_kv, hd, ffn, vocab, tied, seed)
-    q = Q[qtype.upper()]
-    if q not in (Q.F32, Q.F16):
-        from toolkit.quants import quantize
-    specs = []
-    for name, t in tensors.items():
-        tq = q if t.ndim == 2 else Q.F32
-        data = t if tq in (Q.F32, Q.F16) else quantize(t.reshape(-1, t.shape[-1]), tq)
-        specs.append(TensorSpec(name, tq, tuple(t.shape), data))
-    path = Path(path)
-    write_gguf(path, meta, specs)
-    return path
+    return write_tiny(path, meta, tensors, qtype)
 
 
 SPM_CORPUS = ("the quick brown fox jumps over the lazy dog . hello world , this is a small sentencepiece "
@@ -236,3 +230,45 @@ def spm_tokenizer_metadata() -> dict[str, Any]:
         "tokenizer.ggml.eos_token_id": GGUFValue(2, V.UINT32),
         "tokenizer.ggml.unknown_token_id": GGUFValue(0, V.UINT32),
     }
+
+
+def tiny_hf_config(arch: str, tied: bool, **over: Any):
+    """A 2-layer transformers config of `arch` with SmolLM2's vocabulary size (for HF-side tests)."""
+    import transformers
+
+    common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+                  tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=None)
+    gemma = dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=128)
+    cfg = {
+        "llama": lambda: transformers.LlamaConfig(**common),
+        "qwen2": lambda: transformers.Qwen2Config(**common),
+        "qwen3": lambda: transformers.Qwen3Config(head_dim=32, **common),
+        "gemma2": lambda: transformers.Gemma2Config(**gemma, **common),
+        "gemma3": lambda: transformers.Gemma3TextConfig(**gemma, **common),
+        "phi3": lambda: transformers.Phi3Config(**common),
+    }[arch]()
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def make_tiny_hf(arch: str, folder: Path, tokenizer_dir: Path, seed: int = 0, tied: bool = False, **over: Any):
+    """A random 2-layer transformers model of `arch`, saved (safetensors) with the tokenizer files of
+    `tokenizer_dir`; returns the model (eval mode). Weights are scaled so logits are not near-uniform."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_hf_config(arch, tied, **over)).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:  # gemma stores norms as w - 1
+                p.copy_((0.0 if arch.startswith("gemma") else 1.0) + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.15 if "embed" not in name else 0.5)
+    model.save_pretrained(folder, safe_serialization=True)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, folder / f.name)
+    return model.eval()

@@ -22,6 +22,7 @@ from toolkit.gguf_io import open_gguf
 pytest.importorskip("llama_cpp")
 transformers = pytest.importorskip("transformers")
 from oracle_llama import llama_logits, llama_tokenize  # noqa: E402
+from tiny import make_tiny_hf  # noqa: E402
 
 TOKS = list(range(1000, 1064))
 
@@ -35,37 +36,7 @@ def tokenizer_dir(smollm2_path, tmp_path_factory) -> Path:
 
 def tiny_hf(arch: str, folder: Path, tokenizer_dir: Path, seed: int = 0, tied: bool = False, **over) -> Path:
     """A 2-layer random model of `arch` saved with transformers' save_pretrained (safetensors)."""
-    import shutil
-
-    from transformers import AutoModelForCausalLM
-
-    common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
-                  tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=None)
-    cfgs = {
-        "llama": lambda: transformers.LlamaConfig(**common),
-        "qwen2": lambda: transformers.Qwen2Config(**common),
-        "qwen3": lambda: transformers.Qwen3Config(head_dim=32, **common),
-        "gemma2": lambda: transformers.Gemma2Config(head_dim=16, query_pre_attn_scalar=16, sliding_window=128,
-                                                    **common),
-        "gemma3": lambda: transformers.Gemma3TextConfig(head_dim=16, query_pre_attn_scalar=16, sliding_window=128,
-                                                        **common),
-        "phi3": lambda: transformers.Phi3Config(**common),
-    }
-    cfg = cfgs[arch]()
-    for k, v in over.items():
-        setattr(cfg, k, v)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg).float()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_((0.0 if arch.startswith("gemma") else 1.0) + 0.1 * torch.randn_like(p))
-            else:
-                p.normal_(0, 0.15 if "embed" not in name else 0.5)
-    model.save_pretrained(folder, safe_serialization=True)
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, folder / f.name)
+    make_tiny_hf(arch, folder, tokenizer_dir, seed=seed, tied=tied, **over)
     return folder
 
 

@@ -3,13 +3,14 @@ to GGUF (`toolkit convert model`), and toolkit runs the GGUF with the PEFT folde
 gemma norms, qwen biases in the base, llama's q/k permutation) and with its GGUF conversion in llama.cpp."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import oracle_llama
 import pytest
 import torch
+
+from tiny import make_tiny_hf
 
 from toolkit.adapter import BaseInfo, read_adapter, write_gguf_adapter
 from toolkit.gguf_io import open_gguf
@@ -30,33 +31,7 @@ def tokenizer_dir(smollm2_path, tmp_path_factory) -> Path:
 
 
 def tiny_hf(arch: str, folder: Path, tokenizer_dir: Path):
-    import transformers
-
-    common = {"vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                  "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
-                  "tie_word_embeddings": arch.startswith("gemma"), "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None}
-    cfg = {
-        "llama": lambda: transformers.LlamaConfig(**common),
-        "qwen2": lambda: transformers.Qwen2Config(**common),
-        "qwen3": lambda: transformers.Qwen3Config(head_dim=32, **common),
-        "gemma2": lambda: transformers.Gemma2Config(head_dim=16, query_pre_attn_scalar=16, sliding_window=128,
-                                                    **common),
-        "gemma3": lambda: transformers.Gemma3TextConfig(head_dim=16, query_pre_attn_scalar=16, sliding_window=128,
-                                                        **common),
-        "phi3": lambda: transformers.Phi3Config(**common),
-    }[arch]()
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).float()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_((0.0 if arch.startswith("gemma") else 1.0) + 0.1 * torch.randn_like(p))
-            else:
-                p.normal_(0, 0.15 if "embed" not in name else 0.5)
-    model.save_pretrained(folder, safe_serialization=True)
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, folder / f.name)
-    return model.eval()
+    return make_tiny_hf(arch, folder, tokenizer_dir, tied=arch.startswith("gemma"))
 
 
 def cos(a, b) -> float:
