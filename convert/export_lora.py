@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import LlamaFileType as FT
 
 from toolkit.adapter import Adapter, read_adapter
-from toolkit.config import arg, parse_config
+from toolkit.config import arg, parse_config, parse_lora_flags
 from toolkit.errors import ToolkitError
 from toolkit.gguf_io import GGUFFile, TensorInfo, TensorSpec, as_qtype, copy_metadata, open_gguf, write_gguf
 
@@ -35,32 +35,6 @@ FILE_TYPE_OF: dict[Q, FT] = {
     Q.Q2_K: FT.MOSTLY_Q2_K, Q.Q3_K: FT.MOSTLY_Q3_K_M, Q.Q4_K: FT.MOSTLY_Q4_K_M, Q.Q5_K: FT.MOSTLY_Q5_K_M,
     Q.Q6_K: FT.MOSTLY_Q6_K, Q.IQ4_NL: FT.MOSTLY_IQ4_NL, Q.IQ4_XS: FT.MOSTLY_IQ4_XS,
 }
-
-
-def parse_loras(lora: Sequence[str] = (), lora_scaled: Sequence[Sequence[str]] = ()) -> list[tuple[str, float]]:
-    """llama.cpp's forms: `--lora A[,B...]`, `--lora-scaled FNAME SCALE` and `--lora-scaled FNAME:SCALE[,...]`."""
-    out: list[tuple[str, float]] = []
-    for item in lora:
-        out += [(p, 1.0) for p in item.split(",") if p]
-    for group in lora_scaled:
-        group = list(group)
-        if len(group) == 2 and ":" not in group[1]:
-            items = [(group[0], group[1])]
-        elif len(group) == 1:
-            items = []
-            for part in group[0].split(","):
-                path, sep, scale = part.rpartition(":")
-                if not sep or not path:
-                    raise ToolkitError(f"--lora-scaled '{part}': expected FNAME:SCALE (or FNAME SCALE)")
-                items.append((path, scale))
-        else:
-            raise ToolkitError(f"--lora-scaled {' '.join(group)}: expected FNAME SCALE or FNAME:SCALE,...")
-        for path, scale in items:
-            try:
-                out.append((path, float(scale)))
-            except ValueError:
-                raise ToolkitError(f"--lora-scaled {path}: scale '{scale}' is not a number") from None
-    return out
 
 
 def check_conflicts(adapters: Sequence[tuple[Adapter, float]]) -> None:
@@ -186,7 +160,7 @@ class ExportLoraConfig:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(ExportLoraConfig, argv, prog="toolkit export-lora",
                        description="merge LoRA adapters into a GGUF base model")
-    loras = parse_loras(cfg.lora, cfg.lora_scaled)
+    loras = parse_lora_flags(cfg.lora, cfg.lora_scaled)
     if cfg.outtype.lower() == "hf":
         from .model import export_lora_hf
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from toolkit.config import arg, parse_config
+from toolkit.config import arg, parse_config, parse_lora_flags
 from toolkit.errors import ToolkitError
 
 
@@ -46,18 +46,6 @@ class InferConfig:
     verbose_prompt: bool = arg(False, "--verbose-prompt", help="print the prompt's tokens to stderr")
 
 
-def adapters_from(lora: list[str], lora_scaled: list[list[str]]) -> list[tuple[str, float]]:
-    """--lora FILE / --lora-scaled FILE SCALE -> [(file, scale), ...] in the order given."""
-    out = [(f, 1.0) for f in lora or []]
-    for item in lora_scaled or []:
-        f, s = item
-        try:
-            out.append((f, float(s)))
-        except ValueError:
-            raise ToolkitError(f"--lora-scaled {f} {s}: the scale must be a number") from None
-    return out
-
-
 def _prompt_text(cfg: InferConfig) -> str:
     if cfg.file:
         p = Path(cfg.file)
@@ -84,7 +72,7 @@ def infer(cfg: InferConfig, out=None) -> str:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
-    model, tok = load(cfg.model, device=cfg.device, dtype=cfg.dtype, adapters=adapters_from(cfg.lora, cfg.lora_scaled))
+    model, tok = load(cfg.model, device=cfg.device, dtype=cfg.dtype, adapters=parse_lora_flags(cfg.lora, cfg.lora_scaled))
     load_s = time.perf_counter() - t0
     n_ctx = cfg.ctx_size if cfg.ctx_size > 0 else model.args.ctx_len
     kw = dict(temperature=cfg.temp, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,

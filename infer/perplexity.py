@@ -79,7 +79,7 @@ def perplexity(model, tokens: Sequence[int], n_ctx: int, bos_id: int | None = No
 
 
 def main(argv: list[str] | None = None) -> int:
-    from toolkit.infer.cli import adapters_from
+    from toolkit.config import parse_lora_flags
     from toolkit.model import load
 
     cfg = parse_config(PerplexityConfig, argv, prog="toolkit perplexity", description=__doc__.splitlines()[0])
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     if not path.is_file():
         raise ToolkitError("text file not found", cfg.file)
     text = path.read_text(encoding="utf-8", errors="replace")
-    model, tok = load(cfg.model, device=cfg.device, dtype=cfg.dtype, adapters=adapters_from(cfg.lora, cfg.lora_scaled))
+    model, tok = load(cfg.model, device=cfg.device, dtype=cfg.dtype, adapters=parse_lora_flags(cfg.lora, cfg.lora_scaled))
     ids = tok.encode(text)
     print(f"tokenized {len(ids)} tokens; {len(ids) // cfg.ctx_size} chunks of {cfg.ctx_size}", file=sys.stderr)
     ppl = perplexity(model, ids, cfg.ctx_size, tok.bos_id if tok.add_bos else None, cfg.chunks, cfg.batch_size)

@@ -12,14 +12,13 @@ Layout: server_protocol.py (wire format), server_engine.py (adapters + model thr
 from __future__ import annotations
 
 import ipaddress
-import math
 import os
 import socket
 import sys
 from dataclasses import dataclass
 from typing import Any
 
-from toolkit.config import arg, parse_config
+from toolkit.config import arg, parse_config, parse_lora_flags
 from toolkit.errors import ToolkitError
 
 
@@ -47,19 +46,6 @@ class ServeConfig:
     max_queue: int = arg(64, help="requests that may wait for the model; more get HTTP 503")
 
 
-def adapter_specs(cfg: ServeConfig) -> list[tuple[str, float]]:
-    specs = [(p, 1.0) for p in cfg.lora]
-    for path, scale in cfg.lora_scaled:
-        try:
-            s = float(scale)
-        except ValueError:
-            raise ToolkitError(f"--lora-scaled scale {scale!r} is not a number", path) from None
-        if not math.isfinite(s):
-            raise ToolkitError(f"--lora-scaled scale {scale!r} is not finite", path)
-        specs.append((path, s))
-    return specs
-
-
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -82,7 +68,7 @@ def build(cfg: ServeConfig, backend: Any = None) -> tuple[Any, Any]:
         backend = ModelBackend.load(cfg.model, device=cfg.device, dtype=cfg.dtype, ctx_size=cfg.ctx_size,
                                     threads=cfg.threads, alias=cfg.alias)
     registry = AdapterRegistry()
-    for path, scale in adapter_specs(cfg):
+    for path, scale in parse_lora_flags(cfg.lora, cfg.lora_scaled):
         i, name = registry.reserve()
         backend.load_adapter(path, name)  # a bad file: ToolkitError naming it, before we listen
         registry.add(i, name, os.path.abspath(path), 0.0 if cfg.lora_init_without_apply else scale)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import typing
 from pathlib import Path
@@ -114,3 +115,33 @@ def parse_config(cls: type[T], argv: Sequence[str] | None, prog: str, descriptio
     if missing:
         parser.error("the following arguments are required: " + ", ".join("--" + m.replace("_", "-") for m in missing))
     return cls(**values)
+
+
+def parse_lora_flags(lora: Sequence[str] = (), lora_scaled: Sequence[Sequence[str]] = ()) -> list[tuple[str, float]]:
+    """llama.cpp's adapter flags -> [(file, scale), ...]: `--lora A[,B...]` (scale 1), `--lora-scaled FNAME SCALE`
+    and llama-export-lora's `--lora-scaled FNAME:SCALE[,...]`. Shared by infer, perplexity, serve, export-lora."""
+    out: list[tuple[str, float]] = []
+    for item in lora or ():
+        out += [(p, 1.0) for p in item.split(",") if p]
+    for group in lora_scaled or ():
+        group = list(group)
+        if len(group) == 2 and ":" not in group[1]:
+            items = [(group[0], group[1])]
+        elif len(group) == 1:
+            items = []
+            for part in group[0].split(","):
+                path, sep, scale = part.rpartition(":")
+                if not sep or not path:
+                    raise ToolkitError(f"--lora-scaled '{part}': expected FNAME:SCALE (or FNAME SCALE)")
+                items.append((path, scale))
+        else:
+            raise ToolkitError(f"--lora-scaled {' '.join(group)}: expected FNAME SCALE or FNAME:SCALE,...")
+        for path, scale in items:
+            try:
+                value = float(scale)
+            except ValueError:
+                raise ToolkitError(f"--lora-scaled {path}: scale '{scale}' is not a number") from None
+            if not math.isfinite(value):
+                raise ToolkitError(f"--lora-scaled {path}: scale '{scale}' is not finite")
+            out.append((path, value))
+    return out

@@ -14,7 +14,8 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from toolkit.adapter import Adapter, LoraPair, write_gguf_adapter, write_peft_adapter
-from toolkit.convert.export_lora import export_lora, main, parse_loras
+from toolkit.config import parse_lora_flags
+from toolkit.convert.export_lora import export_lora, main
 from toolkit.gguf_io import open_gguf
 
 pytest.importorskip("llama_cpp")
@@ -216,7 +217,7 @@ def test_peft_folder_gives_the_same_merge(tmp_path):
 
 
 def test_lora_flag_forms():
-    assert parse_loras(["a.gguf,b.gguf"], [["c.gguf", "0.5"], ["d.gguf:2,e:f.gguf:-1"]]) == [
+    assert parse_lora_flags(["a.gguf,b.gguf"], [["c.gguf", "0.5"], ["d.gguf:2,e:f.gguf:-1"]]) == [
         ("a.gguf", 1.0), ("b.gguf", 1.0), ("c.gguf", 0.5), ("d.gguf", 2.0), ("e:f.gguf", -1.0)]
 
 

@@ -52,3 +52,14 @@ def test_required_missing_exits_with_usage(capsys):
         parse_config(Cfg, [], prog="t")
     assert e.value.code == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_lora_flags_all_of_llama_cpps_forms():
+    from toolkit.config import parse_lora_flags
+
+    assert parse_lora_flags(["a.gguf,b.gguf"], [["c.gguf", "0.5"], ["d.gguf:2,e:f.gguf:-1"]]) == [
+        ("a.gguf", 1.0), ("b.gguf", 1.0), ("c.gguf", 0.5), ("d.gguf", 2.0), ("e:f.gguf", -1.0)]
+    for bad, message in [([["x.gguf", "half"]], "is not a number"), ([["x.gguf", "nan"]], "is not finite"),
+                         ([["x.gguf"]], "expected FNAME:SCALE"), ([["a", "1", "b"]], "expected FNAME SCALE")]:
+        with pytest.raises(ToolkitError, match=message):
+            parse_lora_flags([], bad)

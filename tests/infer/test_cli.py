@@ -8,7 +8,8 @@ import pytest
 
 from oracle_llama import llama_greedy
 from toolkit.cli import main as cli_main
-from toolkit.infer.cli import InferConfig, adapters_from
+from toolkit.config import parse_lora_flags
+from toolkit.infer.cli import InferConfig
 from toolkit.config import parse_config
 from toolkit.gguf_io import open_gguf
 from toolkit.tokenizer import Tokenizer
@@ -23,7 +24,7 @@ def test_flags_parse_like_llama_cpp():
     assert (cfg.n_predict, cfg.temp, cfg.top_k, cfg.top_p, cfg.min_p, cfg.seed, cfg.ctx_size, cfg.threads) == \
         (5, 0.3, 7, 0.5, 0.1, 3, 256, 2)
     assert cfg.ignore_eos and cfg.repeat_penalty == 1.1 and cfg.presence_penalty == 0.2
-    assert adapters_from(cfg.lora, cfg.lora_scaled) == [("a.gguf", 1.0), ("c", 1.0), ("b.gguf", 0.5)]
+    assert parse_lora_flags(cfg.lora, cfg.lora_scaled) == [("a.gguf", 1.0), ("c", 1.0), ("b.gguf", 0.5)]
 
 
 def test_greedy_output_equals_llama_cpp_and_timings_go_to_stderr(tiny_llama, capsys):
@@ -61,4 +62,4 @@ def test_errors_are_one_line(tiny_llama, tmp_path):
     assert r.returncode == 1 and "give a prompt" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run([sys.executable, "-m", "toolkit.cli", "infer", "-m", str(tiny_llama), "-p", "x",
                         "--lora-scaled", "a.gguf", "big"], capture_output=True, text=True)
-    assert r.returncode == 1 and "the scale must be a number" in r.stderr
+    assert r.returncode == 1 and "scale 'big' is not a number" in r.stderr
