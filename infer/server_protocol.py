@@ -10,7 +10,7 @@ import json
 import math
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -204,19 +204,20 @@ class UnloadRequest(BaseModel):
 
 @dataclass
 class Sampling:
-    """What the engine needs from a request: validated, resolved against the context size."""
+    """What the engine needs from a request: validated, resolved against the context size (the defaults live
+    on the request model above, once)."""
 
     max_tokens: int
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    ignore_eos: bool = False
-    stop: list[str] = field(default_factory=list)
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    repeat_penalty: float
+    presence_penalty: float
+    frequency_penalty: float
+    seed: int | None
+    ignore_eos: bool
+    stop: list[str]
 
 
 def sampling_of(req: SamplingFields, n_prompt: int, n_ctx: int) -> Sampling:
