@@ -115,7 +115,7 @@ def generate_tokens(model, prompt_ids: Sequence[int], max_tokens: int, temperatu
         t0 = time.perf_counter()
         tokens = torch.tensor([prompt_ids], dtype=torch.long, device=device)
         pos = torch.arange(len(prompt_ids), device=device)
-        logits = model(tokens, input_pos=pos)[0, -1]
+        logits = model(tokens, input_pos=pos, last_only=True)[0, -1]
         stats.prompt_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         for i in range(max_tokens):

@@ -355,7 +355,9 @@ class Transformer(AdapterHost, nn.Module):
             self._rope[key] = cached
         return cached
 
-    def forward(self, tokens: Tensor, input_pos: Tensor | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, input_pos: Tensor | None = None, last_only: bool = False) -> Tensor:
+        """last_only: logits of the last position only ([B, 1, V]); a prompt's prefill needs no more, and the
+        vocabulary head is the largest matmul of a small model."""
         a = self.args
         B, T = tokens.shape
         x = self.token_embd(tokens)  # [B, T, dim]
@@ -378,6 +380,8 @@ class Transformer(AdapterHost, nn.Module):
                 x = checkpoint(blk, x, cos, sin, input_pos, cis, use_reentrant=False)
             else:
                 x = blk(x, cos, sin, input_pos, cis)
+        if last_only:
+            x = x[:, -1:]
         x = self.output_norm(x)
         logits = self.output(x).float()
         if a.final_softcap:

@@ -276,3 +276,13 @@ def test_load_with_two_adapters_moves_logits_as_llama_cpp(tiny_llama, tmp_path):
     d_ref = (llama_logits(tiny_llama, ids, adapters) - llama_logits(tiny_llama, ids)).ravel()
     assert np.abs(d_ours).max() > 0.1  # the adapters matter
     assert d_ours @ d_ref / np.linalg.norm(d_ours) / np.linalg.norm(d_ref) > 0.999  # observed 0.9999993
+
+
+def test_last_only_gives_the_last_position(tiny_llama):
+    # prefill asks for the last logits only: same values (to matmul-shape rounding), no [T, vocab] tensor
+    model, _ = load(tiny_llama, device="cpu")
+    toks = torch.tensor([[1, 504, 3458, 314, 253, 1345, 28, 30]])
+    with torch.no_grad():
+        full, last = model(toks), model(toks, last_only=True)
+    assert last.shape == (1, 1, full.shape[-1])
+    assert torch.allclose(last[0, 0], full[0, -1], rtol=1e-5, atol=1e-5 * full.abs().max().item())
