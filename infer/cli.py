@@ -37,6 +37,8 @@ class InferConfig:
     ignore_eos: bool = arg(False, "--ignore-eos", help="keep generating past end-of-text")
     device: str = arg("auto", "--device", help="auto, cpu, cuda or mps", choices=["auto", "cpu", "cuda", "mps"])
     dtype: str = arg(None, "--dtype", help="compute dtype: f32, f16, bf16 (default: f32 on CPU, bf16 on CUDA)")
+    weights: str = arg("auto", "--weights", help="how quantized weights compute: auto (packed on CPU, float elsewhere), packed (CPU: int4/bf16 weight-only kernels for decoding, close to float), float (a dequantized copy: exact, 4-8x the memory)",
+                       choices=["auto", "packed", "float"])
     chat: bool = arg(False, "--chat", help="apply the GGUF chat template; interactive turns on a TTY")
     system: str = arg(None, "--system", help="system message for --chat")
     lora: list[str] = arg([], "--lora", action="append", metavar="FILE",
@@ -72,7 +74,8 @@ def infer(cfg: InferConfig, out=None) -> str:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
-    model, tok = load(cfg.model, device=cfg.device, dtype=cfg.dtype, adapters=parse_lora_flags(cfg.lora, cfg.lora_scaled))
+    model, tok = load(cfg.model, device=cfg.device, dtype=cfg.dtype, weights=cfg.weights,
+                      adapters=parse_lora_flags(cfg.lora, cfg.lora_scaled))
     load_s = time.perf_counter() - t0
     n_ctx = cfg.ctx_size if cfg.ctx_size > 0 else model.args.ctx_len
     kw = dict(temperature=cfg.temp, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,

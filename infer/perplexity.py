@@ -28,6 +28,8 @@ class PerplexityConfig:
     threads: int = arg(0, "-t", "--threads", help="CPU threads (0: torch's default)")
     device: str = arg("auto", "--device", help="auto, cpu, cuda or mps", choices=["auto", "cpu", "cuda", "mps"])
     dtype: str = arg(None, "--dtype", help="compute dtype: f32, f16, bf16")
+    weights: str = arg("auto", "--weights", help="how quantized weights compute: auto (packed on CPU, float elsewhere), packed (CPU: int4/bf16 weight-only kernels for decoding, close to float), float (a dequantized copy: exact, 4-8x the memory)",
+                       choices=["auto", "packed", "float"])
     lora: list[str] = arg([], "--lora", action="append", metavar="FILE", help="LoRA adapter, repeatable")
     lora_scaled: list[list[str]] = arg([], "--lora-scaled", action="append", nargs=2, metavar=("FILE", "SCALE"),
                                        help="LoRA adapter with a scale, repeatable")
@@ -89,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     if not path.is_file():
         raise ToolkitError("text file not found", cfg.file)
     text = path.read_text(encoding="utf-8", errors="replace")
-    model, tok = load(cfg.model, device=cfg.device, dtype=cfg.dtype, adapters=parse_lora_flags(cfg.lora, cfg.lora_scaled))
+    model, tok = load(cfg.model, device=cfg.device, dtype=cfg.dtype, weights=cfg.weights,
+                      adapters=parse_lora_flags(cfg.lora, cfg.lora_scaled))
     ids = tok.encode(text)
     print(f"tokenized {len(ids)} tokens; {len(ids) // cfg.ctx_size} chunks of {cfg.ctx_size}", file=sys.stderr)
     ppl = perplexity(model, ids, cfg.ctx_size, tok.bos_id if tok.add_bos else None, cfg.chunks, cfg.batch_size)

@@ -25,6 +25,7 @@ from gguf import GGMLQuantizationType as Q
 
 from .errors import ToolkitError
 from .gguf_io import GGUFFile, TensorInfo, open_gguf
+from .linear_group import drop_plans, group_forward
 from .lora import AdapterHost
 from .quants import QuantEmbedding, QuantLinear
 
@@ -152,7 +153,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op (decode is op-bound)
+            if x.is_cuda:
+                return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused kernel
+            # on CPU F.rms_norm is a composite of more ops than this (measured slower for decode)
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * self.weight.float()).to(x.dtype)
@@ -227,6 +231,10 @@ class Block(nn.Module):
         self.kv_cache: KVCache | None = None
         # linears and norms are assigned by the loader (see build), so nothing is allocated twice
 
+    def _apply(self, fn, recurse=True):  # .to(device) and friends: stacked group weights are rebuilt lazily
+        drop_plans(self)
+        return super()._apply(fn, recurse)
+
     def _lin(self, name: str, x: Tensor) -> Tensor:
         return getattr(self, name)(x)  # a plain/quantized linear, or the LoRA wrapper around it
 
@@ -238,7 +246,7 @@ class Block(nn.Module):
             qkv = self._lin("attn_qkv", x)
             q, k, v = qkv.split([a.n_head * a.head_dim, a.n_kv_head * a.head_dim, a.n_kv_head * a.head_dim], -1)
         else:
-            q, k, v = self._lin("attn_q", x), self._lin("attn_k", x), self._lin("attn_v", x)
+            q, k, v = group_forward(self, ("attn_q", "attn_k", "attn_v"), x)
         q = q.view(B, T, a.n_head, a.head_dim)
         k = k.view(B, T, a.n_kv_head, a.head_dim)
         v = v.view(B, T, a.n_kv_head, -1)
@@ -254,19 +262,21 @@ class Block(nn.Module):
             q_pos = input_pos
         else:
             q_pos = input_pos if input_pos is not None else torch.arange(T, device=x.device)
-        k_pos = torch.arange(k.shape[2], device=x.device) if input_pos is not None and self.kv_cache is not None \
-            else q_pos
         mask = None
         causal_simple = (input_pos is None or self.kv_cache is None) and not (self.swa and a.sliding_window)
         all_visible = T == 1 and not (self.swa and a.sliding_window) and self.kv_cache is not None \
             and input_pos is not None  # one new token sees the whole filled cache: no mask at all
         if not causal_simple and not all_visible:
+            k_pos = torch.arange(k.shape[2], device=x.device) if input_pos is not None and self.kv_cache is not None \
+                else q_pos
             mask = k_pos[None, :] <= q_pos[:, None]  # [T, S]
             if self.swa and a.sliding_window:
                 mask = mask & (q_pos[:, None] - k_pos[None, :] < a.sliding_window)
         scale = a.attn_scale if a.attn_scale is not None else 1.0 / math.sqrt(a.head_dim)
         rep = a.n_head // a.n_kv_head
-        if all_visible:
+        if all_visible and not a.attn_softcap and q.dtype == k.dtype:  # one fused op for the decode step
+            y = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=rep > 1)
+        elif all_visible:
             y = _attend(q, k, v, None, scale, a.attn_softcap, rep, causal=False)
         elif mask is None and not a.attn_softcap:  # training / scoring: fused causal SDPA
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=scale, enable_gqa=rep > 1)
@@ -280,7 +290,7 @@ class Block(nn.Module):
         if a.fused_up:  # phi3: ffn_up holds [gate; up]
             gate, up = self._lin("ffn_up", x).chunk(2, dim=-1)
         else:
-            gate, up = self._lin("ffn_gate", x), self._lin("ffn_up", x)
+            gate, up = group_forward(self, ("ffn_gate", "ffn_up"), x)
         act = F.gelu(gate, approximate="tanh") if a.gemma else F.silu(gate)
         return self._lin("ffn_down", act * up)
 
@@ -402,8 +412,30 @@ def _float_tensor(t: TensorInfo, dtype: torch.dtype | None) -> Tensor:
 
 def quant_linear(raw: Tensor, qtype: Q, in_f: int, out_f: int, bias: Tensor | None = None) -> nn.Module:
     lin = QuantLinear(raw, qtype, in_f, out_f, bias=bias)
-    lin.cache_weights = True  # inference speed; finetune turns it off to keep the base packed
+    lin.cache_weights = True  # inference speed (load() picks the mode per device; finetune keeps blocks packed)
     return lin
+
+
+WEIGHT_MODES = ("auto", "packed", "float")
+
+
+def set_weight_mode(model: nn.Module, mode: str, device: torch.device) -> None:
+    """How quantized linears compute (QuantLinear's switches):
+    float:  a dequantized float copy per weight, made on first use: exact, 4-8x the memory.
+    packed: blocks stay packed; on CPU, few-row inputs (decoding) use torch's int4 / bf16 weight-only kernels
+            (toolkit.qkernels: bf16 activations, so close to but not bit-equal with float), larger inputs
+            dequantize blocks on the fly; other devices dequantize on every call.
+    auto:   packed on CPU (decode speed is bound by the bytes of weight read), float elsewhere."""
+    if mode not in WEIGHT_MODES:
+        raise ToolkitError(f"unknown weights mode '{mode}' (use {', '.join(WEIGHT_MODES)})")
+    packed = mode == "packed" or (mode == "auto" and device.type == "cpu")
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.use_kernels = packed and device.type == "cpu"
+            m.cache_weights = not packed
+            m.drop_cache()
+    for m in model.modules():
+        drop_plans(m)
 
 
 def _linear(t: TensorInfo, dtype: torch.dtype, bias: TensorInfo | None = None) -> nn.Module:
@@ -505,9 +537,11 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
-         adapters: Iterable[tuple[str, float] | str] = (), **overrides: Any):
+         adapters: Iterable[tuple[str, float] | str] = (), weights: str = "auto", **overrides: Any):
     """(model, tokenizer) from a GGUF file. adapters: [(file, scale), ...] loaded unmerged via load_adapter.
-    overrides: ModelArgs fields (rope_base, rope_scale, norm_eps) as finetune's flags set them."""
+    weights: how quantized weights compute, see set_weight_mode ("float" for results exact to the dequantized
+    weights, as the oracle tests use). overrides: ModelArgs fields (rope_base, rope_scale, norm_eps) as finetune's
+    flags set them."""
     from .tokenizer import Tokenizer
 
     g = open_gguf(path)
@@ -516,6 +550,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "auto", dtype: st
     model = build(g, dt, **overrides)
     if dev.type != "cpu":
         model = model.to(dev)
+    set_weight_mode(model, weights, dev)
     model.eval()
     tok = Tokenizer.from_gguf(g)
     for item in adapters:

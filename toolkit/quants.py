@@ -927,13 +927,17 @@ class QuantLinear(torch.nn.Module):
     `forward(x)` dequantizes chunks of output rows on the fly (peak extra memory: CHUNK_ELEMENTS values) and
     computes in x's dtype; gradients flow to x, never to the weight.
 
-    `cache_weights = True` (per instance) trades memory for speed: a dequantized copy is made on first use and
-    reused (not a buffer: never saved, never counted in the state dict). On AVX2 CPUs a float matmul is ~20x
-    faster than dequantizing every call or torch's int4/int8 weight-only kernels, so inference turns it on;
-    finetune leaves it off so a quantized base stays packed in memory.
+    Two per-instance switches trade exactness or memory for speed (neither copy is a buffer: never saved,
+    never in the state dict, rebuilt lazily after .to()):
+    * `cache_weights`: a dequantized copy is made on first use and reused (exact; 4-8x the packed memory).
+    * `use_kernels`: on CPU, inputs of up to qkernels.MAX_ROWS rows go through torch's weight-only int4 kernel
+      (Q4_0/Q4_1/Q4_K, repacked losslessly apart from bf16 scales) or a bf16 copy (other types); larger inputs
+      dequantize blocks as usual. Inference turns it on for CPU decoding (toolkit.qkernels says why).
+    Finetune leaves both off so a quantized base stays packed in memory.
     """
 
     cache_weights = False
+    use_kernels = False
 
     def __init__(self, raw: torch.Tensor, qtype: QType, in_features: int, out_features: int,
                  bias: torch.Tensor | None = None):
@@ -996,14 +1000,29 @@ class QuantLinear(torch.nn.Module):
             self.__dict__["_wcache"] = w
         return w
 
+    def kernel_weight(self):
+        """The qkernels form of the weight (CPU), made once (use_kernels mode)."""
+        pw = self.__dict__.get("_kcache")
+        if pw is None:
+            pw = self.__dict__["_kcache"] = qkernels.pack(self.qweight, self.qtype, self.in_features)
+        return pw
+
     def drop_cache(self) -> None:
         self.__dict__.pop("_wcache", None)
+        self.__dict__.pop("_kcache", None)
+
+    def _use_kernels(self, x: torch.Tensor) -> bool:
+        return (self.use_kernels and x.device.type == "cpu" and x.numel() <= qkernels.MAX_ROWS * self.in_features
+                and not (x.requires_grad and torch.is_grad_enabled()))
 
     def _apply(self, fn, recurse=True):  # .to(device) and friends: the copy is rebuilt lazily
         self.drop_cache()
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._use_kernels(x):
+            y = qkernels.matmul(x, self.kernel_weight())
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         if self.cache_weights:
             return F.linear(x, self.cached_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         if x.requires_grad and torch.is_grad_enabled():
@@ -1054,3 +1073,6 @@ class QuantEmbedding(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.qtype.name}"
+
+
+from . import qkernels  # noqa: E402  (the kernels build on the dequantizers above)

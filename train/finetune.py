@@ -327,6 +327,7 @@ def _setup_packed_base(model: torch.nn.Module, cache: bool) -> None:
     for mod in model.modules():
         if isinstance(mod, QuantLinear):
             mod.cache_weights = cache
+            mod.use_kernels = False  # training computes in float from the blocks, as the exported adapter assumes
             mod.drop_cache()
 
 

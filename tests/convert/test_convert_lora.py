@@ -176,7 +176,7 @@ def test_ggla_to_gguf_loads_in_llama_cpp(tmp_path):
     assert np.abs(d).max() > 1e-3  # llama.cpp loads it and it acts
     from toolkit.model import load
 
-    model, _ = load(base, device="cpu")
+    model, _ = load(base, device="cpu", weights="float")
     with torch.no_grad():
         b0 = model(torch.tensor([toks]))[0].numpy()
         model.load_adapter(path)  # the GGLA file itself, as old llama.cpp applied it

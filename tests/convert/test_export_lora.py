@@ -112,7 +112,7 @@ def test_f32_merge_matches_toolkit_unmerged(tmp_path):
     out = tmp_path / "m.gguf"
     export_lora(base, out, [(str(a), 1.0), (str(b), -0.5)], "f32", progress=False)
     toks = list(range(300, 400))
-    model, _ = load(base, device="cpu", dtype="f32", adapters=[(str(a), 1.0), (str(b), -0.5)])
+    model, _ = load(base, device="cpu", weights="float", dtype="f32", adapters=[(str(a), 1.0), (str(b), -0.5)])
     with torch.no_grad():
         ours = model(torch.tensor([toks]))[0].numpy()
     top1, cos = delta_stats(llama_logits(out, toks), ours, llama_logits(base, toks))

@@ -151,7 +151,7 @@ VARIANTS = {
                                           ("tied", "patterns")])
 def test_peft_dir_gives_peft_logits(tiny, tmp_path, kind, variant):
     want, d = peft_adapter(tiny[kind], tmp_path / "peft", **VARIANTS[variant])
-    model, _ = load(tiny[kind], device="cpu")
+    model, _ = load(tiny[kind], device="cpu", weights="float")
     base = logits(model)
     model.load_adapter(d)
     got = logits(model)
@@ -178,7 +178,7 @@ def cos(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def check_like_llama(model_path: Path, files: list[tuple[Path, float]], tokens=TOKENS) -> None:
-    model, _ = load(model_path, device="cpu")
+    model, _ = load(model_path, device="cpu", weights="float")
     base = logits(model, tokens).numpy()
     names = [model.load_adapter(f, scale=s) for f, s in files]
     got = logits(model, tokens).numpy()
@@ -243,7 +243,7 @@ def test_set_adapters_is_fast_and_exact(tiny, tmp_path):
     lin = [n for n, s in info.shapes.items() if len(s) == 2]
     for i in range(2):
         write_gguf_adapter(random_adapter(info, lin, 4, 8, seed=i), tmp_path / f"a{i}.gguf", base=info)
-    model, _ = load(tiny["untied"], device="cpu")
+    model, _ = load(tiny["untied"], device="cpu", weights="float")
     base = logits(model)
     a = model.load_adapter(tmp_path / "a0.gguf")
     b = model.load_adapter(tmp_path / "a1.gguf", name="b", scale=0.0)
@@ -274,7 +274,7 @@ def test_merged_weights_give_the_unmerged_logits(tiny, tmp_path):
     info = BaseInfo.of(tiny["untied"])
     lin = [n for n, s in info.shapes.items() if len(s) == 2]
     write_gguf_adapter(random_adapter(info, lin, 4, 8, seed=5), tmp_path / "a.gguf", base=info)
-    model, _ = load(tiny["untied"], device="cpu")
+    model, _ = load(tiny["untied"], device="cpu", weights="float")
     model.load_adapter(tmp_path / "a.gguf", scale=0.7)
     unmerged = logits(model)
     for name, mod in model.lora_targets().items():  # fold each adapter into a plain weight
@@ -291,7 +291,7 @@ def test_merged_weights_give_the_unmerged_logits(tiny, tmp_path):
 
 
 def test_trainable_adapter_inits_like_peft_and_exports_to_peft(tiny, tmp_path):
-    model, _ = load(tiny["tied"], device="cpu")
+    model, _ = load(tiny["tied"], device="cpu", weights="float")
     base = logits(model)
     ranks = {f"blk.{i}.{m}.weight": 4 for i in range(2) for m in ("attn_q", "attn_v", "ffn_down")}
     ranks["output.weight"] = 2
@@ -328,7 +328,7 @@ def test_norm_weights_apply_and_switch_off(tiny, tmp_path):
     new_norm = torch.linspace(0.5, 1.5, 64)
     ad.norms["blk.1.ffn_norm.weight"] = new_norm
     write_gguf_adapter(ad, tmp_path / "n.gguf", base=info)
-    model, _ = load(tiny["untied"], device="cpu")
+    model, _ = load(tiny["untied"], device="cpu", weights="float")
     original = model.blk[1].ffn_norm.weight
     base = logits(model)
     with pytest.warns(UserWarning):

@@ -60,7 +60,7 @@ def test_peft_adapter_on_converted_model(arch, tokenizer_dir, tmp_path):
         want = pm(torch.tensor([TOKS])).logits[0]
     gguf_path = tmp_path / "m.gguf"
     convert_model(hf_dir, gguf_path, "f32", progress=False)
-    model, _ = load(gguf_path, device="cpu")
+    model, _ = load(gguf_path, device="cpu", weights="float")
     with torch.no_grad():
         base = model(torch.tensor([TOKS]))[0]
         model.load_adapter(tmp_path / "peft")

@@ -37,7 +37,7 @@ def test_smollm2_peft_dir_gives_peft_logits(smollm2_path, tmp_path):
         with pm.disable_adapter():
             want_base = pm(torch.tensor([TOKENS])).logits[0]
     del pm, hf
-    model, _ = load(p, device="cpu")
+    model, _ = load(p, device="cpu", weights="float")
     with torch.no_grad():
         base = model(torch.tensor([TOKENS]))[0]
         model.load_adapter(tmp_path / "peft")

@@ -59,7 +59,7 @@ def test_sampling_follows_the_tempered_distribution():
 
 @pytest.fixture(scope="module")
 def tiny(tiny_llama):
-    return load(tiny_llama, device="cpu")
+    return load(tiny_llama, device="cpu", weights="float")
 
 
 def test_greedy_decode_equals_llama_cpp(tiny, tiny_llama):
@@ -115,7 +115,7 @@ def test_streaming_never_splits_utf8(smollm2_path):
 def test_public_api_one_liners(tiny_llama, tiny):
     import toolkit
 
-    model, tok = toolkit.load(tiny_llama, device="cpu")
+    model, tok = toolkit.load(tiny_llama, device="cpu", weights="float")
     text = toolkit.generate(model, tok, "Once upon a time", 8, temperature=0.0, ignore_eos=True)
     m2, t2 = tiny
     assert text == generate(m2, t2, "Once upon a time", 8, temperature=0.0, ignore_eos=True)

@@ -47,7 +47,7 @@ def test_chunk_nll_scores_second_half_only():
 def test_perplexity_matches_llama_cpp(which, smollm2_path, tiny_llama):
     path = smollm2_path if which == "smollm2" else tiny_llama
     n_ctx, n_chunks = 128, 4
-    model, tok = load(path, device="cpu")
+    model, tok = load(path, device="cpu", weights="float")
     ids = tok.encode(TEXT * 2)
     assert len(ids) >= n_chunks * n_ctx
     bos = tok.bos_id if tok.add_bos else None
@@ -64,7 +64,7 @@ def test_cli_prints_ppl_last(text_file, tiny_llama, capsys):
     rc = cli_main(["perplexity", "-m", str(tiny_llama), "-f", str(text_file), "-c", "64", "--chunks", "2"])
     out = capsys.readouterr().out.strip().splitlines()
     assert rc == 0 and out[-1].startswith("PPL = ")
-    model, tok = load(tiny_llama, device="cpu")
+    model, tok = load(tiny_llama, device="cpu", weights="float")
     expected = perplexity(model, tok.encode(TEXT), 64, None, max_chunks=2, progress=False)
     assert abs(float(out[-1].split("=")[1]) - expected) < 1e-3
 

@@ -77,7 +77,7 @@ def test_llama_cpp_loads_the_adapter_and_agrees(trained, tiny_llama):
     tokens = [1, 500, 2000, 31, 7000, 42, 9, 12000]
     ref = oracle.llama_logits(tiny_llama, tokens, adapters=[(str(lora), 1.0)])
     ref0 = oracle.llama_logits(tiny_llama, tokens)
-    model, _ = load(tiny_llama, device="cpu", adapters=[(str(lora), 1.0)])
+    model, _ = load(tiny_llama, device="cpu", weights="float", adapters=[(str(lora), 1.0)])
     with torch.no_grad():
         ours = model(torch.tensor([tokens]))[0].numpy()
     effect = np.abs(ref - ref0).max()
@@ -178,7 +178,7 @@ def test_chunked_head_loss_equals_cross_entropy(tmp_path, qtype):
     from toolkit.model import load
     from toolkit.train.finetune import _chunked_loss
 
-    model, _ = load(make_tiny_gguf(tmp_path / "m.gguf", qtype=qtype), device="cpu")
+    model, _ = load(make_tiny_gguf(tmp_path / "m.gguf", qtype=qtype), device="cpu", weights="float")
     ranks = {n: 4 for n in model.lora_targets() if n.startswith("blk.")}
     params = model.add_trainable_adapter("t", ranks, 8.0)
     with torch.no_grad():

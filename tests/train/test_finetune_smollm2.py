@@ -52,7 +52,7 @@ def test_short_run_lowers_loss_and_llama_cpp_perplexity(tmp_path, smollm2_path):
     hf = AutoModelForCausalLM.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name,
                                               dtype=torch.float32)
     hf = PeftModel.from_pretrained(hf, str(tmp_path / "peft")).eval()
-    ours, _ = load(smollm2_path, device="cpu", adapters=[(str(tmp_path / "planets-LATEST.gguf"), 1.0)])
+    ours, _ = load(smollm2_path, device="cpu", weights="float", adapters=[(str(tmp_path / "planets-LATEST.gguf"), 1.0)])
     ids = torch.tensor([tokens[:48]])
     with torch.no_grad():
         a, b = hf(input_ids=ids).logits[0], ours(ids)[0]

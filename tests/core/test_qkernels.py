@@ -1,0 +1,71 @@
+"""The CPU decode kernels (toolkit.qkernels): the int4 repacking is lossless against libggml's own dequantizer,
+and QuantLinear's kernel path stays within bf16 rounding of the exact float path."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import oracle_ggml
+from toolkit import qkernels
+from toolkit.quants import QuantLinear, quantize
+
+needs_ggml = pytest.mark.skipif(not oracle_ggml.available(), reason="libggml (llama-cpp-python) not installed")
+
+
+def weights(rows: int, cols: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(rows, cols, generator=g)
+    w[0] = 0.0  # an all-zero row (scale 0)
+    w[1, :32] = 1e-30  # subnormal-ish block
+    w[2] *= 1e4  # a large row
+    w[3] = w[3].abs()  # all positive: Q4_1/Q4_K mins are used
+    return w
+
+
+@needs_ggml
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K"])
+def test_int4_groups_are_ggml_values(qtype):
+    w = weights(16, 512)
+    raw = quantize(w, qtype)
+    levels, scale, zero = qkernels.int4_groups(raw, qkernels.Q[qtype], 512)
+    assert levels.min() >= 0 and levels.max() <= 15
+    got = (levels.float() - 8) * scale.repeat_interleave(32, 1) + zero.repeat_interleave(32, 1)
+    ref = oracle_ggml.ggml_dequantize(raw.numpy(), qtype, w.numel()).reshape(w.shape)
+    # Q4_0/Q4_1: exact; Q4_K: (q - 8) * d*sc + (8 * d*sc - dmin*m) vs d*sc*q - dmin*m, one f32 rounding apart
+    tol = 0.0 if qtype != "Q4_K" else 4 * np.finfo(np.float32).eps * np.abs(ref).max()
+    np.testing.assert_allclose(got.numpy(), ref, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("qtype,kind", [("Q4_0", "int4"), ("Q4_1", "int4"), ("Q4_K", "int4"), ("Q8_0", "bf16"),
+                                        ("Q6_K", "bf16"), ("Q5_1", "bf16")])
+def test_kernel_path_is_float_path_within_bf16_rounding(qtype, kind):
+    torch.manual_seed(0)
+    layer = QuantLinear.from_float(torch.randn(96, 512), qtype)
+    x = torch.randn(2, 3, 512)
+    exact = layer(x)
+    layer.use_kernels = True
+    assert layer.kernel_weight().kind == kind
+    got = layer(x)
+    assert got.dtype == torch.float32 and got.shape == exact.shape
+    # bf16 activations (8-bit mantissa) and bf16 scales: ~2^-9 relative per term, averaging out over 512 terms
+    err = ((got - exact).abs().max() / exact.abs().max()).item()
+    assert 0 < err < 1e-2, err
+
+
+def test_kernel_path_only_for_few_rows_and_never_under_autograd():
+    torch.manual_seed(0)
+    layer = QuantLinear.from_float(torch.randn(64, 256), "Q4_0")
+    big = torch.randn(qkernels.MAX_ROWS + 1, 256)
+    exact = layer(big)
+    layer.use_kernels = True
+    assert torch.equal(layer(big), exact)  # prefill-sized input: the exact block path
+    x = torch.randn(1, 256, requires_grad=True)
+    layer.use_kernels = False
+    ref = layer(x)
+    layer.use_kernels = True
+    assert torch.equal(layer(x), ref)  # training: exact, and gradients flow
+    layer(x).sum().backward()
+    assert x.grad is not None
+    layer.to("cpu")
+    assert "_kcache" not in layer.__dict__ and set(layer.state_dict()) == {"qweight"}

@@ -1,0 +1,87 @@
+"""CPU decode kernels for packed GGUF weights.
+
+A decode step multiplies one activation row by every weight: it is bound by the bytes of weight read, not by
+arithmetic. A float32 copy of a 4-bit weight reads 8x the bytes, so on CPU the quantized linears use torch's
+weight-only kernels instead:
+
+* Q4_0, Q4_1 and Q4_K are exactly 4-bit levels with one scale and one offset per group of 32 values, which is
+  what `torch._weight_int4pack_mm_for_cpu` computes: w = (q - 8) * scale + zero. The levels are repacked
+  unchanged; only the scale and zero are rounded to bf16, and the activations to bf16 (llama.cpp rounds them to
+  8 bits for its own dot products), so results are close to, not bit-equal with, the float path.
+* every other type keeps a bf16 copy (half the bytes of float32; on AVX2 torch's int8 kernel wins nothing
+  once the activations are bf16 anyway, and per-row int8 could not hold per-block scales exactly).
+
+These kernels only pay off for a few activation rows (decode, small batches); QuantLinear falls back to
+dequantizing blocks for prefill-sized inputs (MAX_ROWS).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as Q
+
+from .quants import GGML_QUANT_SIZES, _dequantize_rows, _f16, _scale_min_k4
+
+# Above this many activation rows the float matmul on dequantized blocks is faster than the int4 kernel
+# (measured on AVX2 with 2 threads: int4 wins below ~16 rows, ties at 16-32, loses 2.5x at 512).
+MAX_ROWS = 32
+GROUP = 32
+INT4_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)
+_int4_mm = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
+_int4_pack = getattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", None)
+
+
+@dataclass
+class PackedWeight:
+    """One linear's weight in kernel form: int4 (packed levels + [in/32, out, 2] scale/zero) or a bf16 copy."""
+    kind: str  # "int4" | "bf16"
+    weight: torch.Tensor
+    scale_zero: torch.Tensor | None = None
+    out_features: int = 0
+
+
+def int4_groups(qweight: torch.Tensor, qtype: Q, in_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """uint8 blocks [out, row_bytes] -> (levels int32 [out, in] in 0..15, scale [out, in/32], zero [out, in/32])
+    such that w = (levels - 8) * scale + zero, the dequantized value up to float32 rounding."""
+    out_f = qweight.shape[0]
+    bv, bb = GGML_QUANT_SIZES[qtype]
+    b = qweight.reshape(-1, bb)
+    if qtype == Q.Q4_K:
+        sc, mn = _scale_min_k4(b[:, 4:16])
+        scale = _f16(b, 0)[:, None] * sc  # [nb, 8]: one group per 32 values
+        minus = _f16(b, 2)[:, None] * mn
+        qs = b[:, 16:144].reshape(-1, 4, 32)
+        levels = torch.stack((qs & 0xF, qs >> 4), dim=2)  # [nb, 4, 2, 32]: sub-blocks 2c (low), 2c+1 (high)
+        zero = 8 * scale - minus
+    else:
+        qs = b[:, bb - 16:]  # both keep 16 bytes of nibbles last: values 0..15 low, 16..31 high
+        levels = torch.stack((qs & 0xF, qs >> 4), dim=1)  # [nb, 2, 16]
+        scale = _f16(b, 0)[:, None]
+        zero = torch.zeros_like(scale) if qtype == Q.Q4_0 else _f16(b, 2)[:, None] + 8 * scale
+    groups = in_features // GROUP
+    return (levels.reshape(out_f, in_features).to(torch.int32), scale.reshape(out_f, groups),
+            zero.reshape(out_f, groups))
+
+
+def pack(qweight: torch.Tensor, qtype: Q, in_features: int) -> PackedWeight:
+    """The kernel form of a quantized weight (CPU)."""
+    out_f = qweight.shape[0]
+    if qtype in INT4_TYPES and _int4_mm is not None and in_features % GROUP == 0:
+        levels, scale, zero = int4_groups(qweight, qtype, in_features)
+        packed = _int4_pack(levels, 1)
+        scale_zero = torch.stack((scale.t(), zero.t()), dim=-1).to(torch.bfloat16).contiguous()  # [in/32, out, 2]
+        return PackedWeight("int4", packed, scale_zero, out_f)
+    w = _dequantize_rows(qweight, qtype, in_features).to(torch.bfloat16)
+    return PackedWeight("bf16", w, None, out_f)
+
+
+def matmul(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
+    """x [..., in] (any float dtype) -> [..., out] in x's dtype, through the kernel form."""
+    xb = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # [M, in]
+    if pw.kind == "int4":
+        y = _int4_mm(xb, pw.weight, GROUP, pw.scale_zero)
+    else:
+        y = F.linear(xb, pw.weight)
+    return y.to(x.dtype).reshape(*x.shape[:-1], pw.out_features)
