@@ -86,6 +86,7 @@ class _LoRABase(nn.Module):
                         for n in self._keys if self.user_scale[n] * self.alpha_scale[n] != 0.0]
         # inference reads the parameters straight from this list: a decode step is bound by per-op overhead
         self._fast = [(self.lora_a[k], self.lora_b[k], s) for k, s, _ in self._active]
+        self.version = getattr(self, "version", 0) + 1  # tells cached stacks (linear_group) to rebuild
 
     def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() / .half(): rebuild the views on the new tensors
         out = super()._apply(fn, *args, **kwargs)
@@ -114,14 +115,18 @@ class LoRALinear(_LoRABase):
         return int(self.base.out_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.base(x)
+        return self.add_adapters(self.base(x), x)
+
+    def add_adapters(self, y: Tensor, x: Tensor) -> Tensor:
+        """y (the base's output for x) plus the active adapters' deltas."""
         if not self._active:
             return y
         if not torch.is_grad_enabled() and y.dtype == x.dtype == torch.float32:
-            # inference: three ops per adapter (F.linear folds the batch dims in C++, no transposes)
+            # inference: two ops per adapter (decode is bound by per-op overhead): h = x A^T, y += s h B^T
+            x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
             for a, b, s in self._fast:
-                y = torch.add(y, F.linear(F.linear(x, a), b), alpha=s)  # [B, T, r] -> [B, T, out]
-            return y
+                y2 = torch.addmm(y2, F.linear(x2, a), b.t(), alpha=s)  # [M, r] -> [M, out]
+            return y2.view(y.shape)
         for key, s, p in self._active:
             a, b = self.lora_a[key], self.lora_b[key]
             h = F.dropout(x, p) if p and self.training else x

@@ -1,0 +1,122 @@
+"""Linears that read the same input (q/k/v, gate/up) run as one at inference.
+
+A decode step on CPU is bound by bytes of weight and by per-op overhead: three small kernel calls cost more than
+one call over the three weights stacked, and three rank-16 LoRA products cost more than one over the stacked A
+matrices. So, at inference only (no autograd), a group of linears computes:
+
+    y = base_stack(x) + (x @ A_stack.T) @ B_diag.T      then split per linear
+
+base_stack: the members' packed weights concatenated (toolkit.qkernels form), when every member is a quantized
+linear on the CPU kernel path with the same kernel kind; otherwise each base runs on its own.
+A_stack [R, in]: every active adapter's A of every member; B_diag [sum out, R]: each member's scale * B in its
+own rows and its adapter's columns (zeros elsewhere, which add exactly nothing). Trainable adapters (finetune)
+keep the per-module path, so training never reads a stale copy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import qkernels
+from .lora import LoRALinear
+from .quants import QuantLinear
+
+
+@dataclass
+class _Plan:
+    key: tuple
+    sizes: list[int]
+    base: qkernels.PackedWeight | None  # the stacked kernel weight, or None: bases run one by one
+    bias: Tensor | None
+    a_stack: Tensor | None  # [R, in] float32
+    b_diag: Tensor | None  # [sum out, R] float32, scales folded in
+    per_module_lora: bool  # trainable adapters: each LoRALinear adds its own
+
+
+def _split(m: nn.Module) -> tuple[nn.Module, LoRALinear | None]:
+    return (m.base, m) if isinstance(m, LoRALinear) else (m, None)
+
+
+def _key(mods: list[nn.Module]) -> tuple:
+    return tuple((id(m), getattr(m, "version", 0)) for m in mods)
+
+
+def _stack_base(bases: list[nn.Module]) -> qkernels.PackedWeight | None:
+    if not all(isinstance(b, QuantLinear) and b.use_kernels for b in bases):
+        return None
+    parts = [b.kernel_weight() for b in bases]
+    kinds = {p.kind for p in parts}
+    if len(kinds) != 1:
+        return None
+    if kinds == {"bf16"}:
+        return qkernels.PackedWeight("bf16", torch.cat([p.weight for p in parts]), None, sum(p.out_features for p in parts))
+    if len({b.qtype for b in bases}) != 1:
+        return None
+    return qkernels.pack(torch.cat([b.qweight for b in bases]), bases[0].qtype, bases[0].in_features)
+
+
+def _plan(mods: list[nn.Module]) -> _Plan:
+    bases, loras = zip(*(_split(m) for m in mods))
+    sizes = [int(b.out_features) for b in bases]
+    stacked = _stack_base(list(bases))
+    bias = None
+    if stacked is not None and any(b.bias is not None for b in bases):
+        bias = torch.cat([b.bias.float() if b.bias is not None else torch.zeros(n, device=b.qweight.device)
+                          for b, n in zip(bases, sizes)])
+    trainable = any(p.requires_grad for l in loras if l is not None
+                                 for p in list(l.lora_a.values()) + list(l.lora_b.values()))
+    a_stack = b_diag = None
+    if not trainable:
+        a_parts, cols = [], []  # cols: (row offset, rank offset, B*s)
+        r_off = 0
+        row = 0
+        for lora, n in zip(loras, sizes):
+            for a, b, s in (lora._fast if lora is not None else []):
+                a_parts.append(a.detach().float())
+                cols.append((row, r_off, b.detach().float() * s))
+                r_off += a.shape[0]
+            row += n
+        if a_parts:
+            a_stack = torch.cat(a_parts)
+            b_diag = a_stack.new_zeros(sum(sizes), r_off)
+            for r0, c0, bs in cols:
+                b_diag[r0:r0 + bs.shape[0], c0:c0 + bs.shape[1]] = bs
+    return _Plan(_key(mods), sizes, stacked, bias, a_stack, b_diag, trainable)
+
+
+def group_forward(owner: nn.Module, names: tuple[str, ...], x: Tensor) -> list[Tensor]:
+    """The outputs of owner's linears `names` for input x (inference; training runs them one by one)."""
+    mods = [getattr(owner, n) for n in names]
+    if torch.is_grad_enabled() and (x.requires_grad or owner.training):
+        return [m(x) for m in mods]
+    plans = owner.__dict__.setdefault("_group_plans", {})
+    plan = plans.get(names)
+    if plan is None or plan.key != _key(mods):
+        plan = plans[names] = _plan(mods)
+    bases = [_split(m)[0] for m in mods]
+    stacked = plan.base is not None and bases[0]._use_kernels(x)
+    if not stacked and (plan.a_stack is None or plan.per_module_lora):
+        return [m(x) for m in mods]  # nothing to share
+    if stacked:
+        y = qkernels.matmul(x, plan.base)
+        if plan.bias is not None:
+            y = y + plan.bias.to(y.dtype)
+    else:
+        y = torch.cat([b(x) for b in bases], dim=-1)
+    if plan.per_module_lora:
+        outs = list(y.split(plan.sizes, dim=-1))
+        return [m.add_adapters(o, x) if isinstance(m, LoRALinear) else o for m, o in zip(mods, outs)]
+    if plan.a_stack is not None:
+        if y.dtype == x.dtype == torch.float32:
+            y = torch.addmm(y.reshape(-1, y.shape[-1]), F.linear(x.reshape(-1, x.shape[-1]), plan.a_stack),
+                            plan.b_diag.t()).reshape(y.shape)  # [M, R] -> [M, sum out]
+        else:
+            y = y + F.linear(F.linear(x.float(), plan.a_stack), plan.b_diag).to(y.dtype)
+    return list(y.split(plan.sizes, dim=-1))
+
+
+def drop_plans(owner: nn.Module) -> None:
+    owner.__dict__.pop("_group_plans", None)
