@@ -618,41 +618,56 @@ def _make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, 
     return scale, -mn, L
 
 
+def _qx_steps(nmax: int, device: torch.device) -> torch.Tensor:
+    """make_qx_quants' numerators -(nmax + 0.1f*is): the first try (is = 0) then is = -9..9 without 0."""
+    steps = [0] + [s for s in range(-9, 10) if s != 0]
+    return _lut(f"qx_steps{nmax}", device, lambda: torch.tensor(
+        [_f32(-(np.float32(nmax) + np.float32(0.1) * np.float32(s))) for s in steps], dtype=_F32))
+
+
 def _make_qx_quants(x: torch.Tensor, nmax: int, finite: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL) over x [n, S] -> (scale [S], L float [n, S]).
-    The 19 retries do not depend on each other's outcome, so their sums are computed in one batch."""
+    The 19 tries do not depend on each other's outcome, so they run as one batch [T, S], element by element
+    (the n steps of C's loop): the [T, S] working set stays in cache instead of a [T, n, S] one in memory,
+    and the sums accumulate in C's order."""
     n, S = x.shape
     amax, mx = _absmax_fast(x) if finite else _first_absmax(x)
     zero = amax < GROUP_MAX_EPS
     mx = torch.where(zero, torch.ones_like(mx), mx)  # keeps the discarded all-zero sub-blocks finite
     w = x * x
-    wx = w * x
-    steps = [0] + [s for s in range(-9, 10) if s != 0]  # step 0 is the first try (-nmax / max)
-    cs = torch.tensor([_f32(-(np.float32(nmax) + np.float32(0.1) * np.float32(s))) for s in steps],
-                      dtype=_F32, device=x.device)
-    iscale = cs[:, None] / mx[None, :]  # [T, S]
-    T = len(steps)
-    fast = finite  # finite x and a non-zero max: |iscale * x| <= ~nmax
-    v = x[None] * iscale[:, None, :]  # [T, n, S]
-    lf = _round_clamp(v, -nmax, nmax - 1, fast)
-    terms = torch.empty((T, 2, n, S), dtype=_F32, device=x.device)
-    torch.mul(wx, lf, out=terms[:, 0])
-    torch.mul(w, lf, out=terms[:, 1]).mul_(lf)
-    sums = torch.zeros((T, 2, S), dtype=_F32, device=x.device)
+    wx = torch.stack((w * x, w), dim=1)  # [n, 2, S]: the weights of sumlx's and suml2's terms
+    iscale = _qx_steps(nmax, x.device)[:, None] / mx[None, :]  # [T, S]
+    T = iscale.shape[0]
+    v = torch.empty_like(iscale)
+    terms = torch.empty((2, T, S), dtype=_F32, device=x.device)
+    sums = torch.zeros((2, T, S), dtype=_F32, device=x.device)  # (sumlx, suml2)
     for i in range(n):
-        sums.add_(terms[:, :, i])
-    sumlx, suml2 = sums[:, 0], sums[:, 1]
-    scale = torch.where(suml2[0] != 0, sumlx[0] / suml2[0], torch.zeros_like(suml2[0]))
-    best = scale * sumlx[0]
+        torch.mul(iscale, x[i], out=v)
+        if finite:  # |v| <= ~nmax: round half to even == nearest_int
+            v.round_().clamp_(-nmax, nmax - 1)
+        else:
+            v.copy_(_nearest_int(v).clamp_(-nmax, nmax - 1))
+        torch.mul(wx[i][:, None], v, out=terms)  # w*x*l, w*l
+        terms[1].mul_(v)  # w*l*l
+        sums.add_(terms)
+    sumlx, suml2 = sums[0], sums[1]
+    # C keeps the first try, then takes try t when `suml2 > 0 && sumlx*sumlx > best*suml2`, best = scale*sumlx.
+    # Everything but the running best is computed for all tries at once.
+    cand = sumlx / suml2
+    cand[0] = torch.where(suml2[0] != 0, cand[0], torch.zeros_like(cand[0]))
+    cbest = cand * sumlx
+    sq = torch.where(suml2 > 0, sumlx * sumlx, -math.inf)  # -inf: never taken
+    best = cbest[0].clone()
     best_t = torch.zeros(S, dtype=torch.long, device=x.device)
+    prod = torch.empty_like(best)
+    upd = torch.empty(S, dtype=torch.bool, device=x.device)
     for t in range(1, T):
-        sx, s2 = sumlx[t], suml2[t]
-        upd = (s2 > 0) & (sx * sx > best * s2)
-        best_t = torch.where(upd, t, best_t)
-        scale = torch.where(upd, sx / s2, scale)
-        best = torch.where(upd, scale * sx, best)
+        torch.gt(sq[t], torch.mul(best, suml2[t], out=prod), out=upd)
+        best = torch.where(upd, cbest[t], best)
+        best_t.masked_fill_(upd, t)
+    scale = cand.gather(0, best_t[None])[0]
     isc = iscale.gather(0, best_t[None])[0]
-    L = _round_clamp(x * isc, -nmax, nmax - 1, fast)
+    L = _round_clamp(x * isc, -nmax, nmax - 1, finite)
     L = torch.where(zero, torch.zeros_like(L), L + nmax)
     scale = torch.where(zero, torch.zeros_like(scale), scale)
     return scale, L
