@@ -344,9 +344,19 @@ def _nearest_int(v: torch.Tensor) -> torch.Tensor:
 
 def _seqsum(t: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
     """sum over dim 0 in order, one float32 rounding per element: `s = 0; for i: s += t[i]`."""
-    acc = torch.zeros_like(t[0]) if start is None else start.clone()
+    acc = torch.zeros_like(t[:1]) if start is None else start[None].clone()
+    return _seqsum_into(acc, t)[0]
+
+
+def _seqsum_into(acc: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """acc [1, ...] += t[0], += t[1], ... in order. On the CPU that is one index_add_ with an all-zero
+    index: it adds "in the order given in index" (an int32 index keeps it on the plain slice-by-slice
+    loop); CUDA's index_add_ is atomic (unordered), so there it is a Python loop."""
+    if t.device.type == "cpu":
+        return acc.index_add_(0, _lut(f"zeros_i32_{t.shape[0]}", t.device,
+                                      lambda: torch.zeros(t.shape[0], dtype=torch.int32)), t)
     for i in range(t.shape[0]):
-        acc.add_(t[i])
+        acc[0].add_(t[i])
     return acc
 
 
@@ -555,7 +565,9 @@ def _absmax_fast(x: torch.Tensor, amax_abs: torch.Tensor | None = None) -> tuple
 
 def _make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
                       use_mad: bool, finite: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """make_qkx2_quants over x, w [n, S] -> (scale [S], the_min [S], L float [n, S])."""
+    """make_qkx2_quants over x, w [n, S] -> (scale [S], the_min [S], L float [n, S]).
+    Each try depends on the one before (through min), so the tries run one after the other over all
+    sub-blocks; every try writes into the same preallocated buffers (no temporaries per try)."""
     n, S = x.shape
     mn = x.amin(dim=0)  # the sign of a zero min cannot change any byte here
     mx = x.amax(dim=0)
@@ -566,53 +578,56 @@ def _make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, 
     flat = mx == mn
     iscale = _cdiv(float(nmax), mx - mn)
     scale = _cdiv(1.0, iscale)
-
-    def levels(isc: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        fast = finite and _bounded(isc.abs() * (xabs + m.abs()))
-        return _round_clamp((x - m).mul_(isc), 0, nmax, fast)
-
+    # lx[:, 0] holds a try's levels L, lx[:, 1] a copy of x: (w*L) * [L, x] is then one multiply.
+    # terms[i] = (w*L, w*L*L, w*L*x) of element i, summed in order into sums [1, 3, S].
+    lx = torch.empty((n, 2, S), dtype=_F32, device=x.device)
+    lx[:, 1] = x
+    lf = lx[:, 0]
+    terms = torch.empty((n, 3, S), dtype=_F32, device=x.device)
+    sums = torch.empty((1, 3, S), dtype=_F32, device=x.device)
     err = torch.empty_like(x)
+    cur = torch.empty((1, S), dtype=_F32, device=x.device)
 
-    def error(sc: torch.Tensor, m: torch.Tensor, lf: torch.Tensor) -> torch.Tensor:
-        torch.mul(lf, sc, out=err)
-        err.add_(m).sub_(x)
+    def levels(isc: torch.Tensor, m: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        torch.sub(x, m, out=out).mul_(isc)
+        if finite and _bounded(isc.abs() * (xabs + m.abs())):  # round half to even == nearest_int
+            return out.round_().clamp_(0, nmax)
+        return out.copy_(_nearest_int(out).clamp_(0, nmax))
+
+    def error(sc: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """sum of w * (sc*L + m - x)^2 (or |.|), in order."""
+        torch.mul(lf, sc, out=err).add_(m).sub_(x)
         if use_mad:
             err.abs_()
         else:
             err.mul_(err)
         err.mul_(w)
-        return _seqsum(err)
+        return _seqsum_into(cur.zero_(), err)[0]
 
-    lf = levels(iscale, mn)
-    best = error(scale, mn, lf)
+    levels(iscale, mn, lf)
+    best = error(scale, mn).clone()
     best_is, best_mn = iscale, mn
-    terms = torch.empty((3, n, S), dtype=_F32, device=x.device)
-    sums = torch.empty((3, S), dtype=_F32, device=x.device)
     for step in range(nstep + 1):
         c = _f32(np.float32(rmin) + np.float32(rdelta) * np.float32(step) + np.float32(nmax))
         iscale = _cdiv(c, mx - mn)
-        lf = levels(iscale, mn)
-        wl = torch.mul(w, lf, out=terms[0])
-        torch.mul(wl, lf, out=terms[1])
-        torch.mul(wl, x, out=terms[2])
-        sums.zero_()
-        for i in range(n):
-            sums.add_(terms[:, i])
-        sum_l, sum_l2, sum_xl = sums[0], sums[1], sums[2]
+        levels(iscale, mn, lf)
+        torch.mul(w, lf, out=terms[:, 0])
+        torch.mul(terms[:, :1], lx, out=terms[:, 1:])
+        sum_l, sum_l2, sum_xl = _seqsum_into(sums.zero_(), terms)[0]
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
         pos = this_min > 0
         this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
         this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
-        cur = error(this_scale, this_min, lf)
-        upd = (D > 0) & (cur < best)
-        best = torch.where(upd, cur, best)
+        e = error(this_scale, this_min)
+        upd = (D > 0) & (e < best)
+        best = torch.where(upd, e, best)
         scale = torch.where(upd, this_scale, scale)
         best_is = torch.where(upd, iscale, best_is)
         best_mn = torch.where(upd, mn, best_mn)
         mn = torch.where(upd, this_min, mn)
-    L = levels(best_is, best_mn)
+    L = levels(best_is, best_mn, torch.empty_like(x))
     L = torch.where(flat, torch.zeros_like(L), L)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
     return scale, -mn, L
