@@ -81,15 +81,17 @@ def test_quantize_matches_libggml(qtype):
 @needs_ggml[0]
 @needs_ggml[1]
 def test_quantize_many_blocks_matches_libggml(qtype):
-    """More blocks of plain normal data (the common case), across several row chunks."""
+    """More blocks of plain normal data (the common case), across several row chunks; Q6_K's tries also in
+    groups that do not divide its 16 elements."""
     import toolkit.quants as tq
 
     x = np.random.default_rng(7).standard_normal((96, 2048)).astype(np.float32)
-    old, tq.QUANT_CHUNK = tq.QUANT_CHUNK, 2048 * 40  # three uneven chunks
+    old = tq.QUANT_CHUNK, tq._QX_GROUP
+    tq.QUANT_CHUNK, tq._QX_GROUP = 2048 * 40, 3  # three uneven chunks; groups of 3, 3, 3, 3, 3, 1
     try:
         ours = quantize(torch.from_numpy(x), qtype).numpy().tobytes()
     finally:
-        tq.QUANT_CHUNK = old
+        tq.QUANT_CHUNK, tq._QX_GROUP = old
     assert ours == oracle_ggml.ggml_quantize(x, qtype)
 
 
