@@ -686,14 +686,12 @@ def _make_qx_quants(x: torch.Tensor, nmax: int, finite: bool) -> tuple[torch.Ten
     upd = torch.empty(S, dtype=torch.bool, device=x.device)
     for t in range(1, T):
         torch.gt(sq[t], torch.mul(best, suml2[t], out=prod), out=upd)
-        best = torch.where(upd, cbest[t], best)
+        torch.where(upd, cbest[t], best, out=best)
         best_t.masked_fill_(upd, t)
     scale = cand.gather(0, best_t[None])[0]
     isc = iscale.gather(0, best_t[None])[0]
-    L = _round_clamp(x * isc, -nmax, nmax - 1, finite)
-    L = torch.where(zero, torch.zeros_like(L), L + nmax)
-    scale = torch.where(zero, torch.zeros_like(scale), scale)
-    return scale, L
+    L = _round_clamp(x * isc, -nmax, nmax - 1, finite).add_(nmax).masked_fill_(zero, 0.0)
+    return scale.masked_fill_(zero, 0.0), L
 
 
 def _make_q3_quants(x: torch.Tensor, nmax: int, finite: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -876,7 +874,7 @@ def _q_q6_k(x: torch.Tensor) -> torch.Tensor:
     hb = q >> 4
     qh = (hb[:, :, 0] | (hb[:, :, 1] << 2) | (hb[:, :, 2] << 4) | (hb[:, :, 3] << 6)).reshape(-1, 64)
     out = torch.cat((ql, qh, _u8(sc), _f16_bytes(d)), dim=1)
-    return torch.where(zero_blk[:, None], torch.zeros_like(out), out)
+    return out.masked_fill_(zero_blk[:, None], 0)
 
 
 def _q_f32(x: torch.Tensor) -> torch.Tensor:
