@@ -344,9 +344,19 @@ def _nearest_int(v: torch.Tensor) -> torch.Tensor:
 
 def _seqsum(t: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
     """sum over dim 0 in order, one float32 rounding per element: `s = 0; for i: s += t[i]`."""
-    acc = torch.zeros_like(t[0]) if start is None else start.clone()
+    acc = torch.zeros_like(t[:1]) if start is None else start[None].clone()
+    return _seqsum_into(acc, t)[0]
+
+
+def _seqsum_into(acc: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """acc [1, ...] += t[0], += t[1], ... in order. On the CPU that is one index_add_ with an all-zero
+    index: it adds "in the order given in index" (an int32 index keeps it on the plain slice-by-slice
+    loop); CUDA's index_add_ is atomic (unordered), so there it is a Python loop."""
+    if t.device.type == "cpu":
+        return acc.index_add_(0, _lut(f"zeros_i32_{t.shape[0]}", t.device,
+                                      lambda: torch.zeros(t.shape[0], dtype=torch.int32)), t)
     for i in range(t.shape[0]):
-        acc.add_(t[i])
+        acc[0].add_(t[i])
     return acc
 
 
@@ -555,7 +565,9 @@ def _absmax_fast(x: torch.Tensor, amax_abs: torch.Tensor | None = None) -> tuple
 
 def _make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
                       use_mad: bool, finite: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """make_qkx2_quants over x, w [n, S] -> (scale [S], the_min [S], L float [n, S])."""
+    """make_qkx2_quants over x, w [n, S] -> (scale [S], the_min [S], L float [n, S]).
+    Each try depends on the one before (through min), so the tries run one after the other over all
+    sub-blocks; every try writes into the same preallocated buffers (no temporaries per try)."""
     n, S = x.shape
     mn = x.amin(dim=0)  # the sign of a zero min cannot change any byte here
     mx = x.amax(dim=0)
@@ -566,96 +578,120 @@ def _make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, 
     flat = mx == mn
     iscale = _cdiv(float(nmax), mx - mn)
     scale = _cdiv(1.0, iscale)
-
-    def levels(isc: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        fast = finite and _bounded(isc.abs() * (xabs + m.abs()))
-        return _round_clamp((x - m).mul_(isc), 0, nmax, fast)
-
+    # lx[:, 0] holds a try's levels L, lx[:, 1] a copy of x: (w*L) * [L, x] is then one multiply.
+    # terms[i] = (w*L, w*L*L, w*L*x) of element i, summed in order into sums [1, 3, S].
+    lx = torch.empty((n, 2, S), dtype=_F32, device=x.device)
+    lx[:, 1] = x
+    lf = lx[:, 0]
+    terms = torch.empty((n, 3, S), dtype=_F32, device=x.device)
+    sums = torch.empty((1, 3, S), dtype=_F32, device=x.device)
     err = torch.empty_like(x)
+    cur = torch.empty((1, S), dtype=_F32, device=x.device)
 
-    def error(sc: torch.Tensor, m: torch.Tensor, lf: torch.Tensor) -> torch.Tensor:
-        torch.mul(lf, sc, out=err)
-        err.add_(m).sub_(x)
+    def levels(isc: torch.Tensor, m: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        torch.sub(x, m, out=out).mul_(isc)
+        if finite and _bounded(isc.abs() * (xabs + m.abs())):  # round half to even == nearest_int
+            return out.round_().clamp_(0, nmax)
+        return out.copy_(_nearest_int(out).clamp_(0, nmax))
+
+    def error(sc: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """sum of w * (sc*L + m - x)^2 (or |.|), in order."""
+        torch.mul(lf, sc, out=err).add_(m).sub_(x)
         if use_mad:
             err.abs_()
         else:
             err.mul_(err)
         err.mul_(w)
-        return _seqsum(err)
+        return _seqsum_into(cur.zero_(), err)[0]
 
-    lf = levels(iscale, mn)
-    best = error(scale, mn, lf)
+    levels(iscale, mn, lf)
+    best = error(scale, mn).clone()
     best_is, best_mn = iscale, mn
-    terms = torch.empty((3, n, S), dtype=_F32, device=x.device)
-    sums = torch.empty((3, S), dtype=_F32, device=x.device)
     for step in range(nstep + 1):
         c = _f32(np.float32(rmin) + np.float32(rdelta) * np.float32(step) + np.float32(nmax))
         iscale = _cdiv(c, mx - mn)
-        lf = levels(iscale, mn)
-        wl = torch.mul(w, lf, out=terms[0])
-        torch.mul(wl, lf, out=terms[1])
-        torch.mul(wl, x, out=terms[2])
-        sums.zero_()
-        for i in range(n):
-            sums.add_(terms[:, i])
-        sum_l, sum_l2, sum_xl = sums[0], sums[1], sums[2]
+        levels(iscale, mn, lf)
+        torch.mul(w, lf, out=terms[:, 0])
+        torch.mul(terms[:, :1], lx, out=terms[:, 1:])
+        sum_l, sum_l2, sum_xl = _seqsum_into(sums.zero_(), terms)[0]
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
         pos = this_min > 0
         this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
         this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
-        cur = error(this_scale, this_min, lf)
-        upd = (D > 0) & (cur < best)
-        best = torch.where(upd, cur, best)
+        e = error(this_scale, this_min)
+        upd = (D > 0) & (e < best)
+        best = torch.where(upd, e, best)
         scale = torch.where(upd, this_scale, scale)
         best_is = torch.where(upd, iscale, best_is)
         best_mn = torch.where(upd, mn, best_mn)
         mn = torch.where(upd, this_min, mn)
-    L = levels(best_is, best_mn)
+    L = levels(best_is, best_mn, torch.empty_like(x))
     L = torch.where(flat, torch.zeros_like(L), L)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
     return scale, -mn, L
 
 
+_QX_GROUP = 2  # elements per step of make_qx_quants' batched tries (measured best on a 2-core AMD EPYC)
+
+
+def _qx_steps(nmax: int, device: torch.device) -> torch.Tensor:
+    """make_qx_quants' numerators -(nmax + 0.1f*is): the first try (is = 0) then is = -9..9 without 0."""
+    steps = [0] + [s for s in range(-9, 10) if s != 0]
+    return _lut(f"qx_steps{nmax}", device, lambda: torch.tensor(
+        [_f32(-(np.float32(nmax) + np.float32(0.1) * np.float32(s))) for s in steps], dtype=_F32))
+
+
 def _make_qx_quants(x: torch.Tensor, nmax: int, finite: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL) over x [n, S] -> (scale [S], L float [n, S]).
-    The 19 retries do not depend on each other's outcome, so their sums are computed in one batch."""
+    The 19 tries do not depend on each other's outcome, so they run as one batch [T, S], _QX_GROUP elements
+    (steps of C's loop) at a time: a [g, T, S] working set stays in cache where a [T, n, S] one would not,
+    and the sums accumulate in C's order."""
     n, S = x.shape
     amax, mx = _absmax_fast(x) if finite else _first_absmax(x)
     zero = amax < GROUP_MAX_EPS
     mx = torch.where(zero, torch.ones_like(mx), mx)  # keeps the discarded all-zero sub-blocks finite
     w = x * x
-    wx = w * x
-    steps = [0] + [s for s in range(-9, 10) if s != 0]  # step 0 is the first try (-nmax / max)
-    cs = torch.tensor([_f32(-(np.float32(nmax) + np.float32(0.1) * np.float32(s))) for s in steps],
-                      dtype=_F32, device=x.device)
-    iscale = cs[:, None] / mx[None, :]  # [T, S]
-    T = len(steps)
-    fast = finite  # finite x and a non-zero max: |iscale * x| <= ~nmax
-    v = x[None] * iscale[:, None, :]  # [T, n, S]
-    lf = _round_clamp(v, -nmax, nmax - 1, fast)
-    terms = torch.empty((T, 2, n, S), dtype=_F32, device=x.device)
-    torch.mul(wx, lf, out=terms[:, 0])
-    torch.mul(w, lf, out=terms[:, 1]).mul_(lf)
-    sums = torch.zeros((T, 2, S), dtype=_F32, device=x.device)
-    for i in range(n):
-        sums.add_(terms[:, :, i])
-    sumlx, suml2 = sums[:, 0], sums[:, 1]
-    scale = torch.where(suml2[0] != 0, sumlx[0] / suml2[0], torch.zeros_like(suml2[0]))
-    best = scale * sumlx[0]
+    wx = torch.stack((w * x, w), dim=1)  # [n, 2, S]: the weights of sumlx's and suml2's terms
+    iscale = _qx_steps(nmax, x.device)[:, None] / mx[None, :]  # [T, S]
+    T = iscale.shape[0]
+    g = min(n, _QX_GROUP)
+    vg = torch.empty((g, T, S), dtype=_F32, device=x.device)
+    tg = torch.empty((g, 2, T, S), dtype=_F32, device=x.device)
+    sums = torch.zeros((1, 2, T, S), dtype=_F32, device=x.device)  # (sumlx, suml2)
+    for i in range(0, n, g):
+        k = min(g, n - i)
+        v, terms = vg[:k], tg[:k]
+        torch.mul(iscale, x[i:i + k, None], out=v)
+        if finite:  # |v| <= ~nmax: round half to even == nearest_int
+            v.round_().clamp_(-nmax, nmax - 1)
+        else:
+            v.copy_(_nearest_int(v).clamp_(-nmax, nmax - 1))
+        torch.mul(wx[i:i + k, :, None], v[:, None], out=terms)  # w*x*l, w*l
+        terms[:, 1].mul_(v)  # w*l*l
+        _seqsum_into(sums, terms)
+    sums = sums[0]
+    v, terms = vg[0], tg[0]
+    sumlx, suml2 = sums[0], sums[1]
+    # C keeps the first try, then takes try t when `suml2 > 0 && sumlx*sumlx > best*suml2`, best = scale*sumlx.
+    # Everything but the running best is computed for all tries at once (into the buffers the loop is done with).
+    cand = torch.div(sumlx, suml2, out=terms[0])
+    cand[0].masked_fill_(suml2[0] == 0, 0.0)
+    cbest = torch.mul(cand, sumlx, out=terms[1])
+    sq = torch.mul(sumlx, sumlx, out=v).masked_fill_((suml2 > 0).logical_not_(), -math.inf)  # never taken
+    best = cbest[0].clone()
     best_t = torch.zeros(S, dtype=torch.long, device=x.device)
+    prod = torch.empty_like(best)
+    upd = torch.empty(S, dtype=torch.bool, device=x.device)
     for t in range(1, T):
-        sx, s2 = sumlx[t], suml2[t]
-        upd = (s2 > 0) & (sx * sx > best * s2)
-        best_t = torch.where(upd, t, best_t)
-        scale = torch.where(upd, sx / s2, scale)
-        best = torch.where(upd, scale * sx, best)
+        torch.gt(sq[t], torch.mul(best, suml2[t], out=prod), out=upd)
+        torch.where(upd, cbest[t], best, out=best)
+        best_t.masked_fill_(upd, t)
+    scale = cand.gather(0, best_t[None])[0]
     isc = iscale.gather(0, best_t[None])[0]
-    L = _round_clamp(x * isc, -nmax, nmax - 1, fast)
-    L = torch.where(zero, torch.zeros_like(L), L + nmax)
-    scale = torch.where(zero, torch.zeros_like(scale), scale)
-    return scale, L
+    L = _round_clamp(x * isc, -nmax, nmax - 1, finite).add_(nmax).masked_fill_(zero, 0.0)
+    return scale.masked_fill_(zero, 0.0), L
 
 
 def _make_q3_quants(x: torch.Tensor, nmax: int, finite: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -838,7 +874,7 @@ def _q_q6_k(x: torch.Tensor) -> torch.Tensor:
     hb = q >> 4
     qh = (hb[:, :, 0] | (hb[:, :, 1] << 2) | (hb[:, :, 2] << 4) | (hb[:, :, 3] << 6)).reshape(-1, 64)
     out = torch.cat((ql, qh, _u8(sc), _f16_bytes(d)), dim=1)
-    return torch.where(zero_blk[:, None], torch.zeros_like(out), out)
+    return out.masked_fill_(zero_blk[:, None], 0)
 
 
 def _q_f32(x: torch.Tensor) -> torch.Tensor:
@@ -860,10 +896,9 @@ _QUANT = {
 }
 QUANT_TYPES = tuple(_QUANT)
 
-# rows are quantized in chunks of about this many values (bounds the temporaries of the K-quant searches;
-# Q6_K's batched retries hold 20 copies, so it takes smaller chunks)
+# rows are quantized in chunks of about this many values (bounds the temporaries of the K-quant searches, and
+# keeps their repeated passes in cache)
 QUANT_CHUNK = 1 << 18
-_CHUNK_DIV = {Q.Q6_K: 2}
 
 
 def quantize(x: torch.Tensor, qtype: QType) -> torch.Tensor:
@@ -889,7 +924,7 @@ def quantize(x: torch.Tensor, qtype: QType) -> torch.Tensor:
     x = x.detach()
     if qtype in (Q.F32, Q.F16, Q.BF16):
         return fn(x.to(_F32).contiguous()).reshape(rows, rb)
-    step = max(1, QUANT_CHUNK // _CHUNK_DIV.get(qtype, 1) // n)
+    step = max(1, QUANT_CHUNK // n)
     with torch.no_grad():
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)

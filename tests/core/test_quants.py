@@ -81,16 +81,33 @@ def test_quantize_matches_libggml(qtype):
 @needs_ggml[0]
 @needs_ggml[1]
 def test_quantize_many_blocks_matches_libggml(qtype):
-    """More blocks of plain normal data (the common case), across several row chunks."""
+    """More blocks of plain normal data (the common case), across several row chunks; Q6_K's tries also in
+    groups that do not divide its 16 elements."""
     import toolkit.quants as tq
 
     x = np.random.default_rng(7).standard_normal((96, 2048)).astype(np.float32)
-    old, tq.QUANT_CHUNK = tq.QUANT_CHUNK, 2048 * 40  # three uneven chunks
+    old = tq.QUANT_CHUNK, tq._QX_GROUP
+    tq.QUANT_CHUNK, tq._QX_GROUP = 2048 * 40, 3  # three uneven chunks; groups of 3, 3, 3, 3, 3, 1
     try:
         ours = quantize(torch.from_numpy(x), qtype).numpy().tobytes()
     finally:
-        tq.QUANT_CHUNK = old
+        tq.QUANT_CHUNK, tq._QX_GROUP = old
     assert ours == oracle_ggml.ggml_quantize(x, qtype)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q3_K, Q.Q6_K], ids=lambda q: q.name)
+@needs_ggml[0]
+@needs_ggml[1]
+def test_quantize_non_finite_matches_libggml(qtype):
+    """inf / NaN inputs take the quantizers' slow (non-finite) paths. (Q4_1, Q5_1, Q2_K, Q4_K and Q5_K still
+    differ from libggml on NaN inputs: their min/max ignore NaN in C.)"""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((8, 1024)).astype(np.float32)
+    m = rng.random(x.shape) < 0.01
+    x[m] = rng.choice(np.array([np.inf, -np.inf, np.nan], np.float32), int(m.sum()))
+    x[3] = np.nan
+    x[5, :300] = np.inf
+    assert quantize(torch.from_numpy(x), qtype).numpy().tobytes() == oracle_ggml.ggml_quantize(x, qtype)
 
 
 @pytest.mark.parametrize("qtype", DEQUANT_TYPES, ids=lambda q: q.name)
