@@ -4,13 +4,14 @@ A decode step on CPU is bound by bytes of weight and by per-op overhead: three s
 one call over the three weights stacked, and three rank-16 LoRA products cost more than one over the stacked A
 matrices. So, at inference only (no autograd), a group of linears computes:
 
-    y = base_stack(x) + (x @ A_stack.T) @ B_diag.T      then split per linear
+    h = x @ A_stack.T;  y = base_stack(x);  y[:, rows_j] += h[:, cols_j] @ (s_j B_j).T;  then split per linear
 
 base_stack: the members' packed weights concatenated (toolkit.qkernels form), when every member is a quantized
 linear on the CPU kernel path with the same kernel kind; otherwise each base runs on its own.
-A_stack [R, in]: every active adapter's A of every member; B_diag [sum out, R]: each member's scale * B in its
-own rows and its adapter's columns (zeros elsewhere, which add exactly nothing). Trainable adapters (finetune)
-keep the per-module path, so training never reads a stale copy.
+A_stack [R, in]: every active adapter's A of every member, so one small matmul serves them all; each B (scale
+folded in) then adds into its member's rows in place. (A block-diagonal B would be one op, but its zeros are
+read from memory on every token: measured no faster.) Trainable adapters (finetune) keep the per-module path,
+so training never reads a stale copy.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ class _Plan:
     base: qkernels.PackedWeight | None  # the stacked kernel weight, or None: bases run one by one
     bias: Tensor | None
     a_stack: Tensor | None  # [R, in] float32
-    b_diag: Tensor | None  # [sum out, R] float32, scales folded in
+    b_parts: list[tuple[int, int, Tensor]]  # (first output row, first column of h, s * B [out_j, r]) per adapter
     per_module_lora: bool  # trainable adapters: each LoRALinear adds its own
 
 
@@ -68,23 +69,19 @@ def _plan(mods: list[nn.Module]) -> _Plan:
                           for b, n in zip(bases, sizes)])
     trainable = any(p.requires_grad for l in loras if l is not None
                                  for p in list(l.lora_a.values()) + list(l.lora_b.values()))
-    a_stack = b_diag = None
+    a_stack, cols = None, []
     if not trainable:
-        a_parts, cols = [], []  # cols: (row offset, rank offset, B*s)
-        r_off = 0
-        row = 0
+        a_parts = []
+        r_off = row = 0
         for lora, n in zip(loras, sizes):
             for a, b, s in (lora._fast if lora is not None else []):
                 a_parts.append(a.detach().float())
-                cols.append((row, r_off, b.detach().float() * s))
+                cols.append((row, r_off, (b.detach().float() * s).contiguous()))
                 r_off += a.shape[0]
             row += n
         if a_parts:
             a_stack = torch.cat(a_parts)
-            b_diag = a_stack.new_zeros(sum(sizes), r_off)
-            for r0, c0, bs in cols:
-                b_diag[r0:r0 + bs.shape[0], c0:c0 + bs.shape[1]] = bs
-    return _Plan(_key(mods), sizes, stacked, bias, a_stack, b_diag, trainable)
+    return _Plan(_key(mods), sizes, stacked, bias, a_stack, cols, trainable)
 
 
 def group_forward(owner: nn.Module, names: tuple[str, ...], x: Tensor) -> list[Tensor]:
@@ -110,11 +107,14 @@ def group_forward(owner: nn.Module, names: tuple[str, ...], x: Tensor) -> list[T
         outs = list(y.split(plan.sizes, dim=-1))
         return [m.add_adapters(o, x) if isinstance(m, LoRALinear) else o for m, o in zip(mods, outs)]
     if plan.a_stack is not None:
-        if y.dtype == x.dtype == torch.float32:
-            y = torch.addmm(y.reshape(-1, y.shape[-1]), F.linear(x.reshape(-1, x.shape[-1]), plan.a_stack),
-                            plan.b_diag.t()).reshape(y.shape)  # [M, R] -> [M, sum out]
-        else:
-            y = y + F.linear(F.linear(x.float(), plan.a_stack), plan.b_diag).to(y.dtype)
+        x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+        h = F.linear(x2.to(plan.a_stack.dtype), plan.a_stack)  # [M, R]: every adapter of every member at once
+        for r0, c0, bs in plan.b_parts:  # each member's rows get its adapters' s * B (no zero blocks to read)
+            part = h[:, c0:c0 + bs.shape[1]]
+            if y2.dtype == bs.dtype:
+                y2[:, r0:r0 + bs.shape[0]].addmm_(part, bs.t())
+            else:
+                y2[:, r0:r0 + bs.shape[0]] += F.linear(part, bs).to(y2.dtype)
     return list(y.split(plan.sizes, dim=-1))
 
 
