@@ -117,7 +117,13 @@ def main(argv=None) -> int:
         with torch.no_grad():
             l_q, _ = best(lambda: layer(v), args.repeat + 2)
             l_d, _ = best(lambda: v @ dense.t(), args.repeat + 2)
-        decode_rows.append((name, l_q * 1e3, l_d * 1e3, raw.nbytes / 2**20, dense.numel() * 4 / 2**20))
+            l_k = float("nan")
+            if args.device == "cpu":  # the inference path: torch's int4 kernel / a bf16 copy (toolkit.qkernels)
+                layer.use_kernels = True
+                layer(v)  # builds the kernel form once
+                l_k, _ = best(lambda: layer(v), args.repeat + 2)
+        decode_rows.append((name, l_q * 1e3, l_d * 1e3, raw.nbytes / 2**20, dense.numel() * 4 / 2**20, l_k * 1e3,
+                            layer.kernel_weight().kind if args.device == "cpu" else "-"))
 
     with ThreadPoolExecutor(args.threads) as pool:
         for name in args.types.split(","):
@@ -145,14 +151,15 @@ def main(argv=None) -> int:
                      f"{r[10]:.2f}x | {r[11]:.2f}x | {'yes' if r[12] else 'NO'} |")
     lines += [
         "",
-        f"QuantLinear decode (x: [1, {n}]): packed weight dequantized on the fly vs a dense fp32 matmul on the",
+        f"QuantLinear decode (x: [1, {n}]): packed weight dequantized on the fly (training's path), the CPU kernel",
+        "path inference uses (`use_kernels`: int4 kernel or bf16 copy), and a dense fp32 matmul on the",
         "already-dequantized weight (which would cost the memory in the last column).",
         "",
-        "| type | QuantLinear ms | dense fp32 ms | packed MiB | dense MiB |",
-        "|---|---:|---:|---:|---:|",
+        "| type | QuantLinear, blocks ms | QuantLinear, kernel ms (form) | dense fp32 ms | packed MiB | dense MiB |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for r in decode_rows:
-        lines.append(f"| {r[0]} | {r[1]:.1f} | {r[2]:.1f} | {r[3]:.1f} | {r[4]:.1f} |")
+        lines.append(f"| {r[0]} | {r[1]:.1f} | {r[5]:.2f} ({r[6]}) | {r[2]:.1f} | {r[3]:.1f} | {r[4]:.1f} |")
     if load > (os.cpu_count() or 1):
         lines += ["", (f"Note: the machine was oversubscribed (load {load:.1f} on {os.cpu_count()} CPUs) while this "
                        "ran, so absolute numbers are low and ratios noisy; rerun on an idle machine for reference figures.")]
