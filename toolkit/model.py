@@ -253,8 +253,12 @@ class Block(nn.Module):
         if a.qk_norm:
             q, k = self.attn_q_norm(q), self.attn_k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, hd]
-        q = apply_rope(q, cos, sin, a.neox, a.rope_dim, cis)
-        k = apply_rope(k, cos, sin, a.neox, a.rope_dim, cis)
+        if T == 1:  # decoding: one rotation over q and k's heads together (the step is bound by op count)
+            q, k = apply_rope(torch.cat((q, k), 1), cos, sin, a.neox, a.rope_dim, cis).split(
+                [a.n_head, a.n_kv_head], 1)
+        else:
+            q = apply_rope(q, cos, sin, a.neox, a.rope_dim, cis)
+            k = apply_rope(k, cos, sin, a.neox, a.rope_dim, cis)
         if input_pos is not None and self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
             end = int(input_pos[-1]) + 1  # attend only over the filled part of the cache
