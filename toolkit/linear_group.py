@@ -30,6 +30,7 @@ from .quants import QuantLinear
 class _Plan:
     key: tuple
     sizes: list[int]
+    bases: list[nn.Module]  # the members' base linears (inside any LoRA wrapper)
     base: qkernels.PackedWeight | None  # the stacked kernel weight, or None: bases run one by one
     bias: Tensor | None
     a_stack: Tensor | None  # [R, in] float32
@@ -46,17 +47,16 @@ def _key(mods: list[nn.Module]) -> tuple:
 
 
 def _stack_base(bases: list[nn.Module]) -> qkernels.PackedWeight | None:
+    """The members' weights in one kernel form, built from their blocks (the members never make their own)."""
     if not all(isinstance(b, QuantLinear) and b.use_kernels for b in bases):
         return None
-    parts = [b.kernel_weight() for b in bases]
-    kinds = {p.kind for p in parts}
-    if len(kinds) != 1:
-        return None
-    if kinds == {"bf16"}:
-        return qkernels.PackedWeight("bf16", torch.cat([p.weight for p in parts]), None, sum(p.out_features for p in parts))
-    if len({b.qtype for b in bases}) != 1:
-        return None
-    return qkernels.pack(torch.cat([b.qweight for b in bases]), bases[0].qtype, bases[0].in_features)
+    in_f = bases[0].in_features
+    if len({b.qtype for b in bases}) == 1:
+        return qkernels.pack(torch.cat([b.qweight for b in bases]), bases[0].qtype, in_f)
+    if any(qkernels.kind(b.qtype, in_f) != "bf16" for b in bases):
+        return None  # mixed int4 / other types: each base runs on its own
+    w = torch.cat([b.weight_float(torch.bfloat16) for b in bases])
+    return qkernels.PackedWeight("bf16", w, None, w.shape[0])
 
 
 def _plan(mods: list[nn.Module]) -> _Plan:
@@ -68,7 +68,7 @@ def _plan(mods: list[nn.Module]) -> _Plan:
         bias = torch.cat([b.bias.float() if b.bias is not None else torch.zeros(n, device=b.qweight.device)
                           for b, n in zip(bases, sizes)])
     trainable = any(p.requires_grad for l in loras if l is not None
-                                 for p in list(l.lora_a.values()) + list(l.lora_b.values()))
+                    for p in list(l.lora_a.values()) + list(l.lora_b.values()))
     a_stack, cols = None, []
     if not trainable:
         a_parts = []
@@ -81,7 +81,7 @@ def _plan(mods: list[nn.Module]) -> _Plan:
             row += n
         if a_parts:
             a_stack = torch.cat(a_parts)
-    return _Plan(_key(mods), sizes, stacked, bias, a_stack, cols, trainable)
+    return _Plan(_key(mods), sizes, list(bases), stacked, bias, a_stack, cols, trainable)
 
 
 def group_forward(owner: nn.Module, names: tuple[str, ...], x: Tensor) -> list[Tensor]:
@@ -93,8 +93,7 @@ def group_forward(owner: nn.Module, names: tuple[str, ...], x: Tensor) -> list[T
     plan = plans.get(names)
     if plan is None or plan.key != _key(mods):
         plan = plans[names] = _plan(mods)
-    bases = [_split(m)[0] for m in mods]
-    stacked = plan.base is not None and bases[0]._use_kernels(x)
+    stacked = plan.base is not None and plan.bases[0]._use_kernels(x)
     if not stacked and (plan.a_stack is None or plan.per_module_lora):
         return [m(x) for m in mods]  # nothing to share
     if stacked:
@@ -102,7 +101,7 @@ def group_forward(owner: nn.Module, names: tuple[str, ...], x: Tensor) -> list[T
         if plan.bias is not None:
             y = y + plan.bias.to(y.dtype)
     else:
-        y = torch.cat([b(x) for b in bases], dim=-1)
+        y = torch.cat([b(x) for b in plan.bases], dim=-1)
     if plan.per_module_lora:
         outs = list(y.split(plan.sizes, dim=-1))
         return [m.add_adapters(o, x) if isinstance(m, LoRALinear) else o for m, o in zip(mods, outs)]

@@ -65,10 +65,15 @@ def int4_groups(qweight: torch.Tensor, qtype: Q, in_features: int) -> tuple[torc
             zero.reshape(out_f, groups))
 
 
+def kind(qtype: Q, in_features: int) -> str:
+    """The kernel form pack() gives a weight of this type and width: "int4" or "bf16"."""
+    return "int4" if qtype in INT4_TYPES and _int4_mm is not None and in_features % GROUP == 0 else "bf16"
+
+
 def pack(qweight: torch.Tensor, qtype: Q, in_features: int) -> PackedWeight:
     """The kernel form of a quantized weight (CPU)."""
     out_f = qweight.shape[0]
-    if qtype in INT4_TYPES and _int4_mm is not None and in_features % GROUP == 0:
+    if kind(qtype, in_features) == "int4":
         levels, scale, zero = int4_groups(qweight, qtype, in_features)
         packed = _int4_pack(levels, 1)
         scale_zero = torch.stack((scale.t(), zero.t()), dim=-1).to(torch.bfloat16).contiguous()  # [in/32, out, 2]
