@@ -272,3 +272,18 @@ def make_tiny_hf(arch: str, folder: Path, tokenizer_dir: Path, seed: int = 0, ti
     for f in tokenizer_dir.iterdir():
         shutil.copy(f, folder / f.name)
     return model.eval()
+
+
+def random_lora(shapes: dict[str, tuple[int, int]], r: int, seed: int, std: float, a_std: float | None = None):
+    """Random non-zero LoRA pairs {GGUF weight name: LoraPair} for weights {name: (out, in)}, drawn in the dict's
+    order (A, then B, per tensor). token_embd's pair is A [r, n_vocab], B [n_embd, r], as llama.cpp stores it."""
+    from toolkit.adapter import LoraPair
+
+    g = torch.Generator().manual_seed(seed)
+    pairs = {}
+    for name, (out, inp) in shapes.items():
+        if name == "token_embd.weight":
+            out, inp = inp, out
+        a = torch.randn(r, inp, generator=g) * (std if a_std is None else a_std)
+        pairs[name] = LoraPair(a, torch.randn(out, r, generator=g) * std)
+    return pairs

@@ -20,6 +20,7 @@ from toolkit.gguf_io import open_gguf
 
 pytest.importorskip("llama_cpp")
 from oracle_llama import llama_logits, llama_tokenize  # noqa: E402
+from tiny import random_lora  # noqa: E402
 
 SMOL_A = ("attn_q", "attn_v", "attn_output", "ffn_down")  # enough to move the model; fewer tensors, faster tests
 LINEAR = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -32,18 +33,8 @@ def random_adapter(base: Path, path: Path, targets=LINEAR, r: int = 8, alpha: fl
                    std: float = 0.02) -> Path:
     """A GGUF adapter with random A and B (B non-zero, so the delta is real) on `targets` of every layer."""
     g = open_gguf(base)
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for name, ti in g.tensors.items():
-        if not any(name.endswith(f"{t}.weight") for t in targets):
-            continue
-        out, inp = ti.shape
-        if name == "token_embd.weight":  # a [r, n_vocab], b [n_embd, r] (see toolkit.adapter)
-            a, b = torch.randn(r, out, generator=gen), torch.randn(inp, r, generator=gen)
-        else:
-            a, b = torch.randn(r, inp, generator=gen), torch.randn(out, r, generator=gen)
-        tensors[name] = LoraPair(a * std * 5, b * std)
-    write_gguf_adapter(Adapter(tensors, alpha, g.arch), path)
+    shapes = {name: ti.shape for name, ti in g.tensors.items() if any(name.endswith(f"{t}.weight") for t in targets)}
+    write_gguf_adapter(Adapter(random_lora(shapes, r, seed, std, a_std=std * 5), alpha, g.arch), path)
     return path
 
 

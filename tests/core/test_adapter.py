@@ -12,13 +12,12 @@ import oracle_llama
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from tiny import make_tiny_gguf
+from tiny import make_tiny_gguf, random_lora
 
 from toolkit import names as N
 from toolkit.adapter import (
     Adapter,
     BaseInfo,
-    LoraPair,
     read_adapter,
     write_gguf_adapter,
     write_peft_adapter,
@@ -35,14 +34,7 @@ def base(tmp_path_factory) -> Path:
 
 
 def random_adapter(info: BaseInfo, names: list[str], r: int = 4, alpha: float = 8.0, seed: int = 0) -> Adapter:
-    g = torch.Generator().manual_seed(seed)
-    t = {}
-    for n in names:
-        out, inp = info.shapes[n]
-        if n == "token_embd.weight":
-            out, inp = inp, out  # a [r, n_vocab], b [n_embd, r]
-        t[n] = LoraPair(torch.randn(r, inp, generator=g) * 0.1, torch.randn(out, r, generator=g) * 0.1)
-    return Adapter(t, alpha, info.arch)
+    return Adapter(random_lora({n: info.shapes[n] for n in names}, r, seed, 0.1), alpha, info.arch)
 
 
 LINEARS = ["blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.1.ffn_down.weight", "output.weight", "token_embd.weight"]

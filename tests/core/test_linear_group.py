@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tiny import make_tiny_gguf
+from tiny import make_tiny_gguf, random_lora
 from toolkit.linear_group import group_forward
 from toolkit.model import load
 
@@ -17,17 +17,11 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def attach(model, name: str, r: int, scale: float, seed: int) -> None:
     """An in-memory adapter over every q/k/v/gate/up linear."""
-    from toolkit.adapter import Adapter, LoraPair
+    from toolkit.adapter import Adapter
 
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for i, blk in enumerate(model.blk):
-        for n in QKV + ("ffn_gate", "ffn_up"):
-            m = getattr(blk, n)
-            out_f, in_f = int(m.out_features), int(m.in_features)
-            tensors[f"blk.{i}.{n}.weight"] = LoraPair(torch.randn(r, in_f, generator=g) * 0.1,
-                                                      torch.randn(out_f, r, generator=g) * 0.1)
-    model.add_adapter(Adapter(tensors, float(r), "llama"), name, scale)
+    shapes = {f"blk.{i}.{n}.weight": (int(getattr(blk, n).out_features), int(getattr(blk, n).in_features))
+              for i, blk in enumerate(model.blk) for n in QKV + ("ffn_gate", "ffn_up")}
+    model.add_adapter(Adapter(random_lora(shapes, r, seed, 0.1), float(r), "llama"), name, scale)
 
 
 def each(blk, names, x):

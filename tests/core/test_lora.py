@@ -10,13 +10,12 @@ import numpy as np
 import oracle_llama
 import pytest
 import torch
-from tiny import make_tiny_gguf
+from tiny import make_tiny_gguf, random_lora
 from torch import nn
 
 from toolkit.adapter import (
     Adapter,
     BaseInfo,
-    LoraPair,
     read_adapter,
     write_gguf_adapter,
     write_peft_adapter,
@@ -162,14 +161,7 @@ def test_peft_dir_gives_peft_logits(tiny, tmp_path, kind, variant):
 # --- against llama.cpp -------------------------------------------------------------------------------------
 
 def random_adapter(info: BaseInfo, names: list[str], r: int, alpha: float, seed: int, std: float = 0.05) -> Adapter:
-    g = torch.Generator().manual_seed(seed)
-    t = {}
-    for n in names:
-        out, inp = info.shapes[n]
-        if n == "token_embd.weight":
-            out, inp = inp, out
-        t[n] = LoraPair(torch.randn(r, inp, generator=g) * std, torch.randn(out, r, generator=g) * std)
-    return Adapter(t, alpha, info.arch)
+    return Adapter(random_lora({n: info.shapes[n] for n in names}, r, seed, std), alpha, info.arch)
 
 
 def cos(a: np.ndarray, b: np.ndarray) -> float:

@@ -132,18 +132,12 @@ def make_random_adapter(base: str | os.PathLike, out: str | os.PathLike, rank: i
                         std: float = 0.05, alpha: float = 0.0,
                         targets: tuple[str, ...] = ("attn_q", "attn_v", "attn_output", "ffn_up", "ffn_down")):
     """A llama.cpp GGUF LoRA adapter with random non-zero A and B on `targets` of every block of `base`."""
-    import torch
-
-    from toolkit.adapter import Adapter, LoraPair, write_gguf_adapter
+    from tiny import random_lora
+    from toolkit.adapter import Adapter, write_gguf_adapter
     from toolkit.gguf_io import open_gguf
 
     g = open_gguf(base)
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for name, info in g.tensors.items():
-        if name.startswith("blk.") and name.split(".")[2] in targets:
-            n_out, n_in = info.shape
-            tensors[name] = LoraPair(torch.randn(rank, n_in, generator=gen) * std,
-                                     torch.randn(n_out, rank, generator=gen) * std)
-    write_gguf_adapter(Adapter(tensors, alpha=alpha, arch=g.arch), out)
+    shapes = {name: info.shape for name, info in g.tensors.items()
+              if name.startswith("blk.") and name.split(".")[2] in targets}
+    write_gguf_adapter(Adapter(random_lora(shapes, rank, seed, std), alpha=alpha, arch=g.arch), out)
     return out
