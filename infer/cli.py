@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from toolkit.config import arg, parse_config, parse_lora_flags
+from toolkit.config import arg, parse_config, parse_lora_flags, weights_arg
 from toolkit.errors import ToolkitError
 
 
@@ -37,8 +37,7 @@ class InferConfig:
     ignore_eos: bool = arg(False, "--ignore-eos", help="keep generating past end-of-text")
     device: str = arg("auto", "--device", help="auto, cpu, cuda or mps", choices=["auto", "cpu", "cuda", "mps"])
     dtype: str = arg(None, "--dtype", help="compute dtype: f32, f16, bf16 (default: f32 on CPU, bf16 on CUDA)")
-    weights: str = arg("auto", "--weights", help="how quantized weights compute: auto (packed on CPU, float elsewhere), packed (CPU: int4/bf16 weight-only kernels for decoding, close to float), float (a dequantized copy: exact, 4-8x the memory)",
-                       choices=["auto", "packed", "float"])
+    weights: str = weights_arg()
     chat: bool = arg(False, "--chat", help="apply the GGUF chat template; interactive turns on a TTY")
     system: str = arg(None, "--system", help="system message for --chat")
     lora: list[str] = arg([], "--lora", action="append", metavar="FILE",

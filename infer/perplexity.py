@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from toolkit.config import arg, parse_config
+from toolkit.config import arg, parse_config, weights_arg
 from toolkit.errors import ToolkitError
 
 
@@ -28,8 +28,7 @@ class PerplexityConfig:
     threads: int = arg(0, "-t", "--threads", help="CPU threads (0: torch's default)")
     device: str = arg("auto", "--device", help="auto, cpu, cuda or mps", choices=["auto", "cpu", "cuda", "mps"])
     dtype: str = arg(None, "--dtype", help="compute dtype: f32, f16, bf16")
-    weights: str = arg("auto", "--weights", help="how quantized weights compute: auto (packed on CPU, float elsewhere), packed (CPU: int4/bf16 weight-only kernels for decoding, close to float), float (a dequantized copy: exact, 4-8x the memory)",
-                       choices=["auto", "packed", "float"])
+    weights: str = weights_arg()
     lora: list[str] = arg([], "--lora", action="append", metavar="FILE", help="LoRA adapter, repeatable")
     lora_scaled: list[list[str]] = arg([], "--lora-scaled", action="append", nargs=2, metavar=("FILE", "SCALE"),
                                        help="LoRA adapter with a scale, repeatable")

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from toolkit.config import arg, parse_config, parse_lora_flags
+from toolkit.config import arg, parse_config, parse_lora_flags, weights_arg
 from toolkit.errors import ToolkitError
 
 
@@ -42,7 +42,7 @@ class ServeConfig:
     threads: int = arg(0, "-t", "--threads", help="CPU threads (0: torch's default)")
     device: str = arg("auto", help="auto|cpu|cuda|mps")
     dtype: str | None = arg(None, help="compute dtype (float32, float16, bfloat16); default per device")
-    weights: str = arg("auto", help="how quantized weights compute: auto (packed on CPU, float elsewhere), packed (CPU: int4/bf16 weight-only kernels for decoding, close to float), float (a dequantized copy: exact, 4-8x the memory)", choices=["auto", "packed", "float"])
+    weights: str = weights_arg()
     alias: str | None = arg(None, help="model id reported by /v1/models and in responses (default: file name)")
     max_queue: int = arg(64, help="requests that may wait for the model; more get HTTP 503")
 
@@ -66,8 +66,8 @@ def build(cfg: ServeConfig, backend: Any = None) -> tuple[Any, Any]:
     if backend is None:
         from .server_backend import ModelBackend
 
-        backend = ModelBackend.load(cfg.model, device=cfg.device, dtype=cfg.dtype, weights=cfg.weights, ctx_size=cfg.ctx_size,
-                                    threads=cfg.threads, alias=cfg.alias)
+        backend = ModelBackend.load(cfg.model, device=cfg.device, dtype=cfg.dtype, weights=cfg.weights,
+                                    ctx_size=cfg.ctx_size, threads=cfg.threads, alias=cfg.alias)
     registry = AdapterRegistry()
     for path, scale in parse_lora_flags(cfg.lora, cfg.lora_scaled):
         i, name = registry.reserve()

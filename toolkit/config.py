@@ -117,6 +117,17 @@ def parse_config(cls: type[T], argv: Sequence[str] | None, prog: str, descriptio
     return cls(**values)
 
 
+WEIGHT_MODES = ("auto", "packed", "float")  # toolkit.model.set_weight_mode says what each does
+
+
+def weights_arg() -> Any:
+    """The --weights field shared by the commands that run a model (infer, perplexity, serve)."""
+    return arg("auto", "--weights", choices=list(WEIGHT_MODES),
+               help="how quantized weights compute: auto (packed on CPU, float elsewhere), packed (CPU: int4/bf16 "
+                    "weight-only kernels for decoding, close to float), float (a dequantized copy: exact, 4-8x "
+                    "the memory)")
+
+
 def parse_lora_flags(lora: Sequence[str] = (), lora_scaled: Sequence[Sequence[str]] = ()) -> list[tuple[str, float]]:
     """llama.cpp's adapter flags -> [(file, scale), ...]: `--lora A[,B...]` (scale 1), `--lora-scaled FNAME SCALE`
     and llama-export-lora's `--lora-scaled FNAME:SCALE[,...]`. Shared by infer, perplexity, serve, export-lora."""

@@ -16,13 +16,14 @@ import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from gguf import GGMLQuantizationType as Q
 
+from .config import WEIGHT_MODES
 from .errors import ToolkitError
 from .gguf_io import GGUFFile, TensorInfo, open_gguf
 from .linear_group import drop_plans, group_forward
@@ -416,9 +417,6 @@ def quant_linear(raw: Tensor, qtype: Q, in_f: int, out_f: int, bias: Tensor | No
     lin = QuantLinear(raw, qtype, in_f, out_f, bias=bias)
     lin.cache_weights = True  # inference speed (load() picks the mode per device; finetune keeps blocks packed)
     return lin
-
-
-WEIGHT_MODES = ("auto", "packed", "float")
 
 
 def set_weight_mode(model: nn.Module, mode: str, device: torch.device) -> None:
