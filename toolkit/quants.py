@@ -536,10 +536,10 @@ _FAST_BOUND = float(1 << 21)
 
 
 def _round_clamp(v: torch.Tensor, lo: int, hi: int, fast: bool) -> torch.Tensor:
-    """float(MAX(lo, MIN(hi, nearest_int(v)))), in place on v when fast."""
+    """float(MAX(lo, MIN(hi, nearest_int(v)))), written into v (float32) and returned."""
     if fast:  # round half to even == nearest_int below 2^22
         return v.round_().clamp_(lo, hi)
-    return _nearest_int(v).clamp_(lo, hi).to(_F32)
+    return v.copy_(_nearest_int(v).clamp_(lo, hi))
 
 
 def _bounded(bound: torch.Tensor) -> bool:
@@ -590,9 +590,7 @@ def _make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, 
 
     def levels(isc: torch.Tensor, m: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         torch.sub(x, m, out=out).mul_(isc)
-        if finite and _bounded(isc.abs() * (xabs + m.abs())):  # round half to even == nearest_int
-            return out.round_().clamp_(0, nmax)
-        return out.copy_(_nearest_int(out).clamp_(0, nmax))
+        return _round_clamp(out, 0, nmax, finite and _bounded(isc.abs() * (xabs + m.abs())))
 
     def error(sc: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         """sum of w * (sc*L + m - x)^2 (or |.|), in order."""
@@ -663,11 +661,7 @@ def _make_qx_quants(x: torch.Tensor, nmax: int, finite: bool) -> tuple[torch.Ten
     for i in range(0, n, g):
         k = min(g, n - i)
         v, terms = vg[:k], tg[:k]
-        torch.mul(iscale, x[i:i + k, None], out=v)
-        if finite:  # |v| <= ~nmax: round half to even == nearest_int
-            v.round_().clamp_(-nmax, nmax - 1)
-        else:
-            v.copy_(_nearest_int(v).clamp_(-nmax, nmax - 1))
+        _round_clamp(torch.mul(iscale, x[i:i + k, None], out=v), -nmax, nmax - 1, finite)  # finite: |v| <= ~nmax
         torch.mul(wx[i:i + k, :, None], v[:, None], out=terms)  # w*x*l, w*l
         terms[:, 1].mul_(v)  # w*l*l
         _seqsum_into(sums, terms)
