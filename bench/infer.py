@@ -136,7 +136,7 @@ def main() -> int:
         lines.append(f"| {name} | {r['load']:.2f} | {r['first']:.2f} | {r['tps']:.1f} | {r['tps'] / ref['tps']:.2f}x |")
     for name in ("toolkit", "toolkit --weights float (exact)"):
         r = res[name]
-        lines.append(f"| {name}, second generation (weights already in kernel form) | | | {r['tps_warm']:.1f} | "
+        lines.append(f"| {name}, second generation (weight copies already made) | | | {r['tps_warm']:.1f} | "
                      f"{r['tps_warm'] / ref['tps']:.2f}x |")
     lines += [
         "",
