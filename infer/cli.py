@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from toolkit.config import arg, parse_config, parse_lora_flags, weights_arg
+from toolkit.config import arg, compile_arg, parse_config, parse_lora_flags, weights_arg
 from toolkit.errors import ToolkitError
 
 
@@ -38,6 +38,7 @@ class InferConfig:
     device: str = arg("auto", "--device", help="auto, cpu, cuda or mps", choices=["auto", "cpu", "cuda", "mps"])
     dtype: str = arg(None, "--dtype", help="compute dtype: f32, f16, bf16 (default: f32 on CPU, bf16 on CUDA)")
     weights: str = weights_arg()
+    compile: bool = compile_arg()
     chat: bool = arg(False, "--chat", help="apply the GGUF chat template; interactive turns on a TTY")
     system: str = arg(None, "--system", help="system message for --chat")
     lora: list[str] = arg([], "--lora", action="append", metavar="FILE",
@@ -73,8 +74,10 @@ def infer(cfg: InferConfig, out=None) -> str:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
+    if cfg.compile:
+        print("compiling the decode step (torch.compile) ...", file=sys.stderr)
     model, tok = load(cfg.model, device=cfg.device, dtype=cfg.dtype, weights=cfg.weights,
-                      adapters=parse_lora_flags(cfg.lora, cfg.lora_scaled))
+                      adapters=parse_lora_flags(cfg.lora, cfg.lora_scaled), compile=cfg.compile)
     load_s = time.perf_counter() - t0
     n_ctx = cfg.ctx_size if cfg.ctx_size > 0 else model.args.ctx_len
     kw = dict(temperature=cfg.temp, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,

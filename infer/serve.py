@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from toolkit.config import arg, parse_config, parse_lora_flags, weights_arg
+from toolkit.config import arg, compile_arg, parse_config, parse_lora_flags, weights_arg
 from toolkit.errors import ToolkitError
 
 
@@ -43,6 +43,7 @@ class ServeConfig:
     device: str = arg("auto", help="auto|cpu|cuda|mps")
     dtype: str | None = arg(None, help="compute dtype (float32, float16, bfloat16); default per device")
     weights: str = weights_arg()
+    compile: bool = compile_arg()
     alias: str | None = arg(None, help="model id reported by /v1/models and in responses (default: file name)")
     max_queue: int = arg(64, help="requests that may wait for the model; more get HTTP 503")
 
@@ -67,7 +68,8 @@ def build(cfg: ServeConfig, backend: Any = None) -> tuple[Any, Any]:
         from .server_backend import ModelBackend
 
         backend = ModelBackend.load(cfg.model, device=cfg.device, dtype=cfg.dtype, weights=cfg.weights,
-                                    ctx_size=cfg.ctx_size, threads=cfg.threads, alias=cfg.alias)
+                                    ctx_size=cfg.ctx_size, threads=cfg.threads, alias=cfg.alias,
+                                    compile=cfg.compile)
     registry = AdapterRegistry()
     for path, scale in parse_lora_flags(cfg.lora, cfg.lora_scaled):
         i, name = registry.reserve()

@@ -21,7 +21,7 @@ class ModelBackend:
 
     @classmethod
     def load(cls, path: str, device: str = "auto", dtype: str | None = None, weights: str = "auto", ctx_size: int = 4096,
-             threads: int = 0, alias: str | None = None) -> "ModelBackend":
+             threads: int = 0, alias: str | None = None, compile: bool = False) -> "ModelBackend":
         import torch
 
         from toolkit.model import load
@@ -30,7 +30,7 @@ class ModelBackend:
             torch.set_num_threads(threads)
         if not os.path.isfile(path):
             raise ToolkitError("model file not found", path)
-        model, tok = load(path, device=device, dtype=dtype, weights=weights)
+        model, tok = load(path, device=device, dtype=dtype, weights=weights, compile=compile)
         train_ctx = int(model.args.ctx_len) if getattr(model.args, "ctx_len", None) else 0
         n_ctx = train_ctx if ctx_size <= 0 else (min(ctx_size, train_ctx) if train_ctx else ctx_size)
         return cls(model, tok, n_ctx, alias or Path(path).name)

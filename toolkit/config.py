@@ -128,6 +128,12 @@ def weights_arg() -> Any:
                     "the memory)")
 
 
+def compile_arg() -> Any:
+    """The --compile field shared by the commands that decode (infer, serve)."""
+    return arg(False, "--compile", help="compile the decode step with torch.compile at load (a minute the first time, "
+                                        "seconds once inductor's disk cache is warm): fewer, fused kernels per token")
+
+
 def parse_lora_flags(lora: Sequence[str] = (), lora_scaled: Sequence[Sequence[str]] = ()) -> list[tuple[str, float]]:
     """llama.cpp's adapter flags -> [(file, scale), ...]: `--lora A[,B...]` (scale 1), `--lora-scaled FNAME SCALE`
     and llama-export-lora's `--lora-scaled FNAME:SCALE[,...]`. Shared by infer, perplexity, serve, export-lora."""

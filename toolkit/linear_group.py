@@ -12,6 +12,9 @@ A_stack [R, in]: every active adapter's A of every member, so one small matmul s
 folded in) then adds into its member's rows in place. (A block-diagonal B would be one op, but its zeros are
 read from memory on every token: measured no faster.) Trainable adapters (finetune) keep the per-module path,
 so training never reads a stale copy.
+
+The other linears (attn_output, ffn_down, output) run as groups of one, so every adapter scale lives in a plan's
+B copies as data: a compiled decode step (Transformer.compile_decode) then reads new scales without recompiling.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import qkernels
-from .lora import LoRALinear
+from .lora import LoRALinear, thin_linear
 from .quants import QuantLinear
 
 
@@ -50,6 +53,8 @@ def _stack_base(bases: list[nn.Module]) -> qkernels.PackedWeight | None:
     """The members' weights in one kernel form, built from their blocks (the members never make their own)."""
     if not all(isinstance(b, QuantLinear) and b.use_kernels for b in bases):
         return None
+    if len(bases) == 1:
+        return bases[0].kernel_weight()
     in_f = bases[0].in_features
     if len({b.qtype for b in bases}) == 1:
         return qkernels.pack(torch.cat([b.qweight for b in bases]), bases[0].qtype, in_f)
@@ -91,7 +96,9 @@ def group_forward(owner: nn.Module, names: tuple[str, ...], x: Tensor) -> list[T
         return [m(x) for m in mods]
     plans = owner.__dict__.setdefault("_group_plans", {})
     plan = plans.get(names)
-    if plan is None or plan.key != _key(mods):
+    if torch.compiler.is_compiling():
+        pass  # the eager caller has refreshed the plans (refresh_plans): checking here would guard on versions
+    elif plan is None or plan.key != _key(mods):
         plan = plans[names] = _plan(mods)
     stacked = plan.base is not None and plan.bases[0]._use_kernels(x)
     if not stacked and (plan.a_stack is None or plan.per_module_lora):
@@ -107,14 +114,25 @@ def group_forward(owner: nn.Module, names: tuple[str, ...], x: Tensor) -> list[T
         return [m.add_adapters(o, x) if isinstance(m, LoRALinear) else o for m, o in zip(mods, outs)]
     if plan.a_stack is not None:
         x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-        h = F.linear(x2.to(plan.a_stack.dtype), plan.a_stack)  # [M, R]: every adapter of every member at once
+        h = thin_linear(x2.to(plan.a_stack.dtype), plan.a_stack)  # [M, R]: every adapter of every member at once
         for r0, c0, bs in plan.b_parts:  # each member's rows get its adapters' s * B (no zero blocks to read)
             part = h[:, c0:c0 + bs.shape[1]]
-            if y2.dtype == bs.dtype:
+            if torch.compiler.is_compiling():
+                y2[:, r0:r0 + bs.shape[0]] += thin_linear(part, bs).to(y2.dtype)
+            elif y2.dtype == bs.dtype:
                 y2[:, r0:r0 + bs.shape[0]].addmm_(part, bs.t())
             else:
                 y2[:, r0:r0 + bs.shape[0]] += F.linear(part, bs).to(y2.dtype)
     return list(y.split(plan.sizes, dim=-1))
+
+
+def refresh_plans(owner: nn.Module) -> None:
+    """Rebuild owner's plans whose members or adapters changed (before a compiled step, which reads them as is)."""
+    plans = owner.__dict__.get("_group_plans", {})
+    for names, plan in plans.items():
+        mods = [getattr(owner, n) for n in names]
+        if plan.key != _key(mods):
+            plans[names] = _plan(mods)
 
 
 def drop_plans(owner: nn.Module) -> None:

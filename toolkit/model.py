@@ -26,8 +26,8 @@ from gguf import GGMLQuantizationType as Q
 from .config import WEIGHT_MODES
 from .errors import ToolkitError
 from .gguf_io import GGUFFile, TensorInfo, open_gguf
-from .linear_group import drop_plans, group_forward
-from .lora import AdapterHost
+from .linear_group import drop_plans, group_forward, refresh_plans
+from .lora import AdapterHost, last_version
 from .quants import QuantEmbedding, QuantLinear
 
 # llama.cpp's rope type per architecture (LLAMA_ROPE_TYPE_NORM = adjacent pairs, NEOX = two halves)
@@ -180,21 +180,24 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, neox: bool, n_rot: int, cis:
     if neox:
         x1, x2 = xf.chunk(2, dim=-1)
         out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    else:  # adjacent pairs are complex numbers: one complex multiply
+    elif torch.compiler.is_compiling():  # real arithmetic fuses into one kernel; complex views would not
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    else:  # adjacent pairs are complex numbers: one complex multiply (fewest eager ops)
         rot_c = torch.view_as_complex(xf.reshape(*xf.shape[:-1], -1, 2).contiguous())
         out = torch.view_as_real(rot_c * (cis if cis is not None else torch.complex(cos, sin))).flatten(-2)
     out = out.to(x.dtype)
     return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
 
 
-class KVCache(nn.Module):
-    """Static cache [B, n_kv, T_max, hd] written in place at the given positions."""
+class KVCache:
+    """Static cache [B, n_kv, T_max, hd] written in place at the given positions. Not a module: its tensors are
+    per-generation state, never saved or moved with the model (and so torch.compile treats T_max as dynamic)."""
 
     def __init__(self, batch: int, n_kv: int, t_max: int, head_dim: int, dtype: torch.dtype, device: Any):
-        super().__init__()
         shape = (batch, n_kv, t_max, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     def update(self, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         self.k.index_copy_(2, pos, k.to(self.k.dtype))
@@ -235,10 +238,10 @@ class Block(nn.Module):
         return super()._apply(fn, recurse)
 
     def _lin(self, name: str, x: Tensor) -> Tensor:
-        return getattr(self, name)(x)  # a plain/quantized linear, or the LoRA wrapper around it
+        return group_forward(self, (name,), x)[0]  # a group of one: its adapters' scales live in the plan
 
     def attention(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None,
-                  cis: Tensor | None = None) -> Tensor:
+                  cis: Tensor | None = None, kv_len: int = 0) -> Tensor:
         a = self.args
         B, T, _ = x.shape
         if a.fused_qkv:
@@ -260,8 +263,7 @@ class Block(nn.Module):
             k = apply_rope(k, cos, sin, a.neox, a.rope_dim, cis)
         if input_pos is not None and self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
-            end = int(input_pos[-1]) + 1  # attend only over the filled part of the cache
-            k, v = k[:, :, :end], v[:, :, :end]
+            k, v = k[:, :, :kv_len], v[:, :, :kv_len]  # attend only over the filled part of the cache
             q_pos = input_pos
         else:
             q_pos = input_pos if input_pos is not None else torch.arange(T, device=x.device)
@@ -298,8 +300,9 @@ class Block(nn.Module):
         return self._lin("ffn_down", act * up)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None,
-                cis: Tensor | None = None) -> Tensor:
-        h = self.attention(self.attn_norm(x), cos, sin, input_pos, cis)
+                cis: Tensor | None = None, kv_len: int = 0) -> Tensor:
+        """kv_len: with a KV cache, the number of filled positions (max(input_pos) + 1)."""
+        h = self.attention(self.attn_norm(x), cos, sin, input_pos, cis, kv_len)
         if self.args.post_norms:
             h = self.post_attention_norm(h)
         x = x + h
@@ -324,6 +327,7 @@ class Transformer(AdapterHost, nn.Module):
         self.gguf: GGUFFile | None = None
         self.freq_factors: Tensor | None = None
         self._rope: dict[tuple[bool, str, int], tuple[Tensor, Tensor]] = {}
+        self._rope_keys = sorted({self._rope_key(b) for b in self.blk})
 
     # -- GGUF names -> modules
     def lora_targets(self) -> dict[str, nn.Module]:
@@ -343,6 +347,8 @@ class Transformer(AdapterHost, nn.Module):
         a = self.args
         ref = self.output_norm.weight
         dtype = dtype or self.compute_dtype
+        if self.__dict__.get("_compiled") is not None:
+            t_max += 1  # a spare slot: the filled part is then always a strict slice (a full one compiles anew)
         for b in self.blk:
             b.kv_cache = KVCache(batch, a.n_kv_head, t_max, a.head_dim, dtype, ref.device)
         self.max_seq_len = t_max
@@ -355,48 +361,95 @@ class Transformer(AdapterHost, nn.Module):
     def compute_dtype(self) -> torch.dtype:
         return getattr(self, "_compute_dtype", torch.float32)
 
-    def _rope_for(self, swa: bool, device: torch.device, n_pos: int) -> tuple[Tensor, Tensor]:
+    def _rope_for(self, local: bool, device: torch.device, n_pos: int) -> tuple[Tensor, Tensor]:
         a = self.args
-        key = (swa and a.gemma and a.arch == "gemma3", str(device), 0)
+        key = (local, str(device), 0)
         cached = self._rope.get(key)
         if cached is None or cached[0].shape[0] < n_pos:
             size = max(n_pos, 2 * (cached[0].shape[0] if cached else 0), 1024)
-            if key[0]:  # gemma3 local layers: their own base, no scaling
+            if local:  # gemma3 local layers: their own base, no scaling
                 cached = rope_tables(a, a.rope_base_swa, 1.0, size, None, device)
             else:
                 cached = rope_tables(a, a.rope_base, a.rope_scale, size, self.freq_factors, device)
             self._rope[key] = cached
         return cached
 
+    def compile_decode(self, warmup: bool = True, **options: Any) -> None:
+        """Run decode steps (one token through the KV cache, no autograd) through torch.compile from now on.
+
+        A CPU decode step of a small model is as much per-op overhead as weight reading (~50 small ops per layer
+        in eager mode); inductor fuses the elementwise work (norms, RoPE, SiLU, residuals) around the weight-only
+        kernels. The first compiled step takes seconds to a minute (inductor caches its output on disk, so later
+        processes take a few seconds). Shapes are dynamic, so a longer cache or another number of LoRA ranks
+        does not recompile; loading or unloading adapters may (adapters change the module tree).
+        options: passed to torch.compile (e.g. mode="max-autotune-no-cudagraphs").
+        warmup: compile now, on a throwaway two-token decode, rather than in the first generation."""
+        self._compiled = torch.compile(self._forward, dynamic=True, **options)
+        if warmup:
+            dev = self.output_norm.weight.device
+            with torch.inference_mode():
+                self.setup_caches(1, 3)
+                try:
+                    for p in range(3):  # prefill, the eager step that makes the kernel weights, a compiled one
+                        self(torch.zeros(1, 1, dtype=torch.long, device=dev), input_pos=torch.tensor([p], device=dev))
+                finally:
+                    self.clear_caches()
+
+    def _apply(self, fn, recurse=True):  # .to(device): the compiled step must see the rebuilt weight forms first
+        self.__dict__.pop("_decode_warm", None)
+        drop_plans(self)
+        return super()._apply(fn, recurse)
+
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None, last_only: bool = False) -> Tensor:
         """last_only: logits of the last position only ([B, 1, V]); a prompt's prefill needs no more, and the
         vocabulary head is the largest matmul of a small model."""
+        T = tokens.shape[1]
+        pos = input_pos if input_pos is not None else torch.arange(T, device=tokens.device)
+        n_pos = int(pos.max()) + 1  # the step's one host sync: rope table size, filled length of the KV cache
+        ropes = {key: self._rope_for(key, tokens.device, n_pos) for key in self._rope_keys}
+        step = self._forward
+        compiled = self.__dict__.get("_compiled")
+        if compiled is not None and T == 1 and input_pos is not None and self.blk[0].kv_cache is not None \
+                and not torch.is_grad_enabled():
+            if self.__dict__.get("_decode_warm"):
+                if self.__dict__.get("_plans_version") != last_version():  # adapters changed: the compiled
+                    for owner in (self, *self.blk):  # step reads the group plans unchecked
+                        refresh_plans(owner)
+                    self.__dict__["_plans_version"] = last_version()
+                step = compiled
+            else:  # one eager step first makes every kernel weight and group plan the compiled step reads
+                self.__dict__["_decode_warm"] = True
+        return step(tokens, pos, input_pos, n_pos, ropes, last_only)
+
+    def _rope_key(self, blk: Block) -> bool:
+        return blk.swa and self.args.gemma and self.args.arch == "gemma3"  # gemma3's local layers: own table
+
+    def _forward(self, tokens: Tensor, pos: Tensor, input_pos: Tensor | None, n_pos: int,
+                 ropes: dict[bool, tuple[Tensor, Tensor]], last_only: bool) -> Tensor:
+        """forward's body, free of host syncs and Python-side caches so that torch.compile can trace it."""
         a = self.args
-        B, T = tokens.shape
         x = self.token_embd(tokens)  # [B, T, dim]
         if a.gemma:
             x = x * math.sqrt(a.dim)
         x = x.to(self.compute_dtype)
-        pos = input_pos if input_pos is not None else torch.arange(T, device=tokens.device)
-        n_pos = int(pos.max()) + 1
         tables = {}
         for blk in self.blk:
-            key = blk.swa and a.arch == "gemma3"
+            key = self._rope_key(blk)
             if key not in tables:
-                cos, sin = self._rope_for(blk.swa, tokens.device, n_pos)
+                cos, sin = ropes[key]
                 cos, sin = cos[pos], sin[pos]
                 tables[key] = (cos, sin, None if a.neox else torch.complex(cos, sin))
             cos, sin, cis = tables[key]
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 from torch.utils.checkpoint import checkpoint
 
-                x = checkpoint(blk, x, cos, sin, input_pos, cis, use_reentrant=False)
+                x = checkpoint(blk, x, cos, sin, input_pos, cis, n_pos, use_reentrant=False)
             else:
-                x = blk(x, cos, sin, input_pos, cis)
+                x = blk(x, cos, sin, input_pos, cis, n_pos)
         if last_only:
             x = x[:, -1:]
         x = self.output_norm(x)
-        logits = self.output(x).float()
+        logits = group_forward(self, ("output",), x)[0].float()
         if a.final_softcap:
             logits = a.final_softcap * torch.tanh(logits / a.final_softcap)
         return logits
@@ -435,6 +488,7 @@ def set_weight_mode(model: nn.Module, mode: str, device: torch.device) -> None:
             m.cache_weights = not packed
             m.drop_cache()
         drop_plans(m)
+    model.__dict__.pop("_decode_warm", None)
 
 
 def _linear(t: TensorInfo, dtype: torch.dtype, bias: TensorInfo | None = None) -> nn.Module:
@@ -536,8 +590,10 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
-         adapters: Iterable[tuple[str, float] | str] = (), weights: str = "auto", **overrides: Any):
+         adapters: Iterable[tuple[str, float] | str] = (), weights: str = "auto", compile: bool = False,
+         **overrides: Any):
     """(model, tokenizer) from a GGUF file. adapters: [(file, scale), ...] loaded unmerged via load_adapter.
+    compile: decode steps through torch.compile (Transformer.compile_decode), compiled here, after the adapters.
     weights: how quantized weights compute, see set_weight_mode ("float" for results exact to the dequantized
     weights, as the oracle tests use). overrides: ModelArgs fields (rope_base, rope_scale, norm_eps) as finetune's
     flags set them."""
@@ -555,4 +611,6 @@ def load(path: str | os.PathLike, device: str | torch.device = "auto", dtype: st
     for item in adapters:
         file, scale = (item, 1.0) if isinstance(item, (str, Path)) else item
         model.load_adapter(str(file), scale=float(scale))
+    if compile:
+        model.compile_decode()
     return model, tok
