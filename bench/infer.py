@@ -18,7 +18,7 @@ from pathlib import Path
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
-def bench_toolkit(path: str, n: int, threads: int, weights: str = "auto") -> dict:
+def bench_toolkit(path: str, n: int, threads: int, weights: str = "auto", compile: bool = False) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -26,7 +26,7 @@ def bench_toolkit(path: str, n: int, threads: int, weights: str = "auto") -> dic
     from toolkit.model import load
 
     t0 = time.perf_counter()
-    model, tok = load(path, device="cpu", weights=weights)
+    model, tok = load(path, device="cpu", weights=weights, compile=compile)  # compile: load includes it
     t_load = time.perf_counter() - t0
     ids = tok.encode(PROMPT)
     stats = GenStats()
@@ -110,6 +110,8 @@ def main() -> int:
     res["llama.cpp (llama-cpp-python)"] = bench_llama_cpp(path, args.tokens, args.threads)
     print("toolkit ...", file=sys.stderr)
     res["toolkit"] = bench_toolkit(path, args.tokens, args.threads)
+    print("toolkit --compile ...", file=sys.stderr)
+    res["toolkit --compile"] = bench_toolkit(path, args.tokens, args.threads, compile=True)
     print("toolkit --weights float ...", file=sys.stderr)
     res["toolkit --weights float (exact)"] = bench_toolkit(path, args.tokens, args.threads, "float")
     if not args.skip_hf:
@@ -134,7 +136,7 @@ def main() -> int:
     ]
     for name, r in res.items():
         lines.append(f"| {name} | {r['load']:.2f} | {r['first']:.2f} | {r['tps']:.1f} | {r['tps'] / ref['tps']:.2f}x |")
-    for name in ("toolkit", "toolkit --weights float (exact)"):
+    for name in ("toolkit", "toolkit --compile", "toolkit --weights float (exact)"):
         r = res[name]
         lines.append(f"| {name}, second generation (weight copies already made) | | | {r['tps_warm']:.1f} | "
                      f"{r['tps_warm'] / ref['tps']:.2f}x |")
@@ -148,7 +150,10 @@ def main() -> int:
         "int4 kernel (`_weight_int4pack_mm_for_cpu`, bf16 activations, as llama.cpp rounds activations for its "
         "own dot products) and other types keep a bf16 copy (here: the tied Q8_0 vocabulary head). q/k/v and "
         "gate/up run as one kernel call each (toolkit/linear_group.py). `--weights float` keeps a float32 copy "
-        "per weight instead: exact, 4-8x the memory and bytes read per token.",
+        "per weight instead: exact, 4-8x the memory and bytes read per token. `--compile` runs each decode step "
+        "through torch.compile (inductor fuses norms, RoPE, SiLU, residuals and LoRA factors around the same "
+        "kernels); its load column includes compiling, which is about a minute on a cold inductor cache and "
+        "seconds on a warm one, so compare its decode speed, not its load time.",
         "",
         "Caveat: on a quiet machine llama.cpp decodes this model at ~130 tok/s with 2 threads and loads in 0.15 s "
         "(measured earlier, alone); when the load average is far above the core count, every engine slows by "

@@ -1,6 +1,6 @@
 """Decode speed with one r=16 LoRA adapter on every linear vs no adapter, toolkit and llama.cpp in one run.
 
-    python bench/lora.py [--threads 2] [--tokens 64] [--repeat 3] [--device cpu|cuda] [--out FILE]
+    python bench/lora.py [--threads 2] [--tokens 64] [--repeat 3] [--device cpu|cuda] [--compile no|yes|both]
 
 Model: the bundled SmolLM2-135M-Instruct Q4_1 GGUF (30 layers x 7 linears = 210 adapted linears). Decode is
 measured teacher-forced: a 16-token prompt, then --tokens single-token steps through the KV cache with fixed
@@ -108,6 +108,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
+    ap.add_argument("--compile", choices=("no", "yes", "both"), default="both",
+                    help="toolkit's decode step eager, through torch.compile (--compile), or both")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "lora.md"))
     args = ap.parse_args()
     thread_counts = [int(t) for t in str(args.threads).split(",")]
@@ -120,19 +122,23 @@ def main() -> int:
     rows: list[tuple[str, int, dict[str, tuple[float, float]]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         adapter = make_adapter(path, Path(tmp) / "r16.gguf")
-        plain, _ = load(path, device=args.device)  # never had an adapter: the baseline
-        model, _ = load(path, device=args.device)
-        name = model.load_adapter(adapter, scale=0.0)
+        variants = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
         for threads in thread_counts:
             torch.set_num_threads(threads)
-            toolkit_decode(model, prompt, steps[:8], device)  # warm-up
-            toolkit_decode(plain, prompt, steps[:8], device)
-            runs: dict[str, list[tuple[float, float]]] = {k: [] for k in labels}
-            for _ in range(args.repeat):  # alternate, so machine load hits all alike
-                for label in labels:
+            for compiled in variants:
+                plain, _ = load(path, device=args.device, compile=compiled)  # never had an adapter: the baseline
+                model, _ = load(path, device=args.device, compile=compiled)
+                name = model.load_adapter(adapter, scale=0.0)
+                for label in labels:  # warm-up (compiled: one graph per adapter structure, made here)
                     model.set_adapters({name: 1.0} if label == "lora" else {})
-                    runs[label].append(toolkit_decode(plain if label == "none" else model, prompt, steps, device))
-            rows.append((f"toolkit (torch {torch.__version__}, {args.device})", threads, _best(runs)))
+                    toolkit_decode(plain if label == "none" else model, prompt, steps[:8], device)
+                runs: dict[str, list[tuple[float, float]]] = {k: [] for k in labels}
+                for _ in range(args.repeat):  # alternate, so machine load hits all alike
+                    for label in labels:
+                        model.set_adapters({name: 1.0} if label == "lora" else {})
+                        runs[label].append(toolkit_decode(plain if label == "none" else model, prompt, steps, device))
+                how = "--compile" if compiled else "eager"
+                rows.append((f"toolkit {how} (torch {torch.__version__}, {args.device})", threads, _best(runs)))
             if not args.no_llama and args.device == "cpu":
                 runs = {k: [] for k in ("none", "lora")}
                 files = {"none": None, "lora": adapter}

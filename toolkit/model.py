@@ -384,6 +384,10 @@ class Transformer(AdapterHost, nn.Module):
         does not recompile; loading or unloading adapters may (adapters change the module tree).
         options: passed to torch.compile (e.g. mode="max-autotune-no-cudagraphs").
         warmup: compile now, on a throwaway two-token decode, rather than in the first generation."""
+        import warnings
+
+        # inductor's note on its own bf16/f16 mix (the Q8_0 embedding's f16 scales), not the user's concern
+        warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed in the scheduler node")
         self._compiled = torch.compile(self._forward, dynamic=True, **options)
         if warmup:
             dev = self.output_norm.weight.device
