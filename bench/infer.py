@@ -95,6 +95,17 @@ def bench_transformers(path: str, n: int, threads: int) -> dict:
     return dict(load=t_load, first=t_first, tps=(n - 1) / max(t_all - t_one, 1e-9), n=n)
 
 
+def isolated(fn, *args, **kwargs) -> dict:
+    """fn(*args, **kwargs) in a fresh process: one engine's thread pools (llama.cpp's OpenMP workers keep
+    spinning after it returns) must not slow the next one (measured: toolkit --compile lost ~15% after
+    llama.cpp in the same process)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(fn, *args, **kwargs).result()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
@@ -107,16 +118,16 @@ def main() -> int:
     path = str(smollm2_gguf())
     res = {}
     print("llama.cpp ...", file=sys.stderr)
-    res["llama.cpp (llama-cpp-python)"] = bench_llama_cpp(path, args.tokens, args.threads)
+    res["llama.cpp (llama-cpp-python)"] = isolated(bench_llama_cpp, path, args.tokens, args.threads)
     print("toolkit ...", file=sys.stderr)
-    res["toolkit"] = bench_toolkit(path, args.tokens, args.threads)
+    res["toolkit"] = isolated(bench_toolkit, path, args.tokens, args.threads)
     print("toolkit --compile ...", file=sys.stderr)
-    res["toolkit --compile"] = bench_toolkit(path, args.tokens, args.threads, compile=True)
+    res["toolkit --compile"] = isolated(bench_toolkit, path, args.tokens, args.threads, compile=True)
     print("toolkit --weights float ...", file=sys.stderr)
-    res["toolkit --weights float (exact)"] = bench_toolkit(path, args.tokens, args.threads, "float")
+    res["toolkit --weights float (exact)"] = isolated(bench_toolkit, path, args.tokens, args.threads, "float")
     if not args.skip_hf:
         print("transformers ...", file=sys.stderr)
-        res["transformers (GGUF load)"] = bench_transformers(path, args.tokens, args.threads)
+        res["transformers (GGUF load)"] = isolated(bench_transformers, path, args.tokens, args.threads)
     ref = res["llama.cpp (llama-cpp-python)"]
     ours = res["toolkit"]
     try:
@@ -127,7 +138,8 @@ def main() -> int:
         "# Inference speed: SmolLM2-135M-Instruct Q4_1 GGUF, CPU",
         "",
         f"{args.threads} threads, greedy, {args.tokens} new tokens (end-of-text masked), prompt of "
-        f"{ours['prompt_tokens']} tokens; all measured in one run of `python bench/infer.py` "
+        f"{ours['prompt_tokens']} tokens; all measured in one run of `python bench/infer.py`, each engine in its "
+        "own process "
         f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average {load_avg:.1f} "
         "at the end: the machine was shared, so compare the ratios, not the absolute figures).",
         "",
