@@ -380,8 +380,8 @@ class Transformer(AdapterHost, nn.Module):
         A CPU decode step of a small model is as much per-op overhead as weight reading (~50 small ops per layer
         in eager mode); inductor fuses the elementwise work (norms, RoPE, SiLU, residuals) around the weight-only
         kernels. The first compiled step takes seconds to a minute (inductor caches its output on disk, so later
-        processes take a few seconds). Shapes are dynamic, so a longer cache or another number of LoRA ranks
-        does not recompile; loading or unloading adapters may (adapters change the module tree).
+        processes take a few seconds). The cache length is dynamic, so a longer cache does not recompile, nor do new
+        adapter scales; loading or unloading adapters, or other ranks, compiles once per new adapter layout.
         options: passed to torch.compile (e.g. mode="max-autotune-no-cudagraphs").
         warmup: compile now, on a throwaway two-token decode, rather than in the first generation."""
         import warnings
