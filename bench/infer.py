@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from isolate import isolated
+
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
@@ -93,17 +95,6 @@ def bench_transformers(path: str, n: int, threads: int) -> dict:
         model.generate(ids, max_new_tokens=1, do_sample=False)
         t_one = time.perf_counter() - t1
     return dict(load=t_load, first=t_first, tps=(n - 1) / max(t_all - t_one, 1e-9), n=n)
-
-
-def isolated(fn, *args, **kwargs) -> dict:
-    """fn(*args, **kwargs) in a fresh process: one engine's thread pools (llama.cpp's OpenMP workers keep
-    spinning after it returns) must not slow the next one (measured: toolkit --compile lost ~15% after
-    llama.cpp in the same process)."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-        return pool.submit(fn, *args, **kwargs).result()
 
 
 def main() -> int:

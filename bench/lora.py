@@ -6,7 +6,8 @@ Model: the bundled SmolLM2-135M-Instruct Q4_1 GGUF (30 layers x 7 linears = 210 
 measured teacher-forced: a 16-token prompt, then --tokens single-token steps through the KV cache with fixed
 token ids (the same ids for every configuration, so nothing but the adapter differs). llama.cpp runs the same
 GGUF and the same GGUF adapter through llama-cpp-python (llama_decode one token at a time, same threads).
-Each figure is the best of --repeat runs. Writes a markdown table to bench/results/lora.md.
+Each engine and mode runs in its own process (bench/isolate.py); each figure is the best of --repeat runs.
+Writes a markdown table to bench/results/lora.md.
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ sys.path.insert(0, str(ROOT))
 from toolkit.adapter import Adapter, BaseInfo, LoraPair, write_gguf_adapter
 from toolkit.bundled import smollm2_gguf
 from toolkit.model import load
+
+from isolate import isolated
 
 RANK = 16
 
@@ -101,6 +104,37 @@ def _best(runs: dict[str, list[tuple[float, float]]]) -> dict[str, tuple[float, 
     return {k: (min(w for w, _ in v), min(c for _, c in v)) for k, v in runs.items()}
 
 
+def toolkit_runs(path: Path, adapter: Path, prompt: list[int], steps: list[int], threads: int, compiled: bool,
+                 device: str, repeat: int) -> dict[str, tuple[float, float]]:
+    """Best (wall, CPU) seconds for: no adapter ever loaded, adapter loaded at scale 0, adapter active."""
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    labels = ("none", "off", "lora")
+    plain, _ = load(path, device=device, compile=compiled)  # never had an adapter: the baseline
+    model, _ = load(path, device=device, compile=compiled)
+    name = model.load_adapter(adapter, scale=0.0)
+    for label in labels:  # warm-up (compiled: one graph per adapter structure, made here)
+        model.set_adapters({name: 1.0} if label == "lora" else {})
+        toolkit_decode(plain if label == "none" else model, prompt, steps[:8], dev)
+    runs: dict[str, list[tuple[float, float]]] = {k: [] for k in labels}
+    for _ in range(repeat):  # alternate, so machine load hits all alike
+        for label in labels:
+            model.set_adapters({name: 1.0} if label == "lora" else {})
+            runs[label].append(toolkit_decode(plain if label == "none" else model, prompt, steps, dev))
+    return _best(runs)
+
+
+def llama_runs(path: Path, adapter: Path, prompt: list[int], steps: list[int], threads: int,
+               repeat: int) -> dict[str, tuple[float, float]]:
+    runs: dict[str, list[tuple[float, float]]] = {"none": [], "lora": []}
+    files = {"none": None, "lora": adapter}
+    llama_decode(path, adapter, prompt, steps[:8], threads)
+    for _ in range(repeat):
+        for label in runs:
+            runs[label].append(llama_decode(path, files[label], prompt, steps, threads))
+    return _best(runs)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", default="2", help="thread counts, comma-separated (e.g. 1,2)")
@@ -113,40 +147,25 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "lora.md"))
     args = ap.parse_args()
     thread_counts = [int(t) for t in str(args.threads).split(",")]
-    device = torch.device(args.device)
     path = Path(smollm2_gguf())
     rng = np.random.default_rng(0)
     prompt = [1] + rng.integers(100, 40000, 15).tolist()
     steps = rng.integers(100, 40000, args.tokens).tolist()
-    labels = ("none", "off", "lora")
     rows: list[tuple[str, int, dict[str, tuple[float, float]]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         adapter = make_adapter(path, Path(tmp) / "r16.gguf")
         variants = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
-        for threads in thread_counts:
-            torch.set_num_threads(threads)
+        for threads in thread_counts:  # every engine in its own process (bench/isolate.py)
             for compiled in variants:
-                plain, _ = load(path, device=args.device, compile=compiled)  # never had an adapter: the baseline
-                model, _ = load(path, device=args.device, compile=compiled)
-                name = model.load_adapter(adapter, scale=0.0)
-                for label in labels:  # warm-up (compiled: one graph per adapter structure, made here)
-                    model.set_adapters({name: 1.0} if label == "lora" else {})
-                    toolkit_decode(plain if label == "none" else model, prompt, steps[:8], device)
-                runs: dict[str, list[tuple[float, float]]] = {k: [] for k in labels}
-                for _ in range(args.repeat):  # alternate, so machine load hits all alike
-                    for label in labels:
-                        model.set_adapters({name: 1.0} if label == "lora" else {})
-                        runs[label].append(toolkit_decode(plain if label == "none" else model, prompt, steps, device))
                 how = "--compile" if compiled else "eager"
-                rows.append((f"toolkit {how} (torch {torch.__version__}, {args.device})", threads, _best(runs)))
+                print(f"toolkit {how}, {threads} threads ...", file=sys.stderr)
+                best = isolated(toolkit_runs, path, adapter, prompt, steps, threads, compiled, args.device,
+                                args.repeat)
+                rows.append((f"toolkit {how} (torch {torch.__version__}, {args.device})", threads, best))
             if not args.no_llama and args.device == "cpu":
-                runs = {k: [] for k in ("none", "lora")}
-                files = {"none": None, "lora": adapter}
-                llama_decode(path, adapter, prompt, steps[:8], threads)
-                for _ in range(args.repeat):
-                    for label in ("none", "lora"):
-                        runs[label].append(llama_decode(path, files[label], prompt, steps, threads))
-                rows.append(("llama.cpp (llama-cpp-python, CPU)", threads, _best(runs)))
+                print(f"llama.cpp, {threads} threads ...", file=sys.stderr)
+                best = isolated(llama_runs, path, adapter, prompt, steps, threads, args.repeat)
+                rows.append(("llama.cpp (llama-cpp-python, CPU)", threads, best))
     load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines = [
         "# LoRA decode overhead",
