@@ -15,8 +15,9 @@ so training never reads a stale copy.
 
 The other linears (attn_output, ffn_down, output) run as groups of one, so every adapter scale lives in a plan's
 B copies as data: a compiled decode step (Transformer.compile_decode) then reads new scales without recompiling.
-Compiled, each member adds its adapters out of place (an in-place add into rows of the stacked output lowers to a
-masked scatter over all of it), and the A/B copies have static shapes.
+Each member adds its adapters into its own view of the stacked output: in place eager, out of place compiled (an
+in-place add into rows of the stacked output lowers to a masked scatter over all of it); the A/B copies have
+static shapes.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ class _Plan:
     base: qkernels.PackedWeight | None  # the stacked kernel weight, or None: bases run one by one
     bias: Tensor | None
     a_stack: Tensor | None  # [R, in] float32
-    b_parts: list[tuple[int, int, int, Tensor]]  # (member, first output row, first column of h, s * B [out_j, r])
+    b_parts: list[tuple[int, int, Tensor]]  # (member, first column of h, s * B [out_j, r]) per adapter
     per_module_lora: bool  # trainable adapters: each LoRALinear adds its own
 
 
@@ -81,13 +82,12 @@ def _plan(mods: list[nn.Module]) -> _Plan:
     a_stack, cols = None, []
     if not trainable:
         a_parts = []
-        r_off = row = 0
-        for j, (lora, n) in enumerate(zip(loras, sizes)):
+        r_off = 0
+        for j, lora in enumerate(loras):
             for a, b, s in (lora._fast if lora is not None else []):
                 a_parts.append(a.detach().float())
-                cols.append((j, row, r_off, (b.detach().float() * s).contiguous()))
+                cols.append((j, r_off, (b.detach().float() * s).contiguous()))
                 r_off += a.shape[0]
-            row += n
         if a_parts:
             a_stack = torch.cat(a_parts)
             for t in [a_stack] + [c[-1] for c in cols]:
@@ -117,26 +117,21 @@ def group_forward(owner: nn.Module, names: tuple[str, ...], x: Tensor) -> list[T
             y = y + plan.bias.to(y.dtype)
     else:
         y = torch.cat([b(x) for b in plan.bases], dim=-1)
+    outs = list(y.split(plan.sizes, dim=-1))  # views of y
     if plan.per_module_lora:
-        outs = list(y.split(plan.sizes, dim=-1))
         return [m.add_adapters(o, x) if isinstance(m, LoRALinear) else o for m, o in zip(mods, outs)]
-    if plan.a_stack is not None and torch.compiler.is_compiling():
-        # out of place, member by member: an in-place add into rows of y compiles to a masked scatter over all of y
-        outs = list(y.split(plan.sizes, dim=-1))
-        h = thin_linear(x.to(plan.a_stack.dtype), plan.a_stack)  # [..., R]
-        for j, _, c0, bs in plan.b_parts:
-            outs[j] = outs[j] + thin_linear(h[..., c0:c0 + bs.shape[1]], bs).to(y.dtype)
+    if plan.a_stack is None:
         return outs
-    if plan.a_stack is not None:
-        x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-        h = F.linear(x2.to(plan.a_stack.dtype), plan.a_stack)  # [M, R]: every adapter of every member at once
-        for _, r0, c0, bs in plan.b_parts:  # each member's rows get its adapters' s * B (no zero blocks to read)
-            part = h[:, c0:c0 + bs.shape[1]]
-            if y2.dtype == bs.dtype:
-                y2[:, r0:r0 + bs.shape[0]].addmm_(part, bs.t())
-            else:
-                y2[:, r0:r0 + bs.shape[0]] += F.linear(part, bs).to(y2.dtype)
-    return list(y.split(plan.sizes, dim=-1))
+    h = thin_linear(x.to(plan.a_stack.dtype), plan.a_stack)  # [..., R]: every adapter of every member at once
+    for j, c0, bs in plan.b_parts:  # each member gets its adapters' s * B (no zero blocks to read)
+        part = h[..., c0:c0 + bs.shape[1]]  # [..., r]
+        if torch.compiler.is_compiling():  # out of place: an in-place add into y's rows compiles to a masked
+            outs[j] = outs[j] + thin_linear(part, bs).to(y.dtype)  # scatter over all of y
+        elif y.dtype == bs.dtype:
+            outs[j].view(-1, bs.shape[0]).addmm_(part.reshape(-1, part.shape[-1]), bs.t())
+        else:
+            outs[j] += F.linear(part, bs).to(y.dtype)
+    return outs
 
 
 def refresh_plans(owner: nn.Module) -> None:
