@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from tiny import make_tiny_gguf, random_lora
+from tiny import make_tiny_arch_gguf, make_tiny_gguf, random_lora
 from toolkit.adapter import Adapter
 from toolkit.model import load
 
@@ -90,3 +90,18 @@ def test_compiled_step_sees_adapters_off_as_the_base(models):
     off = decode(compiled, prompt, steps)
     assert close(off, decode(eager, prompt, steps)) < 1e-2
     assert close(off, with_a) > 1e-2  # the adapter moved the logits, and turning it off undid that
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "qwen3"])
+def test_compiled_decode_of_other_architectures(tmp_path, arch):
+    """The compiled step's own one-token attention (products and sums, not SDPA) with gemma2's soft-capped scores
+    and sliding-window layers, and qwen3's q/k norms, past gemma2's window of 8."""
+    path = make_tiny_arch_gguf(tmp_path / f"{arch}.gguf", arch)
+    # a cap of 0.5 bends the tiny model's scores (|s| ~ 1) where the file's 50 would leave them straight
+    over = {"attn_softcap": 0.5} if arch == "gemma2" else {}
+    eager, _ = load(path, device="cpu", **over)
+    compiled, _ = load(path, device="cpu", **over)
+    compiled.compile_decode()
+    prompt, steps = [1, 5, 9, 2], [7, 3, 11, 4, 8, 6, 10, 12, 13, 2, 5, 7]
+    want, got = decode(eager, prompt, steps), decode(compiled, prompt, steps)
+    assert close(got, want) < 1e-4  # float32 weights and activations: only the order of the sums differs
