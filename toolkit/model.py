@@ -12,6 +12,7 @@ Semantics follow llama.cpp's graph for each architecture (llama-model.cpp), not 
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import dataclass, field, replace
@@ -328,12 +329,17 @@ class Block(nn.Module):
         return x + h
 
 
+_cache_epochs = itertools.count(1)  # a new number for every set of KV caches, unique across models
+
+
 class Transformer(AdapterHost, nn.Module):
     """Decoder-only transformer over GGUF tensors. forward(tokens [B, T], input_pos=None) -> logits [B, T, V] f32.
 
     input_pos None: no cache, full causal attention over the T tokens (training, scoring).
     input_pos [T] with setup_caches(): incremental decoding through the static KV cache.
     """
+
+    _cache_epoch = 0  # which set of KV caches is current (setup_caches / clear_caches take a new number)
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -368,10 +374,12 @@ class Transformer(AdapterHost, nn.Module):
         for b in self.blk:
             b.kv_cache = KVCache(batch, a.n_kv_head, t_max, a.head_dim, dtype, ref.device)
         self.max_seq_len = t_max
+        self._cache_epoch = next(_cache_epochs)
 
     def clear_caches(self) -> None:
         for b in self.blk:
             b.kv_cache = None
+        self._cache_epoch = next(_cache_epochs)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -410,6 +418,7 @@ class Transformer(AdapterHost, nn.Module):
         # inductor's note on its own bf16/f16 mix (the Q8_0 embedding's f16 scales), not the user's concern
         warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed in the scheduler node")
         self._compiled = torch.compile(self._forward, dynamic=True, **options)
+        self.__dict__.pop("_steady_state", None)
         if warmup:
             dev = self.output_norm.weight.device
             with torch.inference_mode():
@@ -441,10 +450,28 @@ class Transformer(AdapterHost, nn.Module):
                     for owner in (self, *self.blk):  # step reads the group plans unchecked
                         refresh_plans(owner)
                     self.__dict__["_plans_version"] = last_version()
-                step = compiled
-            else:  # one eager step first makes every kernel weight and group plan the compiled step reads
-                self.__dict__["_decode_warm"] = True
+                return self._compiled_step(tokens, pos, input_pos, n_pos, ropes, last_only)
+            # one eager step first makes every kernel weight and group plan the compiled step reads, and the next
+            # compiled step checks all its guards (whatever reset this state, .to() or a weights mode, is new to them)
+            self.__dict__["_decode_warm"] = True
+            self.__dict__.pop("_steady_state", None)
         return step(tokens, pos, input_pos, n_pos, ropes, last_only)
+
+    def _compiled_step(self, tokens: Tensor, pos: Tensor, input_pos: Tensor, n_pos: int,
+                       ropes: dict[bool, tuple[Tensor, Tensor]], last_only: bool) -> Tensor:
+        """One compiled decode step. dynamo checks ~5,000 guards over every weight, cache and plan before each call
+        (0.5-1 ms of a CPU step); within one generation nothing they check changes from step to step except the
+        position, which is dynamic. So once a step has passed the full check, the next steps with the same
+        caches, adapters, rope tables and grad mode skip it (torch's skip_guard_eval_unsafe stance, meant for
+        steady-state decoding); any change in that state runs the full check again."""
+        state = (self._cache_epoch, self.__dict__.get("_plans_version"), tuple(id(t) for cs in ropes.values()
+                 for t in cs), torch.is_inference_mode_enabled(), last_only, tokens.dtype, pos.dtype)
+        if state == self.__dict__.get("_steady_state"):
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                return self._compiled(tokens, pos, input_pos, n_pos, ropes, last_only)
+        out = self._compiled(tokens, pos, input_pos, n_pos, ropes, last_only)
+        self.__dict__["_steady_state"] = state
+        return out
 
     def _rope_key(self, blk: Block) -> bool:
         return blk.swa and self.args.gemma and self.args.arch == "gemma3"  # gemma3's local layers: own table

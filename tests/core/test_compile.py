@@ -92,6 +92,35 @@ def test_compiled_step_sees_adapters_off_as_the_base(models):
     assert close(off, with_a) > 1e-2  # the adapter moved the logits, and turning it off undid that
 
 
+def test_adapter_switch_between_compiled_steps_of_one_generation(models):
+    """Steps of one generation skip dynamo's guards once a step has passed them; switching adapters in the middle
+    must still reach the next step (here: from one adapter to the other, then off)."""
+    eager, compiled = models
+    prompt, steps = [2, 7, 1], [8, 2, 8, 1, 8, 2, 5, 3, 9]
+
+    @torch.inference_mode()
+    def run(model, switches: dict[int, dict[str, float]]) -> torch.Tensor:
+        model.set_adapters({"a": 1.0})
+        model.setup_caches(1, len(prompt) + len(steps))
+        try:
+            model(torch.tensor([prompt]), input_pos=torch.arange(len(prompt)))
+            out = []
+            for i, t in enumerate(steps):
+                if i in switches:
+                    model.set_adapters(switches[i])
+                out.append(model(torch.tensor([[t]]), input_pos=torch.tensor([len(prompt) + i]))[0, -1])
+            return torch.stack(out)
+        finally:
+            model.clear_caches()
+
+    switches = {3: {"b": 2.0}, 6: {}}
+    got, want = run(compiled, switches), run(eager, switches)
+    assert close(got, want) < 1e-2
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    unswitched = run(eager, {})
+    assert close(want[3:6], unswitched[3:6]) > 1e-2 and close(want[6:], unswitched[6:]) > 1e-2  # each switch mattered
+
+
 @pytest.mark.parametrize("arch", ["gemma2", "qwen3"])
 def test_compiled_decode_of_other_architectures(tmp_path, arch):
     """The compiled step's own one-token attention (products and sums, not SDPA) with gemma2's soft-capped scores
