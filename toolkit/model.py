@@ -294,7 +294,7 @@ class Block(nn.Module):
                 mask = mask & (q_pos[:, None] - k_pos[None, :] < a.sliding_window)
         scale = a.attn_scale if a.attn_scale is not None else 1.0 / math.sqrt(a.head_dim)
         rep = a.n_head // a.n_kv_head
-        if all_visible and T == 1 and torch.compiler.is_compiling():
+        if all_visible and torch.compiler.is_compiling():  # all_visible: one new token
             y = _attend_one(q, k, v, scale, a.attn_softcap, rep)
         elif all_visible and not a.attn_softcap and q.dtype == k.dtype:  # one fused op for the decode step
             y = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=rep > 1)
@@ -441,9 +441,7 @@ class Transformer(AdapterHost, nn.Module):
         pos = input_pos if input_pos is not None else torch.arange(T, device=tokens.device)
         n_pos = int(pos.max()) + 1  # the step's one host sync: rope table size, filled length of the KV cache
         ropes = {key: self._rope_for(key, tokens.device, n_pos) for key in self._rope_keys}
-        step = self._forward
-        compiled = self.__dict__.get("_compiled")
-        if compiled is not None and T == 1 and input_pos is not None and self.blk[0].kv_cache is not None \
+        if self.__dict__.get("_compiled") is not None and T == 1 and input_pos is not None and self.blk[0].kv_cache is not None \
                 and not torch.is_grad_enabled():
             if self.__dict__.get("_decode_warm"):
                 if self.__dict__.get("_plans_version") != last_version():  # adapters changed: the compiled
@@ -455,7 +453,7 @@ class Transformer(AdapterHost, nn.Module):
             # compiled step checks all its guards (whatever reset this state, .to() or a weights mode, is new to them)
             self.__dict__["_decode_warm"] = True
             self.__dict__.pop("_steady_state", None)
-        return step(tokens, pos, input_pos, n_pos, ropes, last_only)
+        return self._forward(tokens, pos, input_pos, n_pos, ropes, last_only)
 
     def _compiled_step(self, tokens: Tensor, pos: Tensor, input_pos: Tensor, n_pos: int,
                        ropes: dict[bool, tuple[Tensor, Tensor]], last_only: bool) -> Tensor:
