@@ -17,7 +17,10 @@ The other linears (attn_output, ffn_down, output) run as groups of one, so every
 B copies as data: a compiled decode step (Transformer.compile_decode) then reads new scales without recompiling.
 Each member adds its adapters into its own view of the stacked output: in place eager, out of place compiled (an
 in-place add into rows of the stacked output lowers to a masked scatter over all of it); the A/B copies have
-static shapes.
+static shapes. A plan keeps all its A/B copies in one flat tensor, sliced by offsets (plain ints): a compiled step
+checks a tensor guard (dtype, shape, strides) on every tensor it reads before each call, even in the guard-skipping
+stance, so each tensor a plan holds costs every decode step (measured: one per factor made the adapter's guards
+cost more than its arithmetic).
 """
 from __future__ import annotations
 
@@ -39,8 +42,9 @@ class _Plan:
     bases: list[nn.Module]  # the members' base linears (inside any LoRA wrapper)
     base: qkernels.PackedWeight | None  # the stacked kernel weight, or None: bases run one by one
     bias: Tensor | None
-    a_stack: Tensor | None  # [R, in] float32
-    b_parts: list[tuple[int, int, Tensor]]  # (member, first column of h, s * B [out_j, r]) per adapter
+    lora: Tensor | None  # float32, flat: A_stack [R, in], then each adapter's s * B [out_j, r]
+    a_shape: tuple[int, int]  # (R, in)
+    b_parts: list[tuple[int, int, int, int, int]]  # (member, first column of h, offset in lora, out_j, r)
     per_module_lora: bool  # trainable adapters: each LoRALinear adds its own
 
 
@@ -70,7 +74,7 @@ def _stack_base(bases: list[nn.Module]) -> qkernels.PackedWeight | None:
 def _plan(mods: list[nn.Module]) -> _Plan:
     bases, loras = zip(*(_split(m) for m in mods))
     if not all(isinstance(b, (nn.Linear, QuantLinear)) for b in bases):  # e.g. finetune's Identity head
-        return _Plan(_key(mods), [], list(bases), None, None, None, [], True)  # each module runs itself
+        return _Plan(_key(mods), [], list(bases), None, None, None, (0, 0), [], True)  # each module runs itself
     sizes = [int(b.out_features) for b in bases]
     stacked = _stack_base(list(bases))
     bias = None
@@ -79,22 +83,30 @@ def _plan(mods: list[nn.Module]) -> _Plan:
                           for b, n in zip(bases, sizes)])
     trainable = any(p.requires_grad for l in loras if l is not None
                     for p in list(l.lora_a.values()) + list(l.lora_b.values()))
-    a_stack, cols = None, []
+    flat, a_shape, cols = None, (0, 0), []
     if not trainable:
-        a_parts = []
+        a_parts, b_scaled = [], []
         r_off = 0
         for j, lora in enumerate(loras):
             for a, b, s in (lora._fast if lora is not None else []):
                 a_parts.append(a.detach().float())
-                cols.append((j, r_off, (b.detach().float() * s).contiguous()))
+                b_scaled.append(b.detach().float() * s)
                 r_off += a.shape[0]
         if a_parts:
             a_stack = torch.cat(a_parts)
-            for t in [a_stack] + [c[-1] for c in cols]:
-                # compiled with dynamic=True, a rank would be a symbol: inductor's loops over it then run masked
-                # tails and no unrolling (measured: 2-3x the adapter's time). New scales keep the shapes: no recompile
-                torch._dynamo.mark_static(t)
-    return _Plan(_key(mods), sizes, list(bases), stacked, bias, a_stack, cols, trainable)
+            a_shape = tuple(a_stack.shape)
+            offset, r_off = a_stack.numel(), 0
+            for j, lora in enumerate(loras):
+                for a, _, _ in (lora._fast if lora is not None else []):
+                    out, r = b_scaled[len(cols)].shape
+                    cols.append((j, r_off, offset, out, r))
+                    offset += out * r
+                    r_off += r
+            flat = torch.cat([a_stack.reshape(-1)] + [b.reshape(-1) for b in b_scaled])
+            # compiled with dynamic=True, a rank would be a symbol: inductor's loops over it then run masked
+            # tails and no unrolling (measured: 2-3x the adapter's time). New scales keep the shape: no recompile
+            torch._dynamo.mark_static(flat)
+    return _Plan(_key(mods), sizes, list(bases), stacked, bias, flat, a_shape, cols, trainable)
 
 
 def group_forward(owner: nn.Module, names: tuple[str, ...], x: Tensor) -> list[Tensor]:
@@ -109,7 +121,7 @@ def group_forward(owner: nn.Module, names: tuple[str, ...], x: Tensor) -> list[T
     elif plan is None or plan.key != _key(mods):
         plan = plans[names] = _plan(mods)
     stacked = plan.base is not None and plan.bases[0]._use_kernels(x)
-    if not stacked and (plan.a_stack is None or plan.per_module_lora):
+    if not stacked and (plan.lora is None or plan.per_module_lora):
         return [m(x) for m in mods]  # nothing to share
     if stacked:
         y = qkernels.matmul(x, plan.base)
@@ -120,11 +132,14 @@ def group_forward(owner: nn.Module, names: tuple[str, ...], x: Tensor) -> list[T
     outs = list(y.split(plan.sizes, dim=-1))  # views of y
     if plan.per_module_lora:
         return [m.add_adapters(o, x) if isinstance(m, LoRALinear) else o for m, o in zip(mods, outs)]
-    if plan.a_stack is None:
+    if plan.lora is None:
         return outs
-    h = thin_linear(x.to(plan.a_stack.dtype), plan.a_stack)  # [..., R]: every adapter of every member at once
-    for j, c0, bs in plan.b_parts:  # each member gets its adapters' s * B (no zero blocks to read)
-        part = h[..., c0:c0 + bs.shape[1]]  # [..., r]
+    n_rows, in_f = plan.a_shape
+    a_stack = plan.lora[:n_rows * in_f].view(n_rows, in_f)
+    h = thin_linear(x.to(a_stack.dtype), a_stack)  # [..., R]: every adapter of every member at once
+    for j, c0, offset, out, r in plan.b_parts:  # each member gets its adapters' s * B (no zero blocks to read)
+        bs = plan.lora[offset:offset + out * r].view(out, r)
+        part = h[..., c0:c0 + r]  # [..., r]
         if torch.compiler.is_compiling():  # out of place: an in-place add into y's rows compiles to a masked
             outs[j] = outs[j] + thin_linear(part, bs).to(y.dtype)  # scatter over all of y
         elif y.dtype == bs.dtype:
