@@ -461,7 +461,8 @@ class Transformer(AdapterHost, nn.Module):
         (0.5-1 ms of a CPU step); within one generation nothing they check changes from step to step except the
         position, which is dynamic. So once a step has passed the full check, the next steps with the same
         caches, adapters, rope tables and grad mode skip it (torch's skip_guard_eval_unsafe stance, meant for
-        steady-state decoding); any change in that state runs the full check again. The stance is process-wide
+        steady-state decoding; it still checks one guard per tensor read, which is why plans keep few tensors);
+        any change in that state runs the full check again. The stance is process-wide
         while the step runs: run compiled functions from one thread at a time (toolkit serve's model thread does)."""
         state = (self._cache_epoch, self.__dict__.get("_plans_version"), tuple(id(t) for cs in ropes.values()
                  for t in cs), torch.is_inference_mode_enabled(), last_only, tokens.dtype, pos.dtype)
