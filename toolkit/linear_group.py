@@ -84,28 +84,20 @@ def _plan(mods: list[nn.Module]) -> _Plan:
     trainable = any(p.requires_grad for l in loras if l is not None
                     for p in list(l.lora_a.values()) + list(l.lora_b.values()))
     flat, a_shape, cols = None, (0, 0), []
-    if not trainable:
-        a_parts, b_scaled = [], []
-        r_off = 0
-        for j, lora in enumerate(loras):
-            for a, b, s in (lora._fast if lora is not None else []):
-                a_parts.append(a.detach().float())
-                b_scaled.append(b.detach().float() * s)
-                r_off += a.shape[0]
-        if a_parts:
-            a_stack = torch.cat(a_parts)
-            a_shape = tuple(a_stack.shape)
-            offset, r_off = a_stack.numel(), 0
-            for j, lora in enumerate(loras):
-                for a, _, _ in (lora._fast if lora is not None else []):
-                    out, r = b_scaled[len(cols)].shape
-                    cols.append((j, r_off, offset, out, r))
-                    offset += out * r
-                    r_off += r
-            flat = torch.cat([a_stack.reshape(-1)] + [b.reshape(-1) for b in b_scaled])
-            # compiled with dynamic=True, a rank would be a symbol: inductor's loops over it then run masked
-            # tails and no unrolling (measured: 2-3x the adapter's time). New scales keep the shape: no recompile
-            torch._dynamo.mark_static(flat)
+    factors = [] if trainable else [(j, a.detach().float(), b.detach().float() * s)
+                                    for j, lora in enumerate(loras) if lora is not None for a, b, s in lora._fast]
+    if factors:
+        a_stack = torch.cat([a for _, a, _ in factors])
+        a_shape = tuple(a_stack.shape)
+        offset, r_off = a_stack.numel(), 0
+        for j, _, b in factors:
+            out, r = b.shape
+            cols.append((j, r_off, offset, out, r))
+            offset, r_off = offset + out * r, r_off + r
+        flat = torch.cat([a_stack.reshape(-1)] + [b.reshape(-1) for _, _, b in factors])
+        # compiled with dynamic=True, a rank would be a symbol: inductor's loops over it then run masked
+        # tails and no unrolling (measured: 2-3x the adapter's time). New scales keep the shape: no recompile
+        torch._dynamo.mark_static(flat)
     return _Plan(_key(mods), sizes, list(bases), stacked, bias, flat, a_shape, cols, trainable)
 
 
