@@ -45,6 +45,7 @@ class _Plan:
     lora: Tensor | None  # float32, flat: A_stack [R, in], then each adapter's s * B [out_j, r]
     a_shape: tuple[int, int]  # (R, in)
     b_parts: list[tuple[int, int, int, int, int]]  # (member, first column of h, offset in lora, out_j, r)
+    views: tuple[Tensor | None, list[Tensor]]  # A_stack and the s * B as views of lora, for eager steps
     per_module_lora: bool  # trainable adapters: each LoRALinear adds its own
 
 
@@ -74,7 +75,7 @@ def _stack_base(bases: list[nn.Module]) -> qkernels.PackedWeight | None:
 def _plan(mods: list[nn.Module]) -> _Plan:
     bases, loras = zip(*(_split(m) for m in mods))
     if not all(isinstance(b, (nn.Linear, QuantLinear)) for b in bases):  # e.g. finetune's Identity head
-        return _Plan(_key(mods), [], list(bases), None, None, None, (0, 0), [], True)  # each module runs itself
+        return _Plan(_key(mods), [], list(bases), None, None, None, (0, 0), [], (None, []), True)  # each runs itself
     sizes = [int(b.out_features) for b in bases]
     stacked = _stack_base(list(bases))
     bias = None
@@ -87,18 +88,26 @@ def _plan(mods: list[nn.Module]) -> _Plan:
     factors = [] if trainable else [(j, a.detach().float(), b.detach().float() * s)
                                     for j, lora in enumerate(loras) if lora is not None for a, b, s in lora._fast]
     if factors:
-        a_stack = torch.cat([a for _, a, _ in factors])
-        a_shape = tuple(a_stack.shape)
-        offset, r_off = a_stack.numel(), 0
+        a_shape = (sum(a.shape[0] for _, a, _ in factors), factors[0][1].shape[1])
+        offset, r_off = a_shape[0] * a_shape[1], 0
         for j, _, b in factors:
             out, r = b.shape
             cols.append((j, r_off, offset, out, r))
             offset, r_off = offset + out * r, r_off + r
-        flat = torch.cat([a_stack.reshape(-1)] + [b.reshape(-1) for _, _, b in factors])
+        flat = torch.cat([a.reshape(-1) for _, a, _ in factors] + [b.reshape(-1) for _, _, b in factors])
         # compiled with dynamic=True, a rank would be a symbol: inductor's loops over it then run masked
         # tails and no unrolling (measured: 2-3x the adapter's time). New scales keep the shape: no recompile
         torch._dynamo.mark_static(flat)
-    return _Plan(_key(mods), sizes, list(bases), stacked, bias, flat, a_shape, cols, trainable)
+    # eager steps use these views as they are: slicing them anew costs ~2 us a factor, every step
+    views = _factor_views(flat, a_shape, cols) if flat is not None else (None, [])
+    return _Plan(_key(mods), sizes, list(bases), stacked, bias, flat, a_shape, cols, views, trainable)
+
+
+def _factor_views(lora: Tensor, a_shape: tuple[int, int], b_parts: list) -> tuple[Tensor, list[Tensor]]:
+    """A_stack [R, in] and each s * B [out_j, r], as views of a plan's flat lora tensor."""
+    n_rows, in_f = a_shape
+    return (lora[:n_rows * in_f].view(n_rows, in_f),
+            [lora[offset:offset + out * r].view(out, r) for _, _, offset, out, r in b_parts])
 
 
 def group_forward(owner: nn.Module, names: tuple[str, ...], x: Tensor) -> list[Tensor]:
@@ -126,13 +135,13 @@ def group_forward(owner: nn.Module, names: tuple[str, ...], x: Tensor) -> list[T
         return [m.add_adapters(o, x) if isinstance(m, LoRALinear) else o for m, o in zip(mods, outs)]
     if plan.lora is None:
         return outs
-    n_rows, in_f = plan.a_shape
-    a_stack = plan.lora[:n_rows * in_f].view(n_rows, in_f)
+    # compiled: sliced in the graph, so the step reads (and guards) one tensor per plan
+    compiling = torch.compiler.is_compiling()
+    a_stack, b_scaled = _factor_views(plan.lora, plan.a_shape, plan.b_parts) if compiling else plan.views
     h = thin_linear(x.to(a_stack.dtype), a_stack)  # [..., R]: every adapter of every member at once
-    for j, c0, offset, out, r in plan.b_parts:  # each member gets its adapters' s * B (no zero blocks to read)
-        bs = plan.lora[offset:offset + out * r].view(out, r)
+    for (j, c0, _, _, r), bs in zip(plan.b_parts, b_scaled):  # each member adds its adapters' s * B (no zeros read)
         part = h[..., c0:c0 + r]  # [..., r]
-        if torch.compiler.is_compiling():  # out of place: an in-place add into y's rows compiles to a masked
+        if compiling:  # out of place: an in-place add into y's rows compiles to a masked
             outs[j] = outs[j] + thin_linear(part, bs).to(y.dtype)  # scatter over all of y
         elif y.dtype == bs.dtype:
             outs[j].view(-1, bs.shape[0]).addmm_(part.reshape(-1, part.shape[-1]), bs.t())

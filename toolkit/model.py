@@ -441,8 +441,8 @@ class Transformer(AdapterHost, nn.Module):
         pos = input_pos if input_pos is not None else torch.arange(T, device=tokens.device)
         n_pos = int(pos.max()) + 1  # the step's one host sync: rope table size, filled length of the KV cache
         ropes = {key: self._rope_for(key, tokens.device, n_pos) for key in self._rope_keys}
-        if self.__dict__.get("_compiled") is not None and T == 1 and input_pos is not None and self.blk[0].kv_cache is not None \
-                and not torch.is_grad_enabled():
+        if self.__dict__.get("_compiled") is not None and T == 1 and input_pos is not None \
+                and self.blk[0].kv_cache is not None and not torch.is_grad_enabled():
             if self.__dict__.get("_decode_warm"):
                 if self.__dict__.get("_plans_version") != last_version():  # adapters changed: the compiled
                     for owner in (self, *self.blk):  # step reads the group plans unchecked
@@ -462,8 +462,8 @@ class Transformer(AdapterHost, nn.Module):
         position, which is dynamic. So once a step has passed the full check, the next steps with the same
         caches, adapters, rope tables and grad mode skip it (torch's skip_guard_eval_unsafe stance, meant for
         steady-state decoding; it still checks one guard per tensor read, which is why plans keep few tensors);
-        any change in that state runs the full check again. The stance is process-wide
-        while the step runs: run compiled functions from one thread at a time (toolkit serve's model thread does)."""
+        any change in that state runs the full check again. The stance is process-wide while the step runs: run
+        compiled functions from one thread at a time (toolkit serve's model thread does)."""
         state = (self._cache_epoch, self.__dict__.get("_plans_version"), tuple(id(t) for cs in ropes.values()
                  for t in cs), torch.is_inference_mode_enabled(), last_only, tokens.dtype, pos.dtype)
         if state == self.__dict__.get("_steady_state"):
