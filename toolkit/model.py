@@ -417,6 +417,10 @@ class Transformer(AdapterHost, nn.Module):
 
         # inductor's note on its own bf16/f16 mix (the Q8_0 embedding's f16 scales), not the user's concern
         warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed in the scheduler node")
+        # every adapter layout (which adapters are active, their ranks) is a graph of its own, and dynamo's
+        # default of 8 graphs per function (shared by all models in the process) is soon reached by a server that
+        # switches adapters; past the limit steps run eagerly
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self._compiled = torch.compile(self._forward, dynamic=True, **options)
         self.__dict__.pop("_steady_state", None)
         if warmup:
@@ -466,9 +470,14 @@ class Transformer(AdapterHost, nn.Module):
         compiled functions from one thread at a time (toolkit serve's model thread does)."""
         state = (self._cache_epoch, self.__dict__.get("_plans_version"), tuple(id(t) for cs in ropes.values()
                  for t in cs), torch.is_inference_mode_enabled(), last_only, tokens.dtype, pos.dtype)
-        if state == self.__dict__.get("_steady_state"):
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                return self._compiled(tokens, pos, input_pos, n_pos, ropes, last_only)
+        if state == self.__dict__.get("_steady_state") and state != self.__dict__.get("_skip_refused"):
+            try:
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                    return self._compiled(tokens, pos, input_pos, n_pos, ropes, last_only)
+            except RuntimeError as e:  # raised before the step runs: no compiled graph fits it (dynamo's
+                if "skip_guard_eval_unsafe" not in str(e):  # recompile limit was reached: it runs such steps eagerly)
+                    raise
+                self.__dict__["_skip_refused"] = state  # this state's steps take the full check
         out = self._compiled(tokens, pos, input_pos, n_pos, ropes, last_only)
         self.__dict__["_steady_state"] = state
         return out

@@ -134,3 +134,20 @@ def test_compiled_decode_of_other_architectures(tmp_path, arch):
     prompt, steps = [1, 5, 9, 2], [7, 3, 11, 4, 8, 6, 10, 12, 13, 2, 5, 7]
     want, got = decode(eager, prompt, steps), decode(compiled, prompt, steps)
     assert close(got, want) < 1e-4  # float32 weights and activations: only the order of the sums differs
+
+
+def test_past_dynamos_recompile_limit_steps_still_run(models, monkeypatch):
+    """Each adapter layout is a graph of its own; once dynamo's recompile limit is reached it runs new layouts'
+    steps eagerly. The guard-skipping steps of a generation must then take the full check instead of failing."""
+    eager, compiled = models
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)  # every graph already made is over it
+    for m in (eager, compiled):
+        m.add_adapter(adapter_on_every_linear(m, 3, 11), "d", 1.0)  # a layout no graph was made for
+        m.set_adapters({"a": 0.5, "d": 1.0})
+    try:
+        prompt, steps = [3, 3, 1], [2, 9, 4, 4, 7]
+        got, want = decode(compiled, prompt, steps), decode(eager, prompt, steps)
+        assert close(got, want) < 1e-2
+    finally:
+        for m in (eager, compiled):
+            m.unload_adapter("d")
