@@ -27,7 +27,7 @@ from gguf import GGMLQuantizationType as Q
 from .config import WEIGHT_MODES
 from .errors import ToolkitError
 from .gguf_io import GGUFFile, TensorInfo, open_gguf
-from .linear_group import drop_plans, group_forward, refresh_plans
+from .linear_group import drop_plans, group_forward, pack_plans
 from .lora import AdapterHost, last_version
 from .quants import QuantEmbedding, QuantLinear
 
@@ -448,15 +448,16 @@ class Transformer(AdapterHost, nn.Module):
         if self.__dict__.get("_compiled") is not None and T == 1 and input_pos is not None \
                 and self.blk[0].kv_cache is not None and not torch.is_grad_enabled():
             if self.__dict__.get("_decode_warm"):
-                if self.__dict__.get("_plans_version") != last_version():  # adapters changed: the compiled
-                    for owner in (self, *self.blk):  # step reads the group plans unchecked
-                        refresh_plans(owner)
+                # adapters changed, or the eager step made new plans: the compiled step reads them unchecked
+                if self.__dict__.get("_plans_version") != last_version():
+                    pack_plans([self, *self.blk], self.compute_dtype)
                     self.__dict__["_plans_version"] = last_version()
                 return self._compiled_step(tokens, pos, input_pos, n_pos, ropes, last_only)
             # one eager step first makes every kernel weight and group plan the compiled step reads, and the next
             # compiled step checks all its guards (whatever reset this state, .to() or a weights mode, is new to them)
             self.__dict__["_decode_warm"] = True
             self.__dict__.pop("_steady_state", None)
+            self.__dict__.pop("_plans_version", None)  # its plans are not packed yet
         return self._forward(tokens, pos, input_pos, n_pos, ropes, last_only)
 
     def _compiled_step(self, tokens: Tensor, pos: Tensor, input_pos: Tensor, n_pos: int,

@@ -136,6 +136,50 @@ def test_compiled_decode_of_other_architectures(tmp_path, arch):
     assert close(got, want) < 1e-4  # float32 weights and activations: only the order of the sums differs
 
 
+def test_adapter_added_and_removed_after_compiled_steps(models):
+    """All plans' A/B copies live in one arena the compiled step reads; adding an adapter (new plans, a larger
+    arena) and removing it again must reach the compiled step, as a new arena each time."""
+    eager, compiled = models
+    for m in (eager, compiled):
+        m.set_adapters({"a": 1.0})
+    prompt, steps = [4, 2, 6], [1, 3, 5, 7]
+    decode(compiled, prompt, steps)
+    arena = compiled.blk[0].__dict__["_lora_arena"]
+    assert all(b.__dict__["_lora_arena"] is arena for b in compiled.blk)  # one tensor for every block
+    assert arena.dtype == torch.float16  # the int4 kernels round their input to bfloat16: half A/B lose nothing more
+    for m in (eager, compiled):
+        m.add_adapter(adapter_on_every_linear(m, 2, 7), "c", 1.5)
+        m.set_adapters({"a": 1.0, "c": 1.5})
+    got, want = decode(compiled, prompt, steps), decode(eager, prompt, steps)
+    assert compiled.blk[0].__dict__["_lora_arena"].numel() > arena.numel()
+    assert close(got, want) < 1e-2
+    for m in (eager, compiled):
+        m.unload_adapter("c")
+        m.set_adapters({"a": 1.0})
+    got, want = decode(compiled, prompt, steps), decode(eager, prompt, steps)
+    assert close(got, want) < 1e-2 and compiled.blk[0].__dict__["_lora_arena"].numel() == arena.numel()
+
+
+def test_float_model_keeps_a_float32_arena(tmp_path):
+    """Float32 weights and activations: the compiled step's A/B stay float32 (the plans' copies are views of the
+    arena), and its logits with an adapter match the eager step's to float32 precision."""
+    path = make_tiny_arch_gguf(tmp_path / "qwen3.gguf", "qwen3")
+    eager, _ = load(path, device="cpu")
+    compiled, _ = load(path, device="cpu")
+    for m in (eager, compiled):
+        m.add_adapter(adapter_on_every_linear(m, 4, 3), "a", 2.0)
+    compiled.compile_decode()
+    prompt, steps = [1, 5, 9, 2], [7, 3, 11, 4]
+    want, got = decode(eager, prompt, steps), decode(compiled, prompt, steps)
+    assert close(got, want) < 1e-4  # only the order of the sums differs
+    eager.set_adapters({})
+    assert close(decode(eager, prompt, steps), want) > 1e-3  # and the adapter moved them
+    arena = compiled.blk[0].__dict__["_lora_arena"]
+    assert arena.dtype == torch.float32
+    plans = compiled.blk[0].__dict__["_group_plans"].values()
+    assert all(p.lora.untyped_storage().data_ptr() == arena.untyped_storage().data_ptr() for p in plans)
+
+
 def test_past_dynamos_recompile_limit_steps_still_run(models, monkeypatch):
     """Each adapter layout is a graph of its own; once dynamo's recompile limit is reached it runs new layouts'
     steps eagerly. The guard-skipping steps of a generation must then take the full check instead of failing."""
