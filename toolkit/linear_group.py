@@ -97,9 +97,6 @@ def _plan(mods: list[nn.Module]) -> _Plan:
             cols.append((j, r_off, offset, out, r))
             offset, r_off = offset + out * r, r_off + r
         flat = torch.cat([a.reshape(-1) for _, a, _ in factors] + [b.reshape(-1) for _, _, b in factors])
-        # compiled with dynamic=True, a rank would be a symbol: inductor's loops over it then run masked
-        # tails and no unrolling (measured: 2-3x the adapter's time). New scales keep the shape: no recompile
-        torch._dynamo.mark_static(flat)
     # eager steps use these views as they are: slicing them anew costs ~2 us a factor, every step
     views = _factor_views(flat, a_shape, cols) if flat is not None else (None, [])
     return _Plan(_key(mods), sizes, list(bases), stacked, bias, flat, a_shape, cols, views, trainable)
@@ -124,7 +121,8 @@ def group_forward(owner: nn.Module, names: tuple[str, ...], x: Tensor) -> list[T
     elif plan is None or plan.key != _key(mods):
         plan = plans[names] = _plan(mods)
     stacked = plan.base is not None and plan.bases[0]._use_kernels(x)
-    if not stacked and (plan.lora is None or plan.per_module_lora):
+    # (b_parts, not plan.lora, says whether there are adapters: a compiled step reading plan.lora would guard it)
+    if not stacked and (not plan.b_parts or plan.per_module_lora):
         return [m(x) for m in mods]  # nothing to share
     if stacked:
         y = qkernels.matmul(x, plan.base)
@@ -135,14 +133,11 @@ def group_forward(owner: nn.Module, names: tuple[str, ...], x: Tensor) -> list[T
     outs = list(y.split(plan.sizes, dim=-1))  # views of y
     if plan.per_module_lora:
         return [m.add_adapters(o, x) if isinstance(m, LoRALinear) else o for m, o in zip(mods, outs)]
-    if not plan.b_parts:  # (not plan.lora is None: compiled, reading it would cost a tensor guard)
+    if not plan.b_parts:
         return outs
     compiling = torch.compiler.is_compiling()
-    if compiling:  # sliced in the graph from the one arena every plan shares: one tensor (and guard) per step
-        if plan.arena_span is not None:  # (plan.lora is not read here: that would be one more tensor guard)
-            lora = owner.__dict__["_lora_arena"][plan.arena_span[0]:plan.arena_span[1]]
-        else:
-            lora = plan.lora
+    if compiling:  # sliced in the graph from the one arena every plan shares (pack_plans): one tensor guard a step
+        lora = owner.__dict__["_lora_arena"][plan.arena_span[0]:plan.arena_span[1]]
         a_stack, b_scaled = _factor_views(lora, plan.a_shape, plan.b_parts)
         a_stack, b_scaled = a_stack.float(), [b.float() for b in b_scaled]  # (fused into the loops that read them)
     else:
@@ -179,8 +174,9 @@ def pack_plans(owners: list[nn.Module], compute_dtype: torch.dtype = torch.float
                 plans.append(plan)
     half = compute_dtype in (torch.float16, torch.bfloat16) or all(p.base is not None for p in plans)
     arena = torch.cat([p.lora for p in plans]).to(torch.float16 if half else torch.float32) if plans else None
-    if arena is not None:
-        torch._dynamo.mark_static(arena)  # static shape, as each plan's lora is
+    if arena is not None:  # compiled with dynamic=True, a rank would be a symbol: inductor's loops over it then run
+        # masked tails and no unrolling (measured: 2-3x the adapter's time). New scales keep the shape: no recompile
+        torch._dynamo.mark_static(arena)
     offset = 0
     for plan in plans:
         n = plan.lora.numel()
