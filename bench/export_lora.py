@@ -3,9 +3,9 @@
     python bench/export_lora.py [--threads 2] [--repeat 2] [--out FILE]
 
 Times `toolkit export-lora` with --outtype keep (merged tensors requantized to Q4_1/Q8_0) and f16 (llama.cpp's
-llama-export-lora semantics: merged tensors F16, the rest copied). llama-export-lora itself is a C++ tool that
-llama-cpp-python does not ship; when a `llama-export-lora` binary is on PATH it is timed too, otherwise the peer in
-the same run is the same merge written with gguf-py + numpy (GGUFReader, gguf.quants.dequantize, GGUFWriter).
+llama-export-lora semantics: merged tensors F16, the rest copied). The peers in the same run: the real
+llama-export-lora (built by bench/build_llama_tools.sh, found by bench/peers.py; its row is skipped with one line when
+missing) and the same merge written with gguf-py + numpy (GGUFReader, gguf.quants.dequantize, GGUFWriter).
 Quality: llama.cpp's strided perplexity (n_ctx 256) of configs/data/planets-valid.txt for the base, the base
 with the adapter unmerged, and each merged file: keep vs unmerged is the cost of requantizing.
 The adapter is random (seeded, A ~ N(0, 0.05^2), B ~ N(0, 0.01^2), alpha 32): it moves perplexity measurably
@@ -29,11 +29,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from toolkit.adapter import Adapter, LoraPair, write_gguf_adapter  # noqa: E402
 from toolkit.bundled import smollm2_gguf  # noqa: E402
 from toolkit.convert.export_lora import export_lora  # noqa: E402
 from toolkit.gguf_io import open_gguf  # noqa: E402
+from peers import llama_tool  # noqa: E402
 
 LINEAR = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
@@ -120,7 +122,7 @@ def main() -> None:
                              args.repeat),
             "gguf-py": best_time(lambda: gguf_py_merge(base, ad, files["gguf-py"]), args.repeat),
         }
-        exe = shutil.which("llama-export-lora")
+        exe = llama_tool("llama-export-lora")
         if exe:
             files["llama.cpp"] = tmp / "merged-llama.gguf"
             times["llama.cpp"] = best_time(lambda: subprocess.run(
@@ -156,8 +158,8 @@ def main() -> None:
         lines.append(f"| {names[k]} | {t:.1f} | {t / times['keep']:.2f}x | {sizes[k] / 1e6:.0f} | "
                      f"{sizes[k] / base_size:.2f}x |")
     if "llama.cpp" not in times:
-        lines += ["", "llama-export-lora is not installed here (llama-cpp-python ships only the libraries), so the "
-                      "peer in this run is the same algorithm written with gguf-py + numpy."]
+        lines += ["", "llama-export-lora was not found (bench/build_llama_tools.sh builds it), so the peer in this "
+                      "run is the same algorithm written with gguf-py + numpy."]
     lines += ["", f"Perplexity (llama.cpp, n_ctx 256, {len(toks)} tokens of configs/data/planets-valid.txt):", "",
               "| model | perplexity | vs unmerged |", "|---|---:|---:|"]
     for k, v in ppl.items():

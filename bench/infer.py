@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from isolate import isolated
+from peers import llama_tool
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
@@ -70,6 +71,19 @@ def bench_llama_cpp(path: str, n: int, threads: int) -> dict:
     count = len(times)
     tps = (count - 1) / (times[-1] - times[0]) if count > 1 else float("nan")
     return dict(load=t_load, first=t_first, tps=tps, n=count)
+
+
+def bench_llama_bench(exe: str, path: str, n: int, threads: int, prompt_tokens: int) -> dict:
+    """llama.cpp's own benchmark tool on the same file and threads: decode (tg) and prefill (pp) speed."""
+    import json
+    import subprocess
+
+    out = subprocess.run([exe, "-m", path, "-t", str(threads), "-p", str(prompt_tokens), "-n", str(n), "-r", "3",
+                          "-o", "json"], check=True, capture_output=True, text=True).stdout
+    runs = json.loads(out)
+    tg = next(r for r in runs if r.get("n_gen", 0) > 0)
+    pp = next(r for r in runs if r.get("n_prompt", 0) > 0)
+    return dict(tps=float(tg["avg_ts"]), pp_tps=float(pp["avg_ts"]), n=n)
 
 
 def bench_transformers(path: str, n: int, threads: int) -> dict:
@@ -127,6 +141,10 @@ def main() -> int:
         for name, (fn, a, kw) in engines.items():
             print(f"{name} (round {round_ + 1}/{args.repeat}) ...", file=sys.stderr)
             res[name] = best_of(res.get(name), isolated(fn, *a, **kw))
+    exe = llama_tool("llama-bench")
+    if exe:  # the C++ tool itself, best of its own 3 repetitions: decode without llama-cpp-python's Python loop
+        print("llama-bench ...", file=sys.stderr)
+        res_bench = bench_llama_bench(exe, path, args.tokens, args.threads, res["toolkit"]["prompt_tokens"])
     if not args.skip_hf:  # ~20 s to load each time: once
         print("transformers ...", file=sys.stderr)
         res["transformers (GGUF load)"] = isolated(bench_transformers, path, args.tokens, args.threads)
@@ -154,6 +172,10 @@ def main() -> int:
         r = res[name]
         lines.append(f"| {name}, second generation (weight copies already made) | | | {r['tps_warm']:.1f} | "
                      f"{r['tps_warm'] / ref['tps']:.2f}x |")
+    if exe:
+        lines.append(f"| llama-bench (llama.cpp's tool, tg{args.tokens}; prefill pp{ours['prompt_tokens']} "
+                     f"{res_bench['pp_tps']:.0f} tok/s) | | | {res_bench['tps']:.1f} | {res_bench['tps'] / ref['tps']:.2f}x |")
+        lines.append(f"| toolkit --compile vs llama-bench | | | | {res['toolkit --compile']['tps'] / res_bench['tps']:.2f}x |")
     lines += [
         "",
         f"toolkit vs llama.cpp: load-to-first-token {ours['first'] / ref['first']:.1f}x llama.cpp's time; "
