@@ -53,14 +53,18 @@ def spm_merges(tokens: Sequence[str], scores: Sequence[float], vocab: dict[str, 
         full = c[starts + lens - 1] - before                   # [n] hash of each whole token (0 if empty)
         full[lens == 0] = 0
         # canonical ids (the last of duplicates), sorted by hash for lookups
-        canon = np.zeros(n, dtype=bool)
-        canon[list((vocab if vocab is not None else {t: i for i, t in enumerate(tokens)}).values())] = True
-        ids = np.nonzero(canon & (lens > 0))[0]
+        vocab = vocab if vocab is not None else {t: i for i, t in enumerate(tokens)}
+        canon = None
+        if len(vocab) != n:
+            canon = np.zeros(n, dtype=bool)
+            canon[list(vocab.values())] = True
+        ids = np.nonzero(lens > 0 if canon is None else canon & (lens > 0))[0]
         order = np.argsort(full[ids], kind="stable")
         table_h, table_id = full[ids][order], ids[order]
 
         # split after code point j (k = pos + 1 characters on the left), for canonical tokens only
-        j = np.nonzero((pos < lens[owner] - 1) & canon[owner])[0]
+        inner = pos < lens[owner] - 1
+        j = np.nonzero(inner if canon is None else inner & canon[owner])[0]
         t = owner[j]
         k = pos[j] + 1
         left = c[j] - before[t]
@@ -79,10 +83,11 @@ def spm_merges(tokens: Sequence[str], scores: Sequence[float], vocab: dict[str, 
     b = lookup(right, lens[t] - k)
     ok = b >= 0
     t, k, a, b = t[ok], k[ok], a[ok], b[ok]
-    # rank tokens by (-score, id): np.lexsort sorts by the last key first
+    # rank tokens by (-score, id) (a stable sort keeps ids in order among equal scores), then order the splits
+    # by (rank of the merged token, split position) through one integer key
     rank = np.empty(n, dtype=np.int64)
-    rank[np.lexsort((np.arange(n), -np.asarray(scores, dtype=np.float64)))] = np.arange(n)
-    sel = np.lexsort((k, rank[t]))
+    rank[np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")] = np.arange(n)
+    sel = np.argsort(rank[t] * (int(lens.max()) + 1) + k)
     arr = np.array(tokens, dtype=object)
     return list(zip(arr[a[sel]].tolist(), arr[b[sel]].tolist()))
 
