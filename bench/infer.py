@@ -5,6 +5,8 @@ tokens (end-of-text masked so all three generate exactly 128). Same threads for 
 bench/results/infer.md.
 
     python bench/infer.py [--threads 2] [--tokens 128] [--repeat 3] [--skip-hf]
+    python bench/infer.py --load [--repeat 5]   # load to first token only, also on a 256k-piece SentencePiece
+                                                # vocabulary (tiny model made in code): bench/results/infer_load.md
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ def bench_llama_cpp(path: str, n: int, threads: int) -> dict:
     import numpy as np
     from llama_cpp import Llama
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     llm = Llama(model_path=path, n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
     t_load = time.perf_counter() - t0
     eos = [llm.token_eos()] + [i for i in (0, 2, 4)]
@@ -67,10 +69,12 @@ def bench_llama_cpp(path: str, n: int, threads: int) -> dict:
     for chunk in llm.create_completion(PROMPT, max_tokens=n, temperature=0.0, top_k=1, stream=True,
                                        logits_processor=[no_eos]):
         times.append(time.perf_counter())
+        if len(times) == 1:
+            cpu_first = time.process_time() - c0
     t_first = times[0] - t0
     count = len(times)
     tps = (count - 1) / (times[-1] - times[0]) if count > 1 else float("nan")
-    return dict(load=t_load, first=t_first, tps=tps, n=count)
+    return dict(load=t_load, first=t_first, tps=tps, n=count, cpu_first=cpu_first)
 
 
 def bench_llama_bench(exe: str, path: str, n: int, threads: int, prompt_tokens: int) -> dict:
@@ -111,6 +115,106 @@ def bench_transformers(path: str, n: int, threads: int) -> dict:
     return dict(load=t_load, first=t_first, tps=(n - 1) / max(t_all - t_one, 1e-9), n=n)
 
 
+def _transformers_spm_tokenizer(meta: dict, path: str):
+    """The SentencePiece path toolkit used before building it from the metadata itself: transformers' GGUF
+    converter (import transformers, generate_merges), then llama.cpp's normalizer. The "before" row."""
+    from tokenizers import normalizers
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import select_tokenizer_builder
+
+    d = {"tokens": meta["tokenizer.ggml.tokens"], "scores": meta.get("tokenizer.ggml.scores"),
+         "token_type": meta.get("tokenizer.ggml.token_type"), "tokenizer_type": "llama"}
+    tok = select_tokenizer_builder(meta["general.architecture"], "llama")(d).backend_tokenizer
+    steps = [normalizers.Replace(" ", "\u2581")]
+    if meta.get("tokenizer.ggml.add_space_prefix", True):
+        steps.insert(0, normalizers.Prepend("\u2581"))
+    tok.normalizer = normalizers.Sequence(steps)
+    tok.pre_tokenizer = None
+    tok.post_processor = None
+    return tok
+
+
+def bench_first_token(path: str, threads: int, old_spm: bool = False) -> dict:
+    """Load (model + tokenizer), encode the prompt, first greedy token: the time a user waits. Imports of torch and
+    toolkit are done before the clock starts (as in bench_toolkit); transformers, if a path needs it, is not."""
+    import torch
+
+    torch.set_num_threads(threads)
+    import toolkit.tokenizer as T
+    from toolkit.gguf_io import open_gguf
+    from toolkit.infer.generate import generate_tokens
+    from toolkit.model import load
+
+    if old_spm:
+        T._spm_tokenizer = _transformers_spm_tokenizer
+    t0, c0 = time.perf_counter(), time.process_time()
+    model, tok = load(path, device="cpu")
+    ids = tok.encode(PROMPT)
+    next(generate_tokens(model, ids, 1, temperature=0.0))
+    t_first, cpu_first = time.perf_counter() - t0, time.process_time() - c0
+    g = open_gguf(path)
+    t1 = time.perf_counter()
+    T.Tokenizer.from_gguf(g)  # again, imports done: the tokenizer build alone
+    return dict(first=t_first, cpu_first=cpu_first, tokenizer=time.perf_counter() - t1, n_vocab=tok.vocab_size)
+
+
+def load_table(args) -> int:
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny import make_large_spm_gguf
+    from toolkit.bundled import smollm2_gguf
+
+    tmp = tempfile.mkdtemp(prefix="bench-spm-")
+    spm = str(make_large_spm_gguf(Path(tmp) / "spm256k.gguf", 256_000))
+    smol = str(smollm2_gguf())
+    rows = {
+        ("SmolLM2-135M Q4_1 (gpt2 BPE, 49k)", "llama.cpp"): (bench_llama_cpp, (smol, 1, args.threads)),
+        ("SmolLM2-135M Q4_1 (gpt2 BPE, 49k)", "toolkit"): (bench_first_token, (smol, args.threads)),
+        ("synthetic SentencePiece, 256k pieces, tiny model", "llama.cpp"): (bench_llama_cpp, (spm, 1, args.threads)),
+        ("synthetic SentencePiece, 256k pieces, tiny model", "toolkit"): (bench_first_token, (spm, args.threads)),
+        ("synthetic SentencePiece, 256k pieces, tiny model", "toolkit before (transformers' GGUF converter)"):
+            (bench_first_token, (spm, args.threads, True)),
+    }
+    res: dict = {}
+    for round_ in range(args.repeat):
+        for key, (fn, a) in rows.items():
+            if "before" in key[1] and round_ > 0:  # ~10 s a time: once
+                continue
+            print(f"{key} (round {round_ + 1}/{args.repeat}) ...", file=sys.stderr)
+            r = isolated(fn, *a)
+            res[key] = {k: min(v, res[key][k]) if key in res and isinstance(v, float) else v for k, v in r.items()}
+    try:
+        load_avg = os.getloadavg()[0]
+    except OSError:
+        load_avg = float("nan")
+    lines = [
+        "# Load to first token: toolkit vs llama.cpp, CPU",
+        "",
+        f"{args.threads} threads; load (model + tokenizer) + encode the prompt + first greedy token, each engine in "
+        f"its own process with the page cache warm, best of {args.repeat} rounds (the 'before' row: one); torch and "
+        "toolkit imported before the clock starts. All rows measured in one run of `python bench/infer.py --load` "
+        f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average {load_avg:.1f} at the "
+        "end). The synthetic vocabulary (tests/tiny.py `make_large_spm_gguf`) has the size gemma-family models ship; "
+        "its model is 2 layers 16 wide, so the time is the vocabulary's.",
+        "",
+        "| model | engine | load to first token (s) | vs llama.cpp | CPU time (s, all threads) | vs llama.cpp | "
+        "tokenizer build alone (s) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for (model, engine), r in res.items():
+        ref = res[(model, "llama.cpp")]
+        tb = f"{r['tokenizer']:.2f}" if "tokenizer" in r else ""
+        lines.append(f"| {model} | {engine} | {r['first']:.2f} | {r['first'] / ref['first']:.1f}x | "
+                     f"{r['cpu_first']:.2f} | {r['cpu_first'] / ref['cpu_first']:.1f}x | {tb} |")
+    text = "\n".join(lines) + "\n"
+    out = Path(__file__).parent / "results" / "infer_load.md"
+    tmp_out = out.with_suffix(".tmp")
+    tmp_out.write_text(text)
+    tmp_out.replace(out)
+    print(text)
+    return 0
+
+
 def best_of(a: dict | None, b: dict) -> dict:
     """Per figure, the better of two runs: shortest times, highest speeds."""
     if a is None:
@@ -126,7 +230,10 @@ def main() -> int:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--repeat", type=int, default=3, help="rounds; each figure is the best of its rounds")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "infer.md"))
+    ap.add_argument("--load", action="store_true", help="only load to first token, incl. a 256k SentencePiece vocab")
     args = ap.parse_args()
+    if args.load:
+        return load_table(args)
     from toolkit.bundled import smollm2_gguf
 
     path = str(smollm2_gguf())

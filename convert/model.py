@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import struct
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,47 +207,37 @@ def _looks_special(tok: str) -> bool:
 
 
 PRE_HINT = "gguf_pre"  # tokenizer_config.json key toolkit writes on GGUF -> HF, so the round trip keeps the name
-_PREFERRED_PRE = ("smollm", "gpt2", "llama-bpe", "qwen2", "default")
 
 
-def _detect_pre(tj: dict[str, Any], folder: Path) -> str:
-    """tokenizer.ggml.pre from tokenizer.json's pre-tokenizer (llama.cpp hashes a probe text for this; the
-    structure identifies the common ones without running the tokenizer)."""
+def _describe_pre(tj: dict[str, Any]) -> str:
+    pre = tj.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    return "+".join(str(st.get("type")) for st in steps) or "none"
+
+
+def _detect_pre(tok: Any, tj: dict[str, Any], folder: Path) -> str:
+    """tokenizer.ggml.pre for a byte-level BPE tokenizer, as llama.cpp's converter chooses it: the hash of the ids
+    of its check text, looked up in llama.cpp's table (toolkit.convert.pre_hash). A folder toolkit wrote from a
+    GGUF names the original pre-tokenizer in tokenizer_config.json; that name is kept."""
     from toolkit.tokenizer import PRE_TOKENIZERS
+
+    from .pre_hash import identify_pre
 
     tc = folder / "tokenizer_config.json"
     hint = json.loads(tc.read_text()).get(PRE_HINT) if tc.is_file() else None
     if hint in PRE_TOKENIZERS:
         return hint
-    pre = tj.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    splits = [(s.get("pattern") or {}).get("Regex") for s in steps if s.get("type") == "Split"]
-    if splits and all(splits):  # llama.cpp's own regexes (a tokenizer toolkit wrote): look the list up
-        names = [n for n, rx in PRE_TOKENIZERS.items() if rx == splits]
-        if names:
-            return sorted(names, key=lambda n: _PREFERRED_PRE.index(n) if n in _PREFERRED_PRE else 99)[0]
-    kinds = []
-    for s in steps:
-        t = s.get("type")
-        if t == "Digits" and s.get("individual_digits"):
-            kinds.append("digits")
-        elif t == "Split":
-            pat = (s.get("pattern") or {}).get("Regex", "")
-            kinds.append("llama3" if r"\p{N}{1,3}" in pat else "qwen2" if r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|" in pat
-                         else "split")
-        elif t == "ByteLevel":
-            kinds.append("gpt2" if s.get("use_regex", True) else "bytelevel")
-    if kinds == ["digits", "gpt2"]:
-        return "smollm"
-    if kinds == ["gpt2"]:
-        return "gpt2"
-    if kinds and kinds[0] == "llama3":
-        return "llama-bpe"
-    if kinds and kinds[0] == "qwen2":
-        return "qwen2"
-    warnings.warn(f"{folder}: unrecognised pre-tokenizer {kinds}; writing 'default' (llama.cpp will split text "
-                  f"differently from transformers)", stacklevel=2)
-    return "default"
+    try:
+        name, h = identify_pre(tok.encode)
+    except Exception as e:  # a tokenizer that cannot encode plain text
+        raise ToolkitError(f"cannot identify the BPE pre-tokenizer ({_describe_pre(tj)}): encoding llama.cpp's "
+                           f"check text failed ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
+                           str(folder)) from None
+    if name is None:
+        raise ToolkitError(f"cannot identify the BPE pre-tokenizer ({_describe_pre(tj)}) of this tokenizer: its "
+                           f"check-text hash {h[:16]} is not in llama.cpp's table, so no tokenizer.ggml.pre would "
+                           "make llama.cpp split text as transformers does", str(folder))
+    return name
 
 
 def hf_vocab(folder: Path, arch: str, vocab_size: int) -> dict[str, Any]:
@@ -283,7 +272,7 @@ def hf_vocab(folder: Path, arch: str, vocab_size: int) -> dict[str, Any]:
                 types.append(TokenType.NORMAL)
             tokens.append(t)
         w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(_detect_pre(tj, folder))
+        w.add_tokenizer_pre(_detect_pre(tok, tj, folder))
         w.add_token_list(tokens)
         w.add_token_types(types)
     elif tj is not None or (folder / "tokenizer.model").is_file():

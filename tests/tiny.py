@@ -287,3 +287,65 @@ def random_lora(shapes: dict[str, tuple[int, int]], r: int, seed: int, std: floa
         a = torch.randn(r, inp, generator=g) * (std if a_std is None else a_std)
         pairs[name] = LoraPair(a, torch.randn(out, r, generator=g) * std)
     return pairs
+
+
+# letters of several scripts (Latin with accents, Greek, Cyrillic, CJK), digits, punctuation: the characters the
+# synthetic SentencePiece vocabulary's words are made of; text outside it falls back to byte tokens
+LARGE_SPM_ALPHABET = ("etaoinshrdlucmfwypvbgkjqxzETAOINSHRDLU" "éèàçöüñß" "αβγδεζ" "абвгде" "日本語中文字"
+                      "0123456789" ".,;:!?'-()")
+
+
+def large_spm_tokenizer_metadata(n_tokens: int = 256_000, seed: int = 0) -> dict[str, Any]:
+    """A SentencePiece-style (`llama`) vocabulary of `n_tokens` pieces made in code, the size gemma-family models
+    ship: <unk> <s> </s>, 256 byte tokens, the alphabet's characters, then prefixes of random words with and
+    without the leading U+2581 (so every piece is two shorter pieces merged, as in a BPE-trained vocabulary).
+    Scores are a random permutation of distinct integers, so the merge order is well defined but unrelated to
+    piece length (harder on an implementation's ordering than a trained vocabulary)."""
+    import numpy as np
+    from gguf import GGUFValueType as V
+    from gguf.gguf_writer import GGUFValue
+
+    rng = np.random.default_rng(seed)
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [2, 3, 3] + [6] * 256
+    seen = set(tokens)
+    pieces = ["\u2581"] + list(LARGE_SPM_ALPHABET)
+    seen.update(pieces)
+    alphabet = np.array(list(LARGE_SPM_ALPHABET))
+    # Zipf-like letter frequencies: frequent letters make shared prefixes, rare ones long tails
+    p = 1.0 / np.arange(1, len(alphabet) + 1)
+    p /= p.sum()
+    n_pieces = n_tokens - len(tokens)
+    while len(pieces) < n_pieces:
+        lengths = rng.integers(2, 12, size=4096)
+        letters = rng.choice(alphabet, size=(4096, 12), p=p)
+        spaced = rng.random(4096) < 0.6
+        for row, n, sp in zip(letters, lengths, spaced):
+            w = ("\u2581" if sp else "") + "".join(row[:n])
+            for k in range(2, len(w) + 1):
+                s = w[:k]
+                if s not in seen:
+                    seen.add(s)
+                    pieces.append(s)
+                    if len(pieces) == n_pieces:
+                        break
+            if len(pieces) == n_pieces:
+                break
+    scores = [0.0] * len(tokens) + (-rng.permutation(len(pieces)).astype(np.float64) - 1.0).tolist()
+    tokens += pieces
+    types += [1] * len(pieces)
+    return {
+        "tokenizer.ggml.model": GGUFValue("llama", V.STRING),
+        "tokenizer.ggml.tokens": GGUFValue(tokens, V.ARRAY, V.STRING),
+        "tokenizer.ggml.scores": GGUFValue(scores, V.ARRAY, V.FLOAT32),
+        "tokenizer.ggml.token_type": GGUFValue(types, V.ARRAY, V.INT32),
+        "tokenizer.ggml.bos_token_id": GGUFValue(1, V.UINT32),
+        "tokenizer.ggml.eos_token_id": GGUFValue(2, V.UINT32),
+        "tokenizer.ggml.unknown_token_id": GGUFValue(0, V.UINT32),
+    }
+
+
+def make_large_spm_gguf(path: str | Path, n_tokens: int = 256_000, arch: str = "llama", seed: int = 0) -> Path:
+    """A tiny model (2 layers, 16-wide, F16 embeddings) with a `n_tokens`-piece SentencePiece vocabulary."""
+    return make_tiny_arch_gguf(path, arch, dim=16, n_head=2, n_kv=1, ffn=32, head_dim=8, qtype="F16",
+                               tokenizer=large_spm_tokenizer_metadata(n_tokens, seed))

@@ -568,9 +568,8 @@ def _linear(t: TensorInfo, dtype: torch.dtype, bias: TensorInfo | None = None) -
 def _embedding(t: TensorInfo, dtype: torch.dtype) -> nn.Module:
     n, d = t.shape
     if t.qtype in FLOAT_TYPES:
-        emb = nn.Embedding(n, d, device="meta")
-        emb.weight = nn.Parameter(_float_tensor(t, dtype), requires_grad=False)
-        return emb
+        # _weight: no init of a throwaway (on meta its normal_ imports torch._dynamo, longer than the whole load)
+        return nn.Embedding(n, d, _weight=_float_tensor(t, dtype), _freeze=True)
     return QuantEmbedding(t.raw(), t.qtype, n, d)
 
 

@@ -34,6 +34,18 @@ def tokenizer_dir(smollm2_path, tmp_path_factory) -> Path:
     return d
 
 
+@pytest.fixture(scope="module")
+def transformers_tokenizer_dir(smollm2_path, tmp_path_factory) -> Path:
+    """SmolLM2's tokenizer as transformers builds it from the GGUF (gguf_file=) and saves it: what a user who
+    loaded the model with transformers has. Unlike toolkit's own, it names no GGUF pre-tokenizer, so conversion
+    back has to identify it as llama.cpp's converter does."""
+    d = tmp_path_factory.mktemp("hftok")
+    p = Path(smollm2_path)
+    transformers.AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name).save_pretrained(str(d))
+    assert "gguf_pre" not in (d / "tokenizer_config.json").read_text()
+    return d
+
+
 def tiny_hf(arch: str, folder: Path, tokenizer_dir: Path, seed: int = 0, tied: bool = False, **over) -> Path:
     """A 2-layer random model of `arch` saved with transformers' save_pretrained (safetensors)."""
     make_tiny_hf(arch, folder, tokenizer_dir, seed=seed, tied=tied, **over)
@@ -52,15 +64,27 @@ def top1(a: np.ndarray, b: np.ndarray) -> float:
     return float((a.argmax(-1) == b.argmax(-1)).mean())
 
 
+TOKENIZER_TEXT = "Hello world! 12345 3.14 <|im_start|>user\nnaïve café 🦙 don't"
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
-def test_hf_to_gguf_logits_match_transformers(arch, tokenizer_dir, tmp_path):
+def test_hf_to_gguf_logits_match_transformers(arch, tokenizer_dir, transformers_tokenizer_dir, tmp_path):
     """llama.cpp runs the converted model; logits vs transformers on the same weights: f32 top-1 >= 95% and
     max |diff| < 1e-2 * max |logit|; q8_0: mean cosine >= 0.995 (random weights give near-tied top-1s among
-    49152 tokens, so top-1 is only required >= 80% there)."""
-    hf = tiny_hf(arch, tmp_path / "hf", tokenizer_dir, tied=arch.startswith("gemma"))
+    49152 tokens, so top-1 is only required >= 80% there). The tokenizer is SmolLM2's as transformers saved it:
+    its pre-tokenizer is identified by llama.cpp's check-text hash (smollm), llama.cpp loads the file and its ids
+    equal transformers' on the same text. qwen2 keeps toolkit's own tokenizer folder (which names its
+    pre-tokenizer): transformers gives any qwen2 folder Qwen2's split regex, and SmolLM2's vocabulary with that
+    regex is a tokenizer llama.cpp's table does not know (test_unknown_bpe_pre_tokenizer_is_one_line)."""
+    hf = tiny_hf(arch, tmp_path / "hf", tokenizer_dir if arch == "qwen2" else transformers_tokenizer_dir,
+                 tied=arch.startswith("gemma"))
     ref = hf_logits(hf, TOKS)
     out = tmp_path / "m.gguf"
     assert main([str(hf), "-o", str(out), "--outtype", "f32", "--no-progress"]) == 0
+    assert open_gguf(out).get("tokenizer.ggml.pre") == "smollm"
+    if arch != "qwen2":
+        tok = transformers.AutoTokenizer.from_pretrained(str(hf))
+        assert llama_tokenize(out, TOKENIZER_TEXT) == tok(TOKENIZER_TEXT)["input_ids"]
     got = llama_logits(out, TOKS)
     assert top1(got, ref) >= 0.95
     assert np.abs(got - ref).max() < 1e-2 * np.abs(ref).max(), np.abs(got - ref).max()
@@ -113,6 +137,27 @@ def test_smollm2_gguf_to_hf_runs_in_transformers(smollm2_path, tmp_path):
     got = hf_logits(out, ids)
     assert top1(got, ref) >= 0.95
     assert np.abs(got - ref).max() < 1e-2 * np.abs(ref).max()
+
+
+def test_unknown_bpe_pre_tokenizer_is_one_line(transformers_tokenizer_dir, tmp_path, capsys):
+    """A byte-level BPE tokenizer whose check-text hash llama.cpp does not know is refused with one line naming
+    the folder, not written with a guessed pre-tokenizer llama.cpp would split text differently with: SmolLM2's
+    vocabulary with every character split apart first, and (as transformers builds it for any qwen2 folder) with
+    Qwen2's split regex."""
+    from toolkit.cli import main as cli
+
+    hf = tiny_hf("llama", tmp_path / "hf", transformers_tokenizer_dir)
+    tj = json.loads((hf / "tokenizer.json").read_text())
+    tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "."}, "behavior": "Isolated", "invert": False}, tj["pre_tokenizer"]]}
+    (hf / "tokenizer.json").write_text(json.dumps(tj))
+    q2 = tiny_hf("qwen2", tmp_path / "q2", transformers_tokenizer_dir)
+    for folder in (hf, q2):
+        capsys.readouterr()  # save_pretrained's progress bars
+        assert cli(["convert", "model", str(folder), "-o", str(tmp_path / "x.gguf")]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(folder) in err[0] and "pre-tokenizer" in err[0], err
+        assert not (tmp_path / "x.gguf").exists()
 
 
 RSS_SCRIPT = textwrap.dedent("""

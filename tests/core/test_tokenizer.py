@@ -1,12 +1,12 @@
 """Tokenizer from GGUF metadata == llama.cpp's tokenizer (llama_tokenize / llama_token_to_piece) on the same file:
-the real SmolLM2 vocabulary (gpt2 BPE, `smollm` pre-tokenizer) and a SentencePiece (`llama`) vocabulary
-written in code."""
+the real SmolLM2 vocabulary (gpt2 BPE, `smollm` pre-tokenizer) and SentencePiece (`llama`) vocabularies written
+in code (a small one, and a 256k-piece one, the size gemma-family models ship)."""
 from __future__ import annotations
 
 import pytest
 
 from oracle_llama import llama_detokenize, llama_tokenize
-from tiny import make_tiny_arch_gguf, spm_tokenizer_metadata
+from tiny import LARGE_SPM_ALPHABET, make_large_spm_gguf, make_tiny_arch_gguf, spm_tokenizer_metadata
 from toolkit.errors import ToolkitError
 from toolkit.gguf_io import TensorSpec, copy_metadata, open_gguf, write_gguf
 from toolkit.tokenizer import PRE_TOKENIZERS, Tokenizer
@@ -118,3 +118,90 @@ def test_bad_tokenizer_metadata_is_a_clear_error(tmp_path, tiny_llama):
     write_gguf(tmp_path / "none.gguf", meta, specs)
     with pytest.raises(ToolkitError, match="no tokenizer"):
         Tokenizer.from_gguf(open_gguf(tmp_path / "none.gguf"))
+
+
+# -- a 256k-piece SentencePiece vocabulary: built straight from the metadata, ids equal llama.cpp's
+
+@pytest.fixture(scope="module")
+def large_spm_path(tmp_path_factory):
+    return make_large_spm_gguf(tmp_path_factory.mktemp("spm256k") / "spm256k.gguf", 256_000)
+
+
+def large_spm_texts(n: int = 150) -> list[str]:
+    """Random words of the vocabulary's alphabet (so long pieces and many competing merges apply), joined by
+    spaces, newlines and punctuation, plus text outside it (byte fallback) and control-token text."""
+    import random
+
+    rng = random.Random(1)
+    texts = list(SPM_TEXTS) + ["α β γ абв 日本語中文字", "😀 emoji → ✓", "\t tab  and\n\nnewlines ", "<s>x</s>"]
+    for _ in range(n):
+        words = ["".join(rng.choice(LARGE_SPM_ALPHABET) for _ in range(rng.randint(1, 14)))
+                 for _ in range(rng.randint(1, 10))]
+        texts.append(rng.choice([" ", "  ", "\n", ", ", ""]).join(words))
+    return texts
+
+
+def test_large_sentencepiece_ids_equal_llama_cpp(large_spm_path):
+    """Every id equal to llama_tokenize's on 170 texts (special on and off), and every piece to
+    llama_token_to_piece's; the merges found by hashing equal those of the plain loop over every split."""
+    from toolkit.spm import _spm_merges_loop, spm_merges
+
+    g = open_gguf(large_spm_path)
+    tok = Tokenizer.from_gguf(g)
+    assert tok.kind == "llama" and tok.vocab_size == 256_000
+    for i, text in enumerate(large_spm_texts()):
+        special = i % 2 == 0
+        assert tok.encode(text, special=special) == llama_tokenize(large_spm_path, text, True, special), text
+        ids = tok.encode(text)
+        assert tok.token_bytes(ids) == llama_detokenize(large_spm_path, ids), text
+    tokens, scores = g.get("tokenizer.ggml.tokens"), g.get("tokenizer.ggml.scores")
+    assert spm_merges(tokens, scores) == _spm_merges_loop(tokens, scores)
+
+
+LOAD_SCRIPT = """
+import sys
+from toolkit.model import load
+model, tok = load(sys.argv[1], device="cpu")
+ids = tok.encode("the quick brown fox")
+print(len(ids), "transformers" in sys.modules)
+"""
+
+
+def test_loading_a_sentencepiece_model_does_not_import_transformers(large_spm_path):
+    """The load path (model + tokenizer) stays off transformers: importing it alone costs seconds."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(large_spm_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    n, imported = r.stdout.split()
+    assert int(n) > 1 and imported == "False"
+
+
+def _flip(src, dst, key: str, old: bytes, new: bytes) -> None:
+    """Copy src to dst with one string of the `key` array, `old` (its bytes after the length prefix), replaced
+    by `new` of the same length: one damaged entry, the file otherwise intact."""
+    import struct
+
+    data = bytearray(open(src, "rb").read())
+    at = data.index(key.encode())
+    at = data.index(struct.pack("<Q", len(old)) + old, at) + 8
+    data[at:at + len(old)] = new
+    open(dst, "wb").write(bytes(data))
+
+
+@pytest.mark.parametrize("key,old,new", [
+    ("tokenizer.ggml.tokens", "Ġloc".encode(), "Ġlox".encode()),   # a token the merges build: now missing
+    ("tokenizer.ggml.merges", "Ġ t".encode(), "Ġ \x7f".encode()),  # a merge of a token that does not exist
+])
+def test_damaged_vocabulary_is_one_line_from_the_cli(tiny_llama, tmp_path, capsys, key, old, new):
+    """A GGUF whose vocabulary or merges have one flipped byte: `toolkit infer` exits 1 with one line naming the
+    file (tokenizers' own 'Error while initializing BPE' used to end in a traceback)."""
+    from toolkit.cli import main as cli
+
+    bad = tmp_path / "damaged.gguf"
+    _flip(tiny_llama, bad, key, old, new)
+    assert cli(["infer", "-m", str(bad), "-p", "hello", "-n", "1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0] and "vocabulary" in err[0], err
+    assert "Traceback" not in err[0]
