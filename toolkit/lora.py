@@ -6,6 +6,12 @@ Transformer) loads adapter files onto the model's GGUF-named modules and switche
 `set_adapters({name: scale})` only changes floats, so it takes milliseconds and never touches the base.
 
 Effective scale of adapter i on a tensor = user scale * alpha / rank (alpha 0: 1), as llama.cpp computes it.
+
+DoRA (PEFT use_dora): adapter i's adapted weight is g_i * (W + s_i B_i A_i) with g_i = m_i / ||W + s_i B_i A_i||_row,
+a constant per output row computed once when the adapter is attached (PEFT detaches the norm too). At user scale
+u_i the adapter adds u_i times its delta, so scale 0 is the base and 1 is PEFT's output:
+    y = base(x) + sum_i u_i ((g_i - 1) * (base(x) - bias) + s_i (g_i B_i) A_i x)
+i.e. the base's output rows scaled by 1 + sum_i u_i (g_i - 1), plus LoRA terms whose B carries g.
 """
 from __future__ import annotations
 
@@ -62,14 +68,25 @@ class _LoRABase(nn.Module):
         self.user_scale: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
         self._active: list[tuple[str, float, float]] = []  # (key, effective scale, dropout), scale != 0 only
-        self._fast: list[tuple[Tensor, Tensor, float]] = []  # (A, B, scale) of the active adapters
+        self._fast: list[tuple[Tensor, Tensor, float]] = []  # (A, B, scale) of the active adapters (DoRA: g * B)
+        self.dora_g: dict[str, Tensor] = {}  # DoRA adapters: g = m / ||W + s B A||_row, [out]
+        self.row_scale: Tensor | None = None  # sum over active DoRA adapters of u (g - 1), [out]; None: none
 
     def add(self, name: str, a: Tensor, b: Tensor, scale: float, user_scale: float = 1.0,
-            trainable: bool = False, dropout: float = 0.0) -> tuple[nn.Parameter, nn.Parameter]:
+            trainable: bool = False, dropout: float = 0.0,
+            magnitude: Tensor | None = None) -> tuple[nn.Parameter, nn.Parameter]:
         """Attach adapter `name`: a [r, in], b [out, r] (embedding: a [r, n_vocab], b [n_embd, r]);
-        scale = alpha / rank. Stored float32 on the base's device."""
+        scale = alpha / rank; magnitude [out]: a DoRA adapter (inference only). Stored float32 on the base's
+        device."""
         if name in self._keys:
             raise ToolkitError(f"adapter '{name}' is already attached here")
+        if magnitude is not None:
+            if not isinstance(self, LoRALinear) or trainable:
+                raise ToolkitError("DoRA adapters are supported on linear layers, for inference")
+            w = _base_weight(self.base)
+            d = b.detach().to(w.device, torch.float32) @ a.detach().to(w.device, torch.float32)
+            # PEFT: ||W + s B A|| over each output row's inputs, float32, detached
+            self.dora_g[name] = magnitude.detach().to(w.device, torch.float32) / torch.linalg.norm(w + scale * d, dim=1)
         key = f"a{len(self._keys)}_{abs(hash(name)) % 10**8}"
         dev = self._device()
         pa = nn.Parameter(a.detach().to(dev, torch.float32).contiguous(), requires_grad=trainable)
@@ -83,7 +100,7 @@ class _LoRABase(nn.Module):
     def remove(self, name: str) -> None:
         key = self._keys.pop(name)
         del self.lora_a[key], self.lora_b[key]
-        for d in (self.alpha_scale, self.user_scale, self.dropout):
+        for d in (self.alpha_scale, self.user_scale, self.dropout, self.dora_g):
             d.pop(name, None)
         self._refresh()
 
@@ -100,15 +117,23 @@ class _LoRABase(nn.Module):
         return list(self._keys)
 
     def _refresh(self) -> None:
-        self._active = [(self._keys[n], self.user_scale[n] * self.alpha_scale[n], self.dropout[n])
-                        for n in self._keys if self.user_scale[n] * self.alpha_scale[n] != 0.0]
+        on = [n for n in self._keys if self.user_scale[n] * self.alpha_scale[n] != 0.0]
+        self._active = [(self._keys[n], self.user_scale[n] * self.alpha_scale[n], self.dropout[n]) for n in on]
         # inference reads the parameters straight from this list: a decode step is bound by per-op overhead
-        self._fast = [(self.lora_a[k], self.lora_b[k], s) for k, s, _ in self._active]
+        self._fast = [(self.lora_a[k], self._b(n), s) for n, (k, s, _) in zip(on, self._active)]
+        dora = [n for n in on if n in self.dora_g]
+        self.row_scale = sum(self.user_scale[n] * (self.dora_g[n] - 1) for n in dora) if dora else None
         # tells cached stacks (linear_group) to rebuild; unique, so one number says whether anything changed
         self.version = _LoRABase.newest_version = next(_versions)
 
+    def _b(self, name: str) -> Tensor:
+        """B as the forward uses it: DoRA's g folded into its rows."""
+        b = self.lora_b[self._keys[name]]
+        return b * self.dora_g[name][:, None] if name in self.dora_g else b
+
     def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() / .half(): rebuild the views on the new tensors
         out = super()._apply(fn, *args, **kwargs)
+        self.dora_g = {n: fn(g) for n, g in self.dora_g.items()}
         self._refresh()
         return out
 
@@ -118,8 +143,8 @@ class _LoRABase(nn.Module):
         return torch.device("cpu")
 
     def _delta(self, name: str) -> Tensor:
-        a, b = self.pair(name)
-        return (b.detach() @ a.detach()) * (self.user_scale[name] * self.alpha_scale[name])
+        a = self.pair(name)[0]
+        return (self._b(name).detach() @ a.detach()) * (self.user_scale[name] * self.alpha_scale[name])
 
 
 class LoRALinear(_LoRABase):
@@ -140,6 +165,9 @@ class LoRALinear(_LoRABase):
         """y (the base's output for x) plus the active adapters' deltas."""
         if not self._active:
             return y
+        if self.row_scale is not None:  # DoRA: the base's rows scaled by 1 + sum u (g - 1), its bias not
+            bias = getattr(self.base, "bias", None)
+            y = y + ((y - bias.to(y.dtype)) if bias is not None else y) * self.row_scale.to(y.dtype)
         if not torch.is_grad_enabled() and y.dtype == x.dtype == torch.float32:
             # inference: two ops per adapter (decode is bound by per-op overhead): h = x A^T, y += s h B^T
             x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
@@ -149,8 +177,9 @@ class LoRALinear(_LoRABase):
                 else:
                     y2 = torch.addmm(y2, F.linear(x2, a), b.t(), alpha=s)  # [M, r] -> [M, out]
             return y2.view(y.shape)
+        names = {k: n for n, k in self._keys.items()}
         for key, s, p in self._active:
-            a, b = self.lora_a[key], self.lora_b[key]
+            a, b = self.lora_a[key], self._b(names[key])
             h = F.dropout(x, p) if p and self.training else x
             y = y + (((h.to(a.dtype) @ a.T) @ b.T) * s).to(y.dtype)  # [B, T, r] -> [B, T, out]
         return y
@@ -158,6 +187,8 @@ class LoRALinear(_LoRABase):
     def merged_weight(self) -> Tensor:
         """base weight + the active adapters' deltas, float32 [out, in]."""
         w = _base_weight(self.base).clone()
+        if self.row_scale is not None:
+            w *= 1 + self.row_scale[:, None].to(w.device)
         for name in self._keys:
             if self.user_scale[name] * self.alpha_scale[name] != 0.0:
                 w += self._delta(name).to(w.device)
@@ -267,7 +298,8 @@ class AdapterHost:
                 if is_norm(t):
                     self._add_norm_delta(name, t, (pair.b.float() @ pair.a.float()).reshape(-1) * adapter.scale(t))
                 else:
-                    self._wrap(t).add(name, pair.a, pair.b, adapter.scale(t), user_scale=scale)
+                    self._wrap(t).add(name, pair.a, pair.b, adapter.scale(t), user_scale=scale,
+                                      magnitude=pair.magnitude)
                 done.append(t)
             for t, w in adapter.norms.items():
                 base = self._norm_base(t)
@@ -403,7 +435,8 @@ class AdapterHost:
             if t in self.__dict__["_lora_norms"]:
                 continue
             a, b = self._wrap(t).pair(name)
-            tensors[t] = LoraPair(a.detach().float().cpu().clone(), b.detach().float().cpu().clone())
+            m = src.tensors[t].magnitude if src is not None and t in src.tensors else None
+            tensors[t] = LoraPair(a.detach().float().cpu().clone(), b.detach().float().cpu().clone(), m)
         for t, pair in (src.tensors.items() if src is not None else ()):
             if t not in tensors:  # norm LoRA pairs live as deltas; keep the originals
                 tensors[t] = pair

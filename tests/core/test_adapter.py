@@ -257,13 +257,20 @@ def test_peft_q_rows_are_permuted_like_llama_cpp(base, tmp_path):
 
 
 @pytest.mark.parametrize("cfg,state_extra,msg", [
-    ({"use_dora": True}, {}, "DoRA adapters (use_dora: true) are not supported"),
-    ({"modules_to_save": ["embed_tokens"]}, {}, "modules_to_save ['embed_tokens'] is not supported"),
+    ({"use_dora": True}, {}, "use_dora is true but some modules have no lora_magnitude_vector"),
+    ({"trainable_token_indices": {"embed_tokens": [3]}}, {}, "trainable_token_indices"),
     ({"bias": "all"}, {}, "adapters that train biases"),
     ({"peft_type": "IA3"}, {}, "peft_type 'IA3' is not supported"),
     ({}, {"base_model.model.model.embed_tokens.base_layer.weight": torch.zeros(49160, 64)},
      "embeddings resized for new tokens are not supported"),
-    ({}, {"base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.zeros(64)}, "DoRA"),
+    ({}, {"base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(32)},
+     "DoRA magnitude has shape [32], the base weight has 64 rows"),
+    ({}, {"base_model.model.model.layers.0.self_attn.k_proj.lora_magnitude_vector": torch.ones(32)},
+     "has a DoRA magnitude but no lora_A / lora_B"),
+    ({}, {"base_model.model.model.embed_tokens.weight": torch.zeros(49160, 32)},
+     "full weight 'token_embd.weight' has shape [49160, 32], the base [49152, 64]"),
+    ({}, {"base_model.model.lm_head.weight": torch.zeros(49160, 64)},
+     "grows the vocabulary from 49152 to 49160 tokens but its folder has no tokenizer.json"),
     ({"rank_pattern": {"q_proj": 8}}, {}, "config says rank 8 but lora_A has 4 rows"),
 ])
 def test_peft_refusals(base, tmp_path, cfg, state_extra, msg):
