@@ -249,6 +249,7 @@ class AdapterHost:
         if reg is None:
             reg = self.__dict__["_lora_registry"] = {}
             self.__dict__["_lora_norms"] = {}  # norm weight name -> (base weight, {adapter: delta})
+            self.__dict__["_lora_full"] = {}  # full weight name -> (original module, {adapter: weight})
         return reg
 
     @property
@@ -305,6 +306,12 @@ class AdapterHost:
                 base = self._norm_base(t)
                 self._add_norm_delta(name, t, w.float().reshape(-1).to(base.device) - base.float())
                 done.append(t)
+            full = self.__dict__["_lora_full"]
+            for t, w in getattr(adapter, "weights", {}).items():
+                if t not in full:
+                    full[t] = (self._full_module(t), {})
+                full[t][1][name] = w.detach().float()
+                done.append(t)
         except BaseException:
             self._detach(name, done)
             raise
@@ -326,7 +333,7 @@ class AdapterHost:
                 continue
             info.scale = s
             for t in info.targets:
-                if t not in self.__dict__["_lora_norms"]:
+                if t not in self.__dict__["_lora_norms"] and t not in self.__dict__["_lora_full"]:
                     self._wrap(t).set_scale(name, s)
         self._apply_norms()
 
@@ -338,10 +345,12 @@ class AdapterHost:
         self._apply_norms()
 
     def _detach(self, name: str, targets: list[str]) -> None:
-        norms = self.__dict__["_lora_norms"]
+        norms, full = self.__dict__["_lora_norms"], self.__dict__["_lora_full"]
         for t in targets:
             if t in norms:
                 norms[t][1].pop(name, None)
+            elif t in full:
+                full[t][1].pop(name, None)
             else:
                 mod = self.lora_targets().get(t)  # type: ignore[attr-defined]
                 if isinstance(mod, _LoRABase) and name in mod.names:
@@ -370,7 +379,56 @@ class AdapterHost:
             if len(_NORM_WARNED) == 1:
                 warnings.warn("adapter carries norm weights: toolkit applies them, llama.cpp skips them", stacklevel=3)
 
+    # -- full weights (PEFT modules_to_save: token_embd / output, maybe with a grown vocabulary)
+    def _full_module(self, t: str) -> nn.Module:
+        """The module that computes with weight `t` (inside any LoRA wrapper)."""
+        mod = self.lora_targets().get(t)  # type: ignore[attr-defined]
+        if mod is None:
+            raise ToolkitError(f"this model has no weight '{t}' to replace")
+        return mod.base if isinstance(mod, _LoRABase) else mod
+
+    def _set_full_module(self, t: str, new: nn.Module) -> None:
+        mod = self.lora_targets()[t]  # type: ignore[attr-defined]
+        if isinstance(mod, _LoRABase):
+            mod.base = new
+            return
+        parent_path, _, attr = t[: -len(".weight")].rpartition(".")
+        setattr(self.get_submodule(parent_path) if parent_path else self, attr, new)  # type: ignore[attr-defined]
+
+    def _apply_full(self) -> None:
+        """Each replaced weight as the active adapters set it: base + sum_i s_i (W_i - base) over the base's rows,
+        rows past them (a grown vocabulary) from the adapter; no active adapter: the original module again."""
+        reg = self._registry()
+        applied = self.__dict__.setdefault("_lora_full_applied", {})  # t -> the active set it was built for
+        changed = False
+        for t, (orig, weights) in self.__dict__["_lora_full"].items():
+            active = [(reg[n].scale, w) for n, w in weights.items() if n in reg and reg[n].scale != 0.0]
+            key = tuple((n, reg[n].scale) for n in weights if n in reg and reg[n].scale != 0.0)
+            if applied.get(t) == key:
+                continue  # set_adapters stays cheap: a vocabulary-sized weight is rebuilt only when it changes
+            applied[t], changed = key, True
+            if not active:
+                self._set_full_module(t, orig)
+                continue
+            base = _base_weight(orig)
+            if len(active) == 1 and active[0][0] == 1.0:
+                w = active[0][1].to(base.device).clone()  # the saved weight exactly
+            else:
+                w = torch.cat([base, active[0][1][base.shape[0]:].to(base.device)])
+                for s, new in active:
+                    w[: base.shape[0]] += s * (new[: base.shape[0]].to(base.device) - base)
+            if isinstance(orig, nn.Embedding) or hasattr(orig, "num_embeddings"):
+                new_mod: nn.Module = nn.Embedding(w.shape[0], w.shape[1], device="meta")
+            else:
+                new_mod = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+            dtype = getattr(self, "compute_dtype", torch.float32)  # what the model feeds the output projection
+            new_mod.weight = nn.Parameter(w.to(dtype), requires_grad=False)
+            self._set_full_module(t, new_mod)
+        if changed:
+            _LoRABase.newest_version = next(_versions)  # module swaps: compiled steps and group plans rebuild
+
     def _apply_norms(self) -> None:
+        self._apply_full()
         reg = self._registry()
         for t, (base, deltas) in self.__dict__["_lora_norms"].items():
             active = [(reg[n].scale, d) for n, d in deltas.items() if n in reg and reg[n].scale != 0.0]
@@ -432,7 +490,7 @@ class AdapterHost:
         src = info.source
         tensors: dict[str, LoraPair] = {}
         for t in info.targets:
-            if t in self.__dict__["_lora_norms"]:
+            if t in self.__dict__["_lora_norms"] or t in self.__dict__["_lora_full"]:
                 continue
             a, b = self._wrap(t).pair(name)
             m = src.tensors[t].magnitude if src is not None and t in src.tensors else None
@@ -445,7 +503,9 @@ class AdapterHost:
         base_name = (src.base_model if src is not None else "") or (str(g.get("general.name", "")) if g else "")
         extra = dict(src.extra) if src is not None else {}
         norms = dict(src.norms) if src is not None else {}
-        return Adapter(tensors, info.alpha, arch, base_name, norms, extra, info.path)
+        weights = dict(src.weights) if src is not None else {}
+        added = list(src.added_tokens) if src is not None else []
+        return Adapter(tensors, info.alpha, arch, base_name, norms, extra, info.path, weights, added)
 
 
 def _default_name(path: str | Path, taken: dict[str, Any]) -> str:
