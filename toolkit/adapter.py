@@ -569,7 +569,7 @@ def read_peft(path: str | Path, base: BaseInfo | None = None) -> Adapter:
             m = N.permute_rows(m.reshape(-1, 1), heads).reshape(-1) if m is not None else None
         tensors[name] = LoraPair(a.contiguous(), b.contiguous(), None if m is None else m.contiguous())
     if any(pair.magnitude is None for pair in tensors.values()) and cfg.get("use_dora"):
-        raise ToolkitError("use_dora is true but some modules have no lora_magnitude_vector", p)
+        raise ToolkitError("DoRA config (use_dora: true) but some modules have no lora_magnitude_vector", p)
     alpha_g, folded = _fold_scales(tensors, scales)
     if norms:
         _warn_norms(p)

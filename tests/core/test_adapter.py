@@ -257,7 +257,7 @@ def test_peft_q_rows_are_permuted_like_llama_cpp(base, tmp_path):
 
 
 @pytest.mark.parametrize("cfg,state_extra,msg", [
-    ({"use_dora": True}, {}, "use_dora is true but some modules have no lora_magnitude_vector"),
+    ({"use_dora": True}, {}, "DoRA config (use_dora: true) but some modules have no lora_magnitude_vector"),
     ({"trainable_token_indices": {"embed_tokens": [3]}}, {}, "trainable_token_indices"),
     ({"bias": "all"}, {}, "adapters that train biases"),
     ({"peft_type": "IA3"}, {}, "peft_type 'IA3' is not supported"),

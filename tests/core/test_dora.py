@@ -4,7 +4,6 @@ against PEFT's own merge_and_unload, and refused with one line by the GGUF adapt
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import numpy as np
 import oracle_hf
