@@ -475,9 +475,6 @@ def _peft_refusals(cfg: dict[str, Any], p: str) -> None:
         raise ToolkitError("fan_in_fan_out: true (Conv1D models) is not supported", p)
     if cfg.get("bias", "none") not in (None, "none") or cfg.get("lora_bias"):
         raise ToolkitError("adapters that train biases (bias / lora_bias) are not supported", p)
-    if cfg.get("trainable_token_indices"):
-        raise ToolkitError("trainable_token_indices (new token embeddings) is not supported: save the embeddings "
-                           "whole with modules_to_save=['embed_tokens', 'lm_head']", p)
 
 
 def read_peft(path: str | Path, base: BaseInfo | None = None) -> Adapter:
@@ -509,6 +506,10 @@ def read_peft(path: str | Path, base: BaseInfo | None = None) -> Adapter:
     weights: dict[str, Tensor] = {}
     for key, t in state.items():
         k = key.removeprefix(PEFT_PREFIX).replace(".modules_to_save.default", "")
+        if k.endswith(".token_adapter.trainable_tokens_delta"):  # trainable_token_indices: rows of a weight
+            module = k[: -len(".token_adapter.trainable_tokens_delta")]
+            weights.update(_trainable_token_rows(module, t.float(), cfg, base, arch, p))
+            continue
         if k.endswith((".lora_magnitude_vector", ".lora_magnitude_vector.weight")):
             module = k[: k.index(".lora_magnitude_vector")]
             halves.setdefault(module, {})["m"] = t.float()
@@ -578,6 +579,51 @@ def read_peft(path: str | Path, base: BaseInfo | None = None) -> Adapter:
     added = _added_tokens(d, weights, base)
     return Adapter(tensors, alpha_g, arch, str(cfg.get("base_model_name_or_path") or ""), norms, extra, p,
                    weights, added)
+
+
+def _trainable_token_rows(module: str, rows: Tensor, cfg: dict[str, Any], base: BaseInfo, arch: str,
+                          p: str) -> dict[str, Tensor]:
+    """PEFT's trainable_token_indices: `rows` [n, dim] are the new values of rows `indices` of `module`'s weight
+    (PEFT's forward index_copies them in), made a full weight from the base's. Rows past the base's (new tokens)
+    must all be trained ones. A tied base's output follows its embedding, as PEFT ties the two adapters."""
+    spec = cfg.get("trainable_token_indices")
+    leaf = N.hf_leaf(module)
+    indices = spec if isinstance(spec, list) else (spec or {}).get(leaf, next(
+        (v for k, v in (spec or {}).items() if re.match(rf"(.*\.)?({k})$", module)), None))
+    name = (N.hf_module_to_gguf(arch, module) or "") + ".weight"
+    if indices is None or name not in (EMBD, "output.weight"):
+        raise ToolkitError(f"'{module}': trainable tokens without indices in trainable_token_indices, or on a "
+                           f"weight other than the embedding / lm_head", p)
+    idx = torch.tensor([int(i) for i in indices])
+    if rows.ndim != 2 or rows.shape[0] != len(idx):
+        raise ToolkitError(f"'{module}': {rows.shape[0]} trainable token rows for {len(idx)} indices", p)
+    src = name if name in base.shapes else EMBD  # a tied base's lm_head is the embedding
+    w = _base_values(base, src, p)
+    n = max(int(idx.max()) + 1, w.shape[0])
+    missing = sorted(set(range(w.shape[0], n)) - set(idx.tolist()))
+    if missing:
+        raise ToolkitError(f"'{module}': token {missing[0]} is past the base's {w.shape[0]} rows and not trained", p)
+    w = torch.cat([w, torch.zeros(n - w.shape[0], w.shape[1])]).index_copy(0, idx, rows)
+    return {EMBD: w, "output.weight": w} if name == EMBD and base.tied else {name: w}
+
+
+def _base_values(base: BaseInfo, name: str, p: str) -> Tensor:
+    """The base's float32 values of GGUF tensor `name` (from its GGUF, or its HF folder's safetensors)."""
+    path = Path(base.path) if base.path else None
+    if path is not None and path.is_file():
+        from .quants import dequantize
+
+        ti = open_gguf(path).tensors[name]
+        return dequantize(ti.raw(), ti.qtype, ti.shape).reshape(ti.shape).float()
+    if path is not None and path.is_dir():
+        from safetensors import safe_open
+
+        hf = N.gguf_to_hf(base.arch, name)
+        for st in sorted(path.glob("*.safetensors")):
+            with safe_open(str(st), framework="pt") as f:
+                if hf in f.keys():
+                    return f.get_tensor(hf).float()
+    raise ToolkitError(f"trainable tokens need the base's values of '{name}' (give the base model file)", p)
 
 
 def _added_tokens(d: Path, weights: dict[str, Tensor], base: BaseInfo) -> list[tuple[int, str, bool]]:

@@ -303,10 +303,11 @@ def _rel(a, b) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def _peft_full_weights(base: Path, out: Path, grow: bool) -> tuple[torch.Tensor, list[int]]:
-    """PEFT adapter with modules_to_save=[embed_tokens, lm_head] (trained copies: the base's plus noise) and a
-    LoRA on q/v, made on transformers' load of the tied GGUF `base`; with `grow`, the vocabulary first gains
-    NEW_TOKENS (tokenizer.add_tokens + resize_token_embeddings, the tokenizer saved beside the adapter).
+def _peft_full_weights(base: Path, out: Path, grow: bool, rows: bool = False) -> tuple[torch.Tensor, list[int]]:
+    """PEFT adapter with modules_to_save=[embed_tokens, lm_head] (trained copies: the base's plus noise), or with
+    `rows` trainable_token_indices on embed_tokens (the new tokens and three old ones), and a LoRA on q/v, made
+    on transformers' load of the tied GGUF `base`; with `grow`, the vocabulary first gains NEW_TOKENS
+    (tokenizer.add_tokens + resize_token_embeddings, the tokenizer saved beside the adapter).
     Returns (PEFT's logits, the token ids used)."""
     import copy
 
@@ -325,12 +326,13 @@ def _peft_full_weights(base: Path, out: Path, grow: bool) -> tuple[torch.Tensor,
         tok.add_tokens(NEW_TOKENS[2:])
         hf.resize_token_embeddings(len(tok), mean_resizing=False)
         tokens += tok.convert_tokens_to_ids(NEW_TOKENS)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
-                     modules_to_save=["embed_tokens", "lm_head"])
+    full = {"trainable_token_indices": {"embed_tokens": [504, 28, 80, *tokens[len(MTS_TOKENS):]]}} if rows else \
+        {"modules_to_save": ["embed_tokens", "lm_head"]}
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, **full)
     pm = get_peft_model(hf, cfg).eval()
     g = torch.Generator().manual_seed(5)
     for n, p in pm.named_parameters():
-        if "modules_to_save" in n:
+        if "modules_to_save" in n or "trainable_tokens_delta" in n:
             p.data = p.data + torch.randn(p.shape, generator=g) * 0.3
         elif "lora_" in n:
             p.data = torch.randn(p.shape, generator=g) * 0.05
@@ -341,16 +343,17 @@ def _peft_full_weights(base: Path, out: Path, grow: bool) -> tuple[torch.Tensor,
         return pm(torch.tensor([tokens])).logits[0].float(), tokens
 
 
-@pytest.mark.parametrize("grow", [False, True], ids=["same-vocab", "grown-vocab"])
-def test_modules_to_save_merged_and_unmerged_match_peft(tmp_path, grow):
-    """PEFT's trained embed_tokens / lm_head copies (llama.cpp's converter refuses them) on a tied base: merged
-    into a GGUF (token_embd replaced, output.weight added, vocabulary arrays grown) that llama.cpp runs, and
-    unmerged in toolkit's model. Tolerances: 1e-4 for toolkit's float32 against PEFT's (seen ~1e-7), 5e-3 for
+@pytest.mark.parametrize("grow,rows", [(False, False), (True, False), (True, True)],
+                         ids=["same-vocab", "grown-vocab", "trainable-tokens"])
+def test_modules_to_save_merged_and_unmerged_match_peft(tmp_path, grow, rows):
+    """PEFT's trained embed_tokens / lm_head copies, or trainable token rows (llama.cpp's converter refuses
+    both) on a tied base: merged into a GGUF (token_embd replaced, output.weight added, vocabulary arrays grown)
+    that llama.cpp runs, and unmerged in toolkit's model. Tolerances: 1e-4 for toolkit's float32 against PEFT's (seen ~1e-7), 5e-3 for
     llama.cpp's float32 kernels against torch (the model tests' bound)."""
     from toolkit.model import load
 
     base = make_tiny_gguf(tmp_path / "base.gguf", tied=True, seed=4)
-    want, tokens = _peft_full_weights(base, tmp_path / "peft", grow)
+    want, tokens = _peft_full_weights(base, tmp_path / "peft", grow, rows)
     out = tmp_path / "merged.gguf"
     export_lora(base, out, [(str(tmp_path / "peft"), 1.0)], outtype="f32", progress=False)
     g, b = open_gguf(out), open_gguf(base)
@@ -359,12 +362,12 @@ def test_modules_to_save_merged_and_unmerged_match_peft(tmp_path, grow):
     assert n_vocab == b.tensors["token_embd.weight"].shape[0] + (len(NEW_TOKENS) if grow else 0)
     assert len(g.get("tokenizer.ggml.tokens")) == len(g.get("tokenizer.ggml.token_type")) == n_vocab
     llama = llama_logits(out, tokens)
-    print(f"grow={grow}: llama.cpp merged vs PEFT {_rel(llama, want):.2e}")
+    print(f"grow={grow} rows={rows}: llama.cpp merged vs PEFT {_rel(llama, want):.2e}")
     assert llama.shape == tuple(want.shape) and _rel(llama, want) < 5e-3, _rel(llama, want)
     model, tok = load(base, device="cpu", weights="float", adapters=[(str(tmp_path / "peft"), 1.0)])
     with torch.no_grad():
         ours = model(torch.tensor([tokens]))[0]
-    print(f"grow={grow}: toolkit unmerged vs PEFT {_rel(ours, want):.2e}")
+    print(f"grow={grow} rows={rows}: toolkit unmerged vs PEFT {_rel(ours, want):.2e}")
     assert _rel(ours, want) < 1e-4, _rel(ours, want)
     if grow:  # the new tokens' text: llama.cpp (from the merged GGUF) and toolkit (grown at load) read them alike
         text = "hi <tool_call> there<|scratch|> planetoid"

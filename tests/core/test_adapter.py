@@ -258,7 +258,12 @@ def test_peft_q_rows_are_permuted_like_llama_cpp(base, tmp_path):
 
 @pytest.mark.parametrize("cfg,state_extra,msg", [
     ({"use_dora": True}, {}, "DoRA config (use_dora: true) but some modules have no lora_magnitude_vector"),
-    ({"trainable_token_indices": {"embed_tokens": [3]}}, {}, "trainable_token_indices"),
+    ({"trainable_token_indices": {"embed_tokens": [3]}},
+     {"base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta": torch.zeros(2, 64)},
+     "2 trainable token rows for 1 indices"),
+    ({"trainable_token_indices": [49153]},
+     {"base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta": torch.zeros(1, 64)},
+     "token 49152 is past the base's 49152 rows and not trained"),
     ({"bias": "all"}, {}, "adapters that train biases"),
     ({"peft_type": "IA3"}, {}, "peft_type 'IA3' is not supported"),
     ({}, {"base_model.model.model.embed_tokens.base_layer.weight": torch.zeros(49160, 64)},
