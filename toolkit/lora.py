@@ -86,7 +86,8 @@ class _LoRABase(nn.Module):
             w = _base_weight(self.base)
             d = b.detach().to(w.device, torch.float32) @ a.detach().to(w.device, torch.float32)
             # PEFT: ||W + s B A|| over each output row's inputs, float32, detached
-            self.dora_g[name] = magnitude.detach().to(w.device, torch.float32) / torch.linalg.norm(w + scale * d, dim=1)
+            norm = torch.linalg.norm(w + scale * d, dim=1)
+            self.dora_g[name] = magnitude.detach().to(w.device, torch.float32) / norm
         key = f"a{len(self._keys)}_{abs(hash(name)) % 10**8}"
         dev = self._device()
         pa = nn.Parameter(a.detach().to(dev, torch.float32).contiguous(), requires_grad=trainable)
@@ -177,9 +178,9 @@ class LoRALinear(_LoRABase):
                 else:
                     y2 = torch.addmm(y2, F.linear(x2, a), b.t(), alpha=s)  # [M, r] -> [M, out]
             return y2.view(y.shape)
-        names = {k: n for n, k in self._keys.items()}
+        names = {k: n for n, k in self._keys.items()} if self.dora_g else {}
         for key, s, p in self._active:
-            a, b = self.lora_a[key], self._b(names[key])
+            a, b = self.lora_a[key], (self._b(names[key]) if key in names else self.lora_b[key])
             h = F.dropout(x, p) if p and self.training else x
             y = y + (((h.to(a.dtype) @ a.T) @ b.T) * s).to(y.dtype)  # [B, T, r] -> [B, T, out]
         return y
