@@ -374,6 +374,13 @@ def test_modules_to_save_merged_and_unmerged_match_peft(tmp_path, grow, rows):
         ids = llama_tokenize(out, text, add_bos=False)
         assert tok.encode(text, add_bos=False) == ids and set(tokens[-3:]) <= set(ids)
         assert g.get("tokenizer.ggml.token_type")[-3:] == [3, 3, 4]  # CONTROL, CONTROL, USER_DEFINED
+        from toolkit.errors import ToolkitError
+        from toolkit.infer.server_backend import ModelBackend
+
+        backend = ModelBackend(model, tok, 256, "tiny")  # serve: one tokenizer for all requests' adapter sets
+        with pytest.raises(ToolkitError, match="grows the vocabulary"):
+            backend.load_adapter(str(tmp_path / "peft"), "grown")
+        assert "grown" not in model.adapters
     base_model, _ = load(base, device="cpu", weights="float")
     model.set_adapters({})  # off: the original modules are back, so the base's logits bit for bit
     with torch.no_grad():
