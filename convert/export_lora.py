@@ -67,10 +67,6 @@ def tensor_names(g: GGUFFile, adapters: Sequence[tuple[Adapter, float]]) -> list
     names = list(g.tensors)
     if OUTPUT in g.tensors or not any(EMBD in ad.weights or OUTPUT in ad.weights for ad, _ in adapters):
         return names
-    grown = merged_shape(g, EMBD, adapters)[0] > g.tensors[EMBD].shape[0]
-    if grown and not any(OUTPUT in ad.weights for ad, _ in adapters):
-        raise ToolkitError("the adapter grows the tied embedding but holds no lm_head for the new tokens (save "
-                           "modules_to_save=['embed_tokens', 'lm_head'])", adapters[0][0].path)
     return names[: names.index(EMBD) + 1] + [OUTPUT] + names[names.index(EMBD) + 1:]
 
 

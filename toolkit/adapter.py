@@ -633,6 +633,11 @@ def _added_tokens(d: Path, weights: dict[str, Tensor], base: BaseInfo) -> list[t
     n_new = max((w.shape[0] for n, w in weights.items() if n in (EMBD, "output.weight")), default=n_base)
     if n_new <= n_base:
         return []
+    rows = {n: weights[n].shape[0] if n in weights else n_base for n in (EMBD, "output.weight")}
+    if len(set(rows.values())) > 1:  # the resized base's other matrix has rows the adapter does not hold
+        raise ToolkitError(f"the adapter grows the vocabulary but holds {rows[EMBD]} embedding rows and "
+                           f"{rows['output.weight']} lm_head rows (save both: modules_to_save=['embed_tokens', "
+                           f"'lm_head'])", str(d))
     found: dict[int, tuple[str, bool]] = {}
     tj, aj = d / "tokenizer.json", d / "added_tokens.json"
     try:

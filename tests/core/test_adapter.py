@@ -275,6 +275,9 @@ def test_peft_q_rows_are_permuted_like_llama_cpp(base, tmp_path):
     ({}, {"base_model.model.model.embed_tokens.weight": torch.zeros(49160, 32)},
      "full weight 'token_embd.weight' has shape [49160, 32], the base [49152, 64]"),
     ({}, {"base_model.model.lm_head.weight": torch.zeros(49160, 64)},
+     "grows the vocabulary but holds 49152 embedding rows and 49160 lm_head rows"),
+    ({}, {"base_model.model.lm_head.weight": torch.zeros(49160, 64),
+          "base_model.model.model.embed_tokens.weight": torch.zeros(49160, 64)},
      "grows the vocabulary from 49152 to 49160 tokens but its folder has no tokenizer.json"),
     ({"rank_pattern": {"q_proj": 8}}, {}, "config says rank 8 but lora_A has 4 rows"),
 ])
