@@ -6,55 +6,51 @@ tensor's own type so a Q4_K_M base stays Q4_K_M-sized (llama.cpp writes F16); an
 tensors to it. Untouched tensors are copied byte for byte; metadata (tokenizer, chat template) carries over and
 general.file_type says what the file holds. Streams tensor by tensor: memory is one tensor plus the adapters.
 
-Unlike llama.cpp, adapters need not touch the same tensors; they may be GGUF adapters, PEFT folders or GGLA.
-`--outtype hf -o DIR` writes the merged model as a transformers folder (see convert/model.py).
+Unlike llama.cpp, adapters need not touch the same tensors; they may be GGUF adapters, PEFT folders or GGLA,
+and PEFT's DoRA adapters and modules_to_save weights (which llama.cpp's converter refuses) merge too: full
+weights replace the base's, a tied base gains an output.weight, and a vocabulary grown for new tokens takes
+their names from the PEFT folder's tokenizer files (toolkit/merge.py says how each part applies).
+`--outtype hf -o DIR` writes the merged model as a transformers folder (toolkit/hf_dir.py).
 """
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
-import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
-from gguf import LlamaFileType as FT
+from gguf import GGUFValueType as V
+from gguf.gguf_writer import GGUFValue
 
-from toolkit.adapter import Adapter, read_adapter
+from toolkit.adapter import EMBD, Adapter
 from toolkit.config import arg, parse_config, parse_lora_flags
 from toolkit.errors import ToolkitError
-from toolkit.gguf_io import GGUFFile, TensorInfo, TensorSpec, as_qtype, copy_metadata, open_gguf, write_gguf
+from toolkit.gguf_io import GGUFFile, TensorSpec, as_qtype, copy_metadata, open_gguf, write_gguf
+from toolkit.merge import (
+    base_tensor_name,
+    dequantize_tensor,
+    encode,
+    file_type,
+    load_adapters,
+    merged_shape,
+    merged_weight,
+    touched,
+)
 
 from .quantize import ALIASES, FTYPES, fallback, parse_ftype
 
-# the file type llama.cpp's loader would guess from a file's most common weight type
-FILE_TYPE_OF: dict[Q, FT] = {
-    Q.F32: FT.ALL_F32, Q.F16: FT.MOSTLY_F16, Q.BF16: FT.MOSTLY_BF16, Q.Q4_0: FT.MOSTLY_Q4_0,
-    Q.Q4_1: FT.MOSTLY_Q4_1, Q.Q5_0: FT.MOSTLY_Q5_0, Q.Q5_1: FT.MOSTLY_Q5_1, Q.Q8_0: FT.MOSTLY_Q8_0,
-    Q.Q2_K: FT.MOSTLY_Q2_K, Q.Q3_K: FT.MOSTLY_Q3_K_M, Q.Q4_K: FT.MOSTLY_Q4_K_M, Q.Q5_K: FT.MOSTLY_Q5_K_M,
-    Q.Q6_K: FT.MOSTLY_Q6_K, Q.IQ4_NL: FT.MOSTLY_IQ4_NL, Q.IQ4_XS: FT.MOSTLY_IQ4_XS,
-}
+OUTPUT = "output.weight"
 
 
-def check_conflicts(adapters: Sequence[tuple[Adapter, float]]) -> None:
-    """Adapters whose tensor sets cannot be combined: two full replacements of one norm that disagree."""
-    seen: dict[str, tuple[str, torch.Tensor]] = {}
-    for ad, _ in adapters:
-        for name, w in ad.norms.items():
-            if name in seen and not torch.equal(seen[name][1], w):
-                raise ToolkitError(f"adapters {seen[name][0]} and {ad.path} both replace '{name}' with different "
-                                   f"values: merge them one at a time", ad.path)
-            seen[name] = (ad.path, w)
-
-
-def out_type(g: GGUFFile, name: str, outtype: str) -> Q:
-    """The type a merged tensor is written in: its own (`keep`), or the forced one (with llama.cpp's fallback
-    for rows that do not split into the type's blocks). 1-D tensors (norms) stay as they are."""
-    ti = g.tensors[name]
+def out_type(g: GGUFFile, name: str, outtype: str, shape: tuple[int, ...] | None = None) -> Q:
+    """The type a merged tensor is written in: its own (`keep`; a tied base's new output: token_embd's), or the
+    forced one (with llama.cpp's fallback for rows that do not split into the type's blocks). 1-D tensors (norms)
+    stay as they are."""
+    ti = g.tensors[base_tensor_name(g, name)]
     if outtype == "keep" or len(ti.shape) < 2:
         return ti.qtype
-    return fallback(ti.shape[-1], forced_type(outtype))
+    return fallback((shape or ti.shape)[-1], forced_type(outtype))
 
 
 def forced_type(outtype: str) -> Q:
@@ -65,54 +61,38 @@ def forced_type(outtype: str) -> Q:
     return as_qtype(outtype)
 
 
-def dequantize_tensor(ti: TensorInfo) -> torch.Tensor:
-    """float32 values of a GGUF tensor (torch shape), identical to ggml's to_float."""
-    from toolkit.quants import dequantize
-
-    return dequantize(ti.raw(), ti.qtype, ti.shape or (1,)).reshape(ti.shape)
-
-
-def merged_weight(g: GGUFFile, name: str, adapters: Sequence[tuple[Adapter, float]]) -> torch.Tensor:
-    """float32 weight (torch shape) of base tensor `name` with every adapter's scaled delta added."""
-    ti = g.tensors[name]
-    w = dequantize_tensor(ti).clone()  # the mmap view is copy-on-write; own it anyway
-    for ad, user_scale in adapters:
-        if name in ad.norms:
-            w = ad.norms[name].float().reshape(ti.shape).clone()
-        if name in ad.tensors:
-            w += ad.delta(name).reshape(ti.shape) * user_scale
-    return w
+def tensor_names(g: GGUFFile, adapters: Sequence[tuple[Adapter, float]]) -> list[str]:
+    """The merged file's tensors: the base's, plus output.weight where full weights (modules_to_save) untie a
+    tied base (PEFT's lm_head then is the trained copy, or the original embedding when only that was saved)."""
+    names = list(g.tensors)
+    if OUTPUT in g.tensors or not any(EMBD in ad.weights or OUTPUT in ad.weights for ad, _ in adapters):
+        return names
+    return names[: names.index(EMBD) + 1] + [OUTPUT] + names[names.index(EMBD) + 1:]
 
 
-def encode(w: torch.Tensor, qtype: Q) -> torch.Tensor | np.ndarray:
-    """float32 weight -> data write_gguf stores as `qtype` (floats for F32/F16, raw blocks otherwise)."""
-    from toolkit.quants import quantize
-
-    if qtype == Q.F32:
-        return w
-    if qtype == Q.F16:
-        return w.numpy().astype(np.float16)
-    return quantize(w.reshape(-1, w.shape[-1]), qtype)
-
-
-def file_type(types: dict[str, Q], g: GGUFFile) -> int:
-    """general.file_type that tells the truth: the base's when no weight changed type, else the most common
-    weight type's (what llama.cpp's loader guesses)."""
-    weights = {n: q for n, q in types.items() if len(g.tensors[n].shape) >= 2}
-    if all(g.tensors[n].qtype == q for n, q in weights.items()) and g.get("general.file_type") is not None:
-        return int(g.get("general.file_type"))
-    common, _ = Counter(weights.values()).most_common(1)[0]
-    return int(FILE_TYPE_OF.get(common, FT.GUESSED))
-
-
-def load_adapters(g: GGUFFile, loras: Sequence[tuple[str, float]]) -> list[tuple[Adapter, float]]:
-    if not loras:
-        raise ToolkitError("no adapters: give --lora FNAME or --lora-scaled FNAME SCALE")
-    if g.get("general.type") == "adapter":
-        raise ToolkitError("-m must be a base model, this is a LoRA adapter", g.path)
-    adapters = [(read_adapter(path, base=g), scale) for path, scale in loras]  # arch + shapes checked here
-    check_conflicts(adapters)
-    return adapters
+def grown_vocab(g: GGUFFile, meta: dict[str, Any], adapters: Sequence[tuple[Adapter, float]]) -> None:
+    """Extend tokenizer.ggml.tokens / scores / token_type with the adapters' added tokens (the grown vocabulary):
+    special tokens CONTROL, others USER_DEFINED, unnamed ids UNUSED padding, as llama.cpp's converter does."""
+    n_vocab = merged_shape(g, EMBD, adapters)[0]
+    tokens = list(g.get("tokenizer.ggml.tokens") or [])
+    if n_vocab <= len(tokens):
+        return
+    added = {i: (text, special) for ad, _ in adapters for i, text, special in ad.added_tokens}
+    missing = [i for i in range(len(tokens), n_vocab) if i not in added]
+    if missing:
+        raise ToolkitError(f"the merged vocabulary has {n_vocab} tokens, the base {len(tokens)}, and no name for "
+                           f"token {missing[0]}", adapters[0][0].path)
+    new = [added[i] for i in range(len(tokens), n_vocab)]
+    meta["tokenizer.ggml.tokens"] = GGUFValue(tokens + [t for t, _ in new], V.ARRAY, V.STRING)
+    kinds = [5 if t.startswith("[PAD") and not sp else 3 if sp else 4 for t, sp in new]  # UNUSED, CONTROL, USER
+    if g.get("tokenizer.ggml.token_type") is not None:
+        meta["tokenizer.ggml.token_type"] = GGUFValue(list(g.get("tokenizer.ggml.token_type")) + kinds, V.ARRAY,
+                                                      V.INT32)
+    if g.get("tokenizer.ggml.scores") is not None:
+        meta["tokenizer.ggml.scores"] = GGUFValue(list(g.get("tokenizer.ggml.scores")) + [-1000.0] * len(new),
+                                                  V.ARRAY, V.FLOAT32)
+    if g.arch_get("vocab_size") is not None:
+        meta[f"{g.arch}.vocab_size"] = GGUFValue(n_vocab, V.UINT32)
 
 
 def export_lora(base: str | Path, out: str | Path, loras: Sequence[tuple[str, float]], outtype: str = "keep",
@@ -127,19 +107,44 @@ def export_lora(base: str | Path, out: str | Path, loras: Sequence[tuple[str, fl
     if Path(out).resolve() == Path(base).resolve():
         raise ToolkitError("output would overwrite the base model", str(out))
     adapters = load_adapters(g, loras)
-    touched = {n for ad, _ in adapters for n in (*ad.tensors, *ad.norms)}
-    types = {n: (out_type(g, n, outtype) if n in touched else ti.qtype) for n, ti in g.tensors.items()}
+    changed = touched(adapters)
+    names = tensor_names(g, adapters)
+    shapes = {n: merged_shape(g, n, adapters) if n in changed else g.tensors[base_tensor_name(g, n)].shape
+              for n in names}
+    types = {n: (out_type(g, n, outtype, shapes[n]) if n in changed else g.tensors[base_tensor_name(g, n)].qtype)
+             for n in names}
     meta = copy_metadata(g)
     meta["general.file_type"] = file_type(types, g)
+    grown_vocab(g, meta, adapters)
 
     def data(name: str):
-        if name not in touched:
-            return g.tensors[name].raw()  # byte for byte
+        if name not in changed:
+            return g.tensors[base_tensor_name(g, name)].raw()  # byte for byte
         return encode(merged_weight(g, name, adapters), types[name])
 
-    specs = [TensorSpec(n, types[n], ti.shape, lambda n=n: data(n)) for n, ti in g.tensors.items()]
+    specs = [TensorSpec(n, types[n], shapes[n], lambda n=n: data(n)) for n in names]
     write_gguf(out, meta, specs, progress=progress)
     return types
+
+
+def export_lora_hf(base: str | Path, out: str | Path, loras: Sequence[tuple[str, float]],
+                   threads: int | None = None, progress: bool = True, dtype: str = "F32") -> None:
+    """`toolkit export-lora --outtype hf`: the merged model as a transformers folder."""
+    from toolkit.hf_dir import write_hf_dir
+
+    if threads:
+        torch.set_num_threads(threads)
+    g = open_gguf(base)
+    adapters = load_adapters(g, loras)
+    if any(ad.weights for ad, _ in adapters):
+        raise ToolkitError("--outtype hf with full weights (modules_to_save) is not supported: merge to GGUF",
+                           adapters[0][0].path)
+    changed = touched(adapters)
+
+    def weight(name: str) -> torch.Tensor:
+        return merged_weight(g, name, adapters) if name in changed else dequantize_tensor(g.tensors[name])
+
+    write_hf_dir(g, out, weight, dtype=dtype, progress=progress)
 
 
 @dataclass
@@ -162,8 +167,6 @@ def main(argv: list[str] | None = None) -> int:
                        description="merge LoRA adapters into a GGUF base model")
     loras = parse_lora_flags(cfg.lora, cfg.lora_scaled)
     if cfg.outtype.lower() == "hf":
-        from .model import export_lora_hf
-
         export_lora_hf(cfg.model, cfg.output, loras, threads=cfg.threads, progress=cfg.progress)
         print(f"wrote {cfg.output}")
         return 0

@@ -52,6 +52,10 @@ class ModelBackend:
     # -- adapters (loaded at scale 0: a request's set turns them on)
     def load_adapter(self, path: str, name: str) -> None:
         self.model.load_adapter(path, name=name, scale=0.0)
+        if self.model.adapters[name].source.added_tokens:  # one shared tokenizer cannot follow per-request sets
+            self.model.unload_adapter(name)
+            raise ToolkitError("the adapter grows the vocabulary (new tokens): serve its merged model instead "
+                               "(toolkit export-lora)", path)
 
     def unload_adapter(self, name: str) -> None:
         self.model.unload_adapter(name)

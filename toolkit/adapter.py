@@ -12,6 +12,13 @@ Canonical form (what every reader produces and every writer consumes):
     full replacement weight in `norms` (mergekit-extract-lora's saved norms). llama.cpp ignores both.
   * one `alpha` for the file: scale(name) = alpha / rank(name), alpha 0 meaning 1.0 (llama.cpp's rule).
     Per-module alphas and rsLoRA are folded into B when a PEFT adapter is read, so the GGUF form is exact.
+  * DoRA (PEFT use_dora): the pair also holds `magnitude` [out] (PEFT's lora_magnitude_vector, rows in GGUF
+    order like B's). The adapted weight is m / ||W + s B A||_row * (W + s B A), the norm over each output row's
+    inputs (PEFT's get_weight_norm, a constant: no gradient), so its delta needs the base weight W:
+    `delta(name, W)`. llama.cpp's adapter format has no place for m: only merged (export-lora) or unmerged here.
+  * `weights`: full replacement weights (PEFT modules_to_save: token_embd / output, or any 2-D weight), in the
+    GGUF tensor's torch shape and row order; token_embd / output may have more rows than the base (a vocabulary
+    grown for new tokens, listed in `added_tokens` as (id, text, special)).
 """
 from __future__ import annotations
 
@@ -22,7 +29,7 @@ import struct
 import warnings
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +63,7 @@ def is_norm(name: str) -> bool:
 class LoraPair:
     a: Tensor  # [r, in]   (token_embd: [r, n_vocab])
     b: Tensor  # [out, r]  (token_embd: [n_embd, r])
+    magnitude: Tensor | None = None  # DoRA: [out], PEFT's lora_magnitude_vector (None: plain LoRA)
 
     @property
     def rank(self) -> int:
@@ -71,6 +79,8 @@ class Adapter:
     norms: dict[str, Tensor] = field(default_factory=dict)  # full norm weights that replace the base's
     extra: dict[str, Any] = field(default_factory=dict)  # 'metadata' (other GGUF keys), 'peft_config'
     path: str = ""
+    weights: dict[str, Tensor] = field(default_factory=dict)  # full 2-D weights that replace the base's
+    added_tokens: list[tuple[int, str, bool]] = field(default_factory=list)  # (id, text, special) past the base
 
     def rank(self, name: str) -> int:
         return self.tensors[name].rank
@@ -79,15 +89,35 @@ class Adapter:
         """alpha / rank (alpha 0: 1.0), before the user's scale."""
         return self.alpha / self.rank(name) if self.alpha else 1.0
 
-    def delta(self, name: str) -> Tensor:
-        """scale * B @ A as a float32 tensor shaped like the base weight (torch order)."""
+    def delta(self, name: str, base: Tensor | None = None) -> Tensor:
+        """What the adapter adds to base weight `name`, float32 shaped like it (torch order): scale * B @ A,
+        or for a DoRA pair (which needs the base weight `base`) m / ||W + s B A||_row * (W + s B A) - W."""
         p = self.tensors[name]
         d = (p.b.float() @ p.a.float()) * self.scale(name)
-        return d.T.contiguous() if is_embedding(name) else d
+        if p.magnitude is None:
+            return d.T.contiguous() if is_embedding(name) else d
+        if base is None:
+            raise ToolkitError(f"'{name}' is a DoRA tensor: its delta needs the base weight", self.path)
+        w = base.float().reshape(d.shape)
+        return dora_factor(w, d, p.magnitude)[:, None] * (w + d) - w
+
+    @property
+    def is_dora(self) -> bool:
+        return any(p.magnitude is not None for p in self.tensors.values())
+
+    @property
+    def replaced(self) -> dict[str, Tensor]:
+        """Every full replacement weight: norms and modules_to_save weights."""
+        return {**self.norms, **self.weights}
 
     @property
     def targets(self) -> list[str]:
-        return list(self.tensors) + list(self.norms)
+        return list(self.tensors) + list(self.norms) + list(self.weights)
+
+
+def dora_factor(w: Tensor, d: Tensor, magnitude: Tensor) -> Tensor:
+    """m / ||W + d|| per output row ([out]), float32: PEFT's DoRA factor, d = s * B @ A in W's layout."""
+    return magnitude.float() / torch.linalg.norm(w.float() + d.float(), dim=1)
 
 
 # --- the base model an adapter is checked against --------------------------------------------------------
@@ -178,6 +208,16 @@ def check_against_base(adapter: Adapter, base: BaseInfo, path: str, tied_output_
             raise ToolkitError(f"tensor '{name}' has incorrect shape: lora_a {list(pair.a.shape)}, lora_b "
                                f"{list(pair.b.shape)} for a base weight of {list(shape)} (hint: maybe wrong base "
                                f"model?)", path)
+        if pair.magnitude is not None and tuple(pair.magnitude.shape) != (out,):
+            raise ToolkitError(f"tensor '{name}': DoRA magnitude has shape {list(pair.magnitude.shape)}, the base "
+                               f"weight has {out} rows", path)
+    for name, w in adapter.weights.items():
+        want = base.shapes.get(name, base.shapes.get(EMBD) if name == "output.weight" and base.tied else None)
+        if want is None:
+            raise ToolkitError(_missing_msg(name, base), path)
+        vocab = name in (EMBD, "output.weight")
+        if w.ndim != 2 or w.shape[1] != want[1] or (w.shape[0] != want[0] and not (vocab and w.shape[0] > want[0])):
+            raise ToolkitError(f"full weight '{name}' has shape {list(w.shape)}, the base {list(want)}", path)
     for name, w in adapter.norms.items():
         if name not in base.shapes:
             raise ToolkitError(_missing_msg(name, base), path)
@@ -431,18 +471,10 @@ def _peft_pattern_value(patterns: Mapping[str, Any], module: str, default: Any) 
 def _peft_refusals(cfg: dict[str, Any], p: str) -> None:
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ToolkitError(f"peft_type '{cfg.get('peft_type')}' is not supported (only LORA)", p)
-    if cfg.get("use_dora"):
-        raise ToolkitError("DoRA adapters (use_dora: true) are not supported: llama.cpp has no magnitude vector", p)
     if cfg.get("fan_in_fan_out"):
         raise ToolkitError("fan_in_fan_out: true (Conv1D models) is not supported", p)
     if cfg.get("bias", "none") not in (None, "none") or cfg.get("lora_bias"):
         raise ToolkitError("adapters that train biases (bias / lora_bias) are not supported", p)
-    if cfg.get("trainable_token_indices"):
-        raise ToolkitError("trainable_token_indices (new token embeddings) is not supported", p)
-    for m in cfg.get("modules_to_save") or []:
-        if "norm" not in m:
-            raise ToolkitError(f"modules_to_save ['{m}'] is not supported: full trained weights are not a LoRA "
-                               f"(llama.cpp cannot load them)", p)
 
 
 def read_peft(path: str | Path, base: BaseInfo | None = None) -> Adapter:
@@ -471,10 +503,17 @@ def read_peft(path: str | Path, base: BaseInfo | None = None) -> Adapter:
     gguf_meta = _gguf_metadata_from_st(st)
     halves: dict[str, dict[str, Tensor]] = {}
     norms: dict[str, Tensor] = {}
+    weights: dict[str, Tensor] = {}
     for key, t in state.items():
-        k = key.removeprefix(PEFT_PREFIX)
-        if "lora_magnitude_vector" in k:
-            raise ToolkitError("DoRA adapters (lora_magnitude_vector) are not supported", p)
+        k = key.removeprefix(PEFT_PREFIX).replace(".modules_to_save.default", "")
+        if k.endswith(".token_adapter.trainable_tokens_delta"):  # trainable_token_indices: rows of a weight
+            module = k[: -len(".token_adapter.trainable_tokens_delta")]
+            weights.update(_trainable_token_rows(module, t.float(), cfg, base, arch, p))
+            continue
+        if k.endswith((".lora_magnitude_vector", ".lora_magnitude_vector.weight")):
+            module = k[: k.index(".lora_magnitude_vector")]
+            halves.setdefault(module, {})["m"] = t.float()
+            continue
         suffix = next((s for s in _PEFT_SUFFIXES if k.endswith(s)), None)
         if suffix is None:
             module = k.rsplit(".", 1)[0]
@@ -487,12 +526,13 @@ def read_peft(path: str | Path, base: BaseInfo | None = None) -> Adapter:
                     continue
                 raise ToolkitError(f"'{key}' has shape {list(t.shape)}, the base {list(want or [])}: embeddings "
                                    f"resized for new tokens are not supported", p)
-            if k.endswith((".embed_tokens.weight", "lm_head.weight")):
-                raise ToolkitError(f"'{key}' is a full trained embedding (modules_to_save / new tokens): "
-                                   f"not supported", p)
             gg = N.hf_to_gguf(arch, k)
             if gg is not None and is_norm(gg) and t.ndim == 1:
                 norms[gg] = t.float()
+                continue
+            if gg is not None and t.ndim == 2:  # modules_to_save: the trained weight whole
+                heads = N.qk_heads(gg, base.n_head, base.n_head_kv) if arch in N.PERMUTES_QK else None
+                weights[gg] = N.permute_rows(t.float(), heads) if heads else t.float()
                 continue
             raise ToolkitError(f"unexpected tensor '{key}': neither lora_A nor lora_B ({module})", p)
         module = k[: -len(suffix)]
@@ -503,13 +543,17 @@ def read_peft(path: str | Path, base: BaseInfo | None = None) -> Adapter:
     tensors: dict[str, LoraPair] = {}
     scales: dict[str, float] = {}
     for module, ab in halves.items():
-        if len(ab) != 2:
+        if ("A" in ab) != ("B" in ab):
             raise ToolkitError(f"'{module}' has lora_{'B' if 'A' in ab else 'A'} missing", p)
         gg_mod = N.hf_module_to_gguf(arch, module)
         if gg_mod is None:
             raise ToolkitError(f"'{module}' has no GGUF counterpart in a {arch} model", p)
         name = gg_mod + ".weight"
-        a, b = ab["A"], ab["B"]
+        if "A" not in ab and "B" not in ab:
+            raise ToolkitError(f"'{module}' has a DoRA magnitude but no lora_A / lora_B", p)
+        a, b, m = ab["A"], ab["B"], ab.get("m")
+        if m is not None and is_embedding(name):
+            raise ToolkitError(f"'{module}': DoRA on an embedding is not supported (only on linear layers)", p)
         if a.shape[0] != b.shape[1]:
             raise ToolkitError(f"'{module}': lora_A rank {a.shape[0]} != lora_B rank {b.shape[1]}", p)
         r = int(_peft_pattern_value(rank_pattern, module, r_default))
@@ -522,13 +566,95 @@ def read_peft(path: str | Path, base: BaseInfo | None = None) -> Adapter:
                                f"(embeddings resized for new tokens are not supported)", p)
         heads = N.qk_heads(name, base.n_head, base.n_head_kv) if arch in N.PERMUTES_QK else None
         if heads:
-            b = N.permute_rows(b, heads)  # llama.cpp's converter permutes q/k rows; B's rows follow
-        tensors[name] = LoraPair(a.contiguous(), b.contiguous())
+            b = N.permute_rows(b, heads)  # llama.cpp's converter permutes q/k rows; B's rows (and m's) follow
+            m = N.permute_rows(m.reshape(-1, 1), heads).reshape(-1) if m is not None else None
+        tensors[name] = LoraPair(a.contiguous(), b.contiguous(), None if m is None else m.contiguous())
+    if any(pair.magnitude is None for pair in tensors.values()) and cfg.get("use_dora"):
+        raise ToolkitError("DoRA config (use_dora: true) but some modules have no lora_magnitude_vector", p)
     alpha_g, folded = _fold_scales(tensors, scales)
     if norms:
         _warn_norms(p)
     extra = {"metadata": gguf_meta, "peft_config": cfg, "folded": folded}
-    return Adapter(tensors, alpha_g, arch, str(cfg.get("base_model_name_or_path") or ""), norms, extra, p)
+    check_against_base(Adapter({}, 0.0, arch, weights=weights), base, p, tied_output_ok=True)  # before naming tokens
+    added = _added_tokens(d, weights, base)
+    return Adapter(tensors, alpha_g, arch, str(cfg.get("base_model_name_or_path") or ""), norms, extra, p,
+                   weights, added)
+
+
+def _trainable_token_rows(module: str, rows: Tensor, cfg: dict[str, Any], base: BaseInfo, arch: str,
+                          p: str) -> dict[str, Tensor]:
+    """PEFT's trainable_token_indices: `rows` [n, dim] are the new values of rows `indices` of `module`'s weight
+    (PEFT's forward index_copies them in), made a full weight from the base's. Rows past the base's (new tokens)
+    must all be trained ones. A tied base's output follows its embedding, as PEFT ties the two adapters."""
+    spec = cfg.get("trainable_token_indices")
+    leaf = N.hf_leaf(module)
+    indices = spec if isinstance(spec, list) else (spec or {}).get(leaf, next(
+        (v for k, v in (spec or {}).items() if re.match(rf"(.*\.)?({k})$", module)), None))
+    name = (N.hf_module_to_gguf(arch, module) or "") + ".weight"
+    if indices is None or name not in (EMBD, "output.weight"):
+        raise ToolkitError(f"'{module}': trainable tokens without indices in trainable_token_indices, or on a "
+                           f"weight other than the embedding / lm_head", p)
+    idx = torch.tensor([int(i) for i in indices])
+    if rows.ndim != 2 or rows.shape[0] != len(idx):
+        raise ToolkitError(f"'{module}': {rows.shape[0]} trainable token rows for {len(idx)} indices", p)
+    src = name if name in base.shapes else EMBD  # a tied base's lm_head is the embedding
+    w = _base_values(base, src, p)
+    n = max(int(idx.max()) + 1, w.shape[0])
+    missing = sorted(set(range(w.shape[0], n)) - set(idx.tolist()))
+    if missing:
+        raise ToolkitError(f"'{module}': token {missing[0]} is past the base's {w.shape[0]} rows and not trained", p)
+    w = torch.cat([w, torch.zeros(n - w.shape[0], w.shape[1])]).index_copy(0, idx, rows)
+    return {EMBD: w, "output.weight": w} if name == EMBD and base.tied else {name: w}
+
+
+def _base_values(base: BaseInfo, name: str, p: str) -> Tensor:
+    """The base's float32 values of GGUF tensor `name` (from its GGUF, or its HF folder's safetensors)."""
+    path = Path(base.path) if base.path else None
+    if path is not None and path.is_file():
+        from .quants import dequantize
+
+        ti = open_gguf(path).tensors[name]
+        return dequantize(ti.raw(), ti.qtype, ti.shape).reshape(ti.shape).float()
+    if path is not None and path.is_dir():
+        from safetensors import safe_open
+
+        hf = N.gguf_to_hf(base.arch, name)
+        for st in sorted(path.glob("*.safetensors")):
+            with safe_open(str(st), framework="pt") as f:
+                if hf in f.keys():
+                    return f.get_tensor(hf).float()
+    raise ToolkitError(f"trainable tokens need the base's values of '{name}' (give the base model file)", p)
+
+
+def _added_tokens(d: Path, weights: dict[str, Tensor], base: BaseInfo) -> list[tuple[int, str, bool]]:
+    """(id, text, special) of the tokens past the base's vocabulary when modules_to_save grew it, from the
+    adapter folder's tokenizer files (tokenizer.json's added_tokens, else added_tokens.json)."""
+    n_base = base.shapes.get(EMBD, (0,))[0]
+    n_new = max((w.shape[0] for n, w in weights.items() if n in (EMBD, "output.weight")), default=n_base)
+    if n_new <= n_base:
+        return []
+    rows = {n: weights[n].shape[0] if n in weights else n_base for n in (EMBD, "output.weight")}
+    if len(set(rows.values())) > 1:  # the resized base's other matrix has rows the adapter does not hold
+        raise ToolkitError(f"the adapter grows the vocabulary but holds {rows[EMBD]} embedding rows and "
+                           f"{rows['output.weight']} lm_head rows (save both: modules_to_save=['embed_tokens', "
+                           f"'lm_head'])", str(d))
+    found: dict[int, tuple[str, bool]] = {}
+    tj, aj = d / "tokenizer.json", d / "added_tokens.json"
+    try:
+        if tj.is_file():
+            for t in json.loads(tj.read_text()).get("added_tokens", []):
+                found[int(t["id"])] = (str(t["content"]), bool(t.get("special")))
+        elif aj.is_file():
+            found = {int(i): (str(text), False) for text, i in json.loads(aj.read_text()).items()}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise ToolkitError(f"cannot read the added tokens from {tj.name if tj.is_file() else aj.name}", str(d)) \
+            from None
+    if not tj.is_file() and not aj.is_file():
+        raise ToolkitError(f"the adapter grows the vocabulary from {n_base} to {n_new} tokens but its folder has no "
+                           f"tokenizer.json or added_tokens.json naming the new tokens (save the tokenizer with "
+                           f"the adapter)", str(d))
+    # ids without a name are padding, as llama.cpp's converter writes them
+    return [(i, *found.get(i, (f"[PAD{i}]", False))) for i in range(n_base, n_new)]
 
 
 def _fold_scales(tensors: dict[str, LoraPair], scales: dict[str, float]) -> tuple[float, bool]:
@@ -547,7 +673,7 @@ def _fold_scales(tensors: dict[str, LoraPair], scales: dict[str, float]) -> tupl
     for n, pair in tensors.items():
         if want[n] != alpha:
             ratio = want[n] / alpha  # scale wanted / scale llama.cpp will use (alpha / rank)
-            tensors[n] = LoraPair(pair.a, (pair.b.double() * ratio).float())
+            tensors[n] = replace(pair, b=(pair.b.double() * ratio).float())  # (DoRA: s B A, so m's norm, unchanged)
             folded = True
     return float(alpha), folded
 
@@ -573,6 +699,13 @@ def write_gguf_adapter(adapter: Adapter, path: str | Path, outtype: str = "f32",
     key = outtype.lower()
     if key not in OUTTYPES:
         raise ToolkitError(f"unknown --outtype '{outtype}' (use {', '.join(OUTTYPES)})")
+    if adapter.is_dora:
+        raise ToolkitError("llama.cpp cannot apply a DoRA adapter unmerged (its adapter format has no magnitude "
+                           "vectors): merge it into the base with `toolkit export-lora`", str(adapter.path or path))
+    if adapter.weights:
+        raise ToolkitError(f"llama.cpp adapters cannot carry full weights ({', '.join(adapter.weights)}, from "
+                           f"modules_to_save): merge them into the base with `toolkit export-lora`",
+                           str(adapter.path or path))
     info = BaseInfo.of(base)
     if info is not None:
         check_against_base(adapter, info, str(adapter.path or path))
@@ -656,12 +789,17 @@ def write_peft_adapter(adapter: Adapter, out_dir: str | Path,
         else:
             state[f"{PEFT_PREFIX}{module}.lora_A.weight"] = pair.a.float().contiguous()
             state[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.float().contiguous()
+        if pair.magnitude is not None:
+            m = pair.magnitude.float().reshape(-1, 1)
+            m = N.unpermute_rows(m, heads) if heads else m
+            state[f"{PEFT_PREFIX}{module}.lora_magnitude_vector"] = m.reshape(-1).contiguous()
     norm_modules = []
-    for name, w in adapter.norms.items():
+    for name, w in adapter.replaced.items():
         hf = N.gguf_to_hf(arch, name)
         if hf is None:
             raise ToolkitError(f"'{name}' has no Hugging Face counterpart in a {arch} model", p)
-        state[PEFT_PREFIX + hf] = w.float().contiguous()
+        heads = N.qk_heads(name, info.n_head, info.n_head_kv) if permute and info and w.ndim == 2 else None
+        state[PEFT_PREFIX + hf] = (N.unpermute_rows(w.float(), heads) if heads else w.float()).contiguous()
         norm_modules.append(N.hf_leaf(hf[: -len(".weight")]))
     cfg = _restored_config(adapter, modules) or _fresh_config(adapter, modules, info)
     cfg["base_model_name_or_path"] = cfg.get("base_model_name_or_path") or adapter.base_model or \
@@ -713,7 +851,7 @@ def _fresh_config(adapter: Adapter, modules: dict[str, str], info: BaseInfo | No
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r0, "lora_alpha": _num(a0),
         "rank_pattern": rank_pattern, "alpha_pattern": {k: _num(v) for k, v in alpha_pattern.items()},
-        "target_modules": _target_modules(modules, info), "use_rslora": False, "use_dora": False,
+        "target_modules": _target_modules(modules, info), "use_rslora": False, "use_dora": adapter.is_dora,
         "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "modules_to_save": None,
         "init_lora_weights": True, "inference_mode": True, "layers_to_transform": None, "layers_pattern": None,
     }

@@ -47,7 +47,7 @@ class _Plan:
     a_shape: tuple[int, int]  # (R, in)
     b_parts: list[tuple[int, int, int, int, int]]  # (member, first column of h, offset in lora, out_j, r)
     views: tuple[Tensor | None, list[Tensor]]  # A_stack and the s * B as views of lora, for eager steps
-    per_module_lora: bool  # trainable adapters: each LoRALinear adds its own
+    per_module_lora: bool  # trainable or DoRA adapters: each LoRALinear adds its own
     arena_span: tuple[int, int] | None = None  # lora's place in the model's arena (pack_plans), once packed
 
 
@@ -86,6 +86,8 @@ def _plan(mods: list[nn.Module]) -> _Plan:
                           for b, n in zip(bases, sizes)])
     trainable = any(p.requires_grad for l in loras if l is not None
                     for p in list(l.lora_a.values()) + list(l.lora_b.values()))
+    # DoRA scales the base's output rows too: its members add their own adapters (correct, not the fast path)
+    trainable = trainable or any(l is not None and l.row_scale is not None for l in loras)
     flat, a_shape, cols = None, (0, 0), []
     factors = [] if trainable else [(j, a.detach().float(), b.detach().float() * s)
                                     for j, lora in enumerate(loras) if lora is not None for a, b, s in lora._fast]

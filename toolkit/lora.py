@@ -6,6 +6,12 @@ Transformer) loads adapter files onto the model's GGUF-named modules and switche
 `set_adapters({name: scale})` only changes floats, so it takes milliseconds and never touches the base.
 
 Effective scale of adapter i on a tensor = user scale * alpha / rank (alpha 0: 1), as llama.cpp computes it.
+
+DoRA (PEFT use_dora): adapter i's adapted weight is g_i * (W + s_i B_i A_i) with g_i = m_i / ||W + s_i B_i A_i||_row,
+a constant per output row computed once when the adapter is attached (PEFT detaches the norm too). At user scale
+u_i the adapter adds u_i times its delta, so scale 0 is the base and 1 is PEFT's output:
+    y = base(x) + sum_i u_i ((g_i - 1) * (base(x) - bias) + s_i (g_i B_i) A_i x)
+i.e. the base's output rows scaled by 1 + sum_i u_i (g_i - 1), plus LoRA terms whose B carries g.
 """
 from __future__ import annotations
 
@@ -62,14 +68,26 @@ class _LoRABase(nn.Module):
         self.user_scale: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
         self._active: list[tuple[str, float, float]] = []  # (key, effective scale, dropout), scale != 0 only
-        self._fast: list[tuple[Tensor, Tensor, float]] = []  # (A, B, scale) of the active adapters
+        self._fast: list[tuple[Tensor, Tensor, float]] = []  # (A, B, scale) of the active adapters (DoRA: g * B)
+        self.dora_g: dict[str, Tensor] = {}  # DoRA adapters: g = m / ||W + s B A||_row, [out]
+        self.row_scale: Tensor | None = None  # sum over active DoRA adapters of u (g - 1), [out]; None: none
 
     def add(self, name: str, a: Tensor, b: Tensor, scale: float, user_scale: float = 1.0,
-            trainable: bool = False, dropout: float = 0.0) -> tuple[nn.Parameter, nn.Parameter]:
+            trainable: bool = False, dropout: float = 0.0,
+            magnitude: Tensor | None = None) -> tuple[nn.Parameter, nn.Parameter]:
         """Attach adapter `name`: a [r, in], b [out, r] (embedding: a [r, n_vocab], b [n_embd, r]);
-        scale = alpha / rank. Stored float32 on the base's device."""
+        scale = alpha / rank; magnitude [out]: a DoRA adapter (inference only). Stored float32 on the base's
+        device."""
         if name in self._keys:
             raise ToolkitError(f"adapter '{name}' is already attached here")
+        if magnitude is not None:
+            if not isinstance(self, LoRALinear) or trainable:
+                raise ToolkitError("DoRA adapters are supported on linear layers, for inference")
+            w = _base_weight(self.base)
+            d = b.detach().to(w.device, torch.float32) @ a.detach().to(w.device, torch.float32)
+            # PEFT: ||W + s B A|| over each output row's inputs, float32, detached
+            norm = torch.linalg.norm(w + scale * d, dim=1)
+            self.dora_g[name] = magnitude.detach().to(w.device, torch.float32) / norm
         key = f"a{len(self._keys)}_{abs(hash(name)) % 10**8}"
         dev = self._device()
         pa = nn.Parameter(a.detach().to(dev, torch.float32).contiguous(), requires_grad=trainable)
@@ -83,7 +101,7 @@ class _LoRABase(nn.Module):
     def remove(self, name: str) -> None:
         key = self._keys.pop(name)
         del self.lora_a[key], self.lora_b[key]
-        for d in (self.alpha_scale, self.user_scale, self.dropout):
+        for d in (self.alpha_scale, self.user_scale, self.dropout, self.dora_g):
             d.pop(name, None)
         self._refresh()
 
@@ -100,15 +118,23 @@ class _LoRABase(nn.Module):
         return list(self._keys)
 
     def _refresh(self) -> None:
-        self._active = [(self._keys[n], self.user_scale[n] * self.alpha_scale[n], self.dropout[n])
-                        for n in self._keys if self.user_scale[n] * self.alpha_scale[n] != 0.0]
+        on = [n for n in self._keys if self.user_scale[n] * self.alpha_scale[n] != 0.0]
+        self._active = [(self._keys[n], self.user_scale[n] * self.alpha_scale[n], self.dropout[n]) for n in on]
         # inference reads the parameters straight from this list: a decode step is bound by per-op overhead
-        self._fast = [(self.lora_a[k], self.lora_b[k], s) for k, s, _ in self._active]
+        self._fast = [(self.lora_a[k], self._b(n), s) for n, (k, s, _) in zip(on, self._active)]
+        dora = [n for n in on if n in self.dora_g]
+        self.row_scale = sum(self.user_scale[n] * (self.dora_g[n] - 1) for n in dora) if dora else None
         # tells cached stacks (linear_group) to rebuild; unique, so one number says whether anything changed
         self.version = _LoRABase.newest_version = next(_versions)
 
+    def _b(self, name: str) -> Tensor:
+        """B as the forward uses it: DoRA's g folded into its rows."""
+        b = self.lora_b[self._keys[name]]
+        return b * self.dora_g[name][:, None] if name in self.dora_g else b
+
     def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() / .half(): rebuild the views on the new tensors
         out = super()._apply(fn, *args, **kwargs)
+        self.dora_g = {n: fn(g) for n, g in self.dora_g.items()}
         self._refresh()
         return out
 
@@ -118,8 +144,8 @@ class _LoRABase(nn.Module):
         return torch.device("cpu")
 
     def _delta(self, name: str) -> Tensor:
-        a, b = self.pair(name)
-        return (b.detach() @ a.detach()) * (self.user_scale[name] * self.alpha_scale[name])
+        a = self.pair(name)[0]
+        return (self._b(name).detach() @ a.detach()) * (self.user_scale[name] * self.alpha_scale[name])
 
 
 class LoRALinear(_LoRABase):
@@ -140,6 +166,9 @@ class LoRALinear(_LoRABase):
         """y (the base's output for x) plus the active adapters' deltas."""
         if not self._active:
             return y
+        if self.row_scale is not None:  # DoRA: the base's rows scaled by 1 + sum u (g - 1), its bias not
+            bias = getattr(self.base, "bias", None)
+            y = y + ((y - bias.to(y.dtype)) if bias is not None else y) * self.row_scale.to(y.dtype)
         if not torch.is_grad_enabled() and y.dtype == x.dtype == torch.float32:
             # inference: two ops per adapter (decode is bound by per-op overhead): h = x A^T, y += s h B^T
             x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
@@ -149,8 +178,9 @@ class LoRALinear(_LoRABase):
                 else:
                     y2 = torch.addmm(y2, F.linear(x2, a), b.t(), alpha=s)  # [M, r] -> [M, out]
             return y2.view(y.shape)
+        names = {k: n for n, k in self._keys.items()} if self.dora_g else {}
         for key, s, p in self._active:
-            a, b = self.lora_a[key], self.lora_b[key]
+            a, b = self.lora_a[key], (self._b(names[key]) if key in names else self.lora_b[key])
             h = F.dropout(x, p) if p and self.training else x
             y = y + (((h.to(a.dtype) @ a.T) @ b.T) * s).to(y.dtype)  # [B, T, r] -> [B, T, out]
         return y
@@ -158,6 +188,8 @@ class LoRALinear(_LoRABase):
     def merged_weight(self) -> Tensor:
         """base weight + the active adapters' deltas, float32 [out, in]."""
         w = _base_weight(self.base).clone()
+        if self.row_scale is not None:
+            w *= 1 + self.row_scale[:, None].to(w.device)
         for name in self._keys:
             if self.user_scale[name] * self.alpha_scale[name] != 0.0:
                 w += self._delta(name).to(w.device)
@@ -218,6 +250,7 @@ class AdapterHost:
         if reg is None:
             reg = self.__dict__["_lora_registry"] = {}
             self.__dict__["_lora_norms"] = {}  # norm weight name -> (base weight, {adapter: delta})
+            self.__dict__["_lora_full"] = {}  # full weight name -> (original module, {adapter: weight})
         return reg
 
     @property
@@ -267,11 +300,18 @@ class AdapterHost:
                 if is_norm(t):
                     self._add_norm_delta(name, t, (pair.b.float() @ pair.a.float()).reshape(-1) * adapter.scale(t))
                 else:
-                    self._wrap(t).add(name, pair.a, pair.b, adapter.scale(t), user_scale=scale)
+                    self._wrap(t).add(name, pair.a, pair.b, adapter.scale(t), user_scale=scale,
+                                      magnitude=pair.magnitude)
                 done.append(t)
             for t, w in adapter.norms.items():
                 base = self._norm_base(t)
                 self._add_norm_delta(name, t, w.float().reshape(-1).to(base.device) - base.float())
+                done.append(t)
+            full = self.__dict__["_lora_full"]
+            for t, w in getattr(adapter, "weights", {}).items():
+                if t not in full:
+                    full[t] = (self._full_module(t), {})
+                full[t][1][name] = w.detach().float()
                 done.append(t)
         except BaseException:
             self._detach(name, done)
@@ -294,7 +334,7 @@ class AdapterHost:
                 continue
             info.scale = s
             for t in info.targets:
-                if t not in self.__dict__["_lora_norms"]:
+                if t not in self.__dict__["_lora_norms"] and t not in self.__dict__["_lora_full"]:
                     self._wrap(t).set_scale(name, s)
         self._apply_norms()
 
@@ -306,10 +346,12 @@ class AdapterHost:
         self._apply_norms()
 
     def _detach(self, name: str, targets: list[str]) -> None:
-        norms = self.__dict__["_lora_norms"]
+        norms, full = self.__dict__["_lora_norms"], self.__dict__["_lora_full"]
         for t in targets:
             if t in norms:
                 norms[t][1].pop(name, None)
+            elif t in full:
+                full[t][1].pop(name, None)
             else:
                 mod = self.lora_targets().get(t)  # type: ignore[attr-defined]
                 if isinstance(mod, _LoRABase) and name in mod.names:
@@ -338,7 +380,56 @@ class AdapterHost:
             if len(_NORM_WARNED) == 1:
                 warnings.warn("adapter carries norm weights: toolkit applies them, llama.cpp skips them", stacklevel=3)
 
+    # -- full weights (PEFT modules_to_save: token_embd / output, maybe with a grown vocabulary)
+    def _full_module(self, t: str) -> nn.Module:
+        """The module that computes with weight `t` (inside any LoRA wrapper)."""
+        mod = self.lora_targets().get(t)  # type: ignore[attr-defined]
+        if mod is None:
+            raise ToolkitError(f"this model has no weight '{t}' to replace")
+        return mod.base if isinstance(mod, _LoRABase) else mod
+
+    def _set_full_module(self, t: str, new: nn.Module) -> None:
+        mod = self.lora_targets()[t]  # type: ignore[attr-defined]
+        if isinstance(mod, _LoRABase):
+            mod.base = new
+            return
+        parent_path, _, attr = t[: -len(".weight")].rpartition(".")
+        setattr(self.get_submodule(parent_path) if parent_path else self, attr, new)  # type: ignore[attr-defined]
+
+    def _apply_full(self) -> None:
+        """Each replaced weight as the active adapters set it: base + sum_i s_i (W_i - base) over the base's rows,
+        rows past them (a grown vocabulary) from the adapter; no active adapter: the original module again."""
+        reg = self._registry()
+        applied = self.__dict__.setdefault("_lora_full_applied", {})  # t -> the active set it was built for
+        changed = False
+        for t, (orig, weights) in self.__dict__["_lora_full"].items():
+            active = [(reg[n].scale, w) for n, w in weights.items() if n in reg and reg[n].scale != 0.0]
+            key = tuple((n, reg[n].scale) for n in weights if n in reg and reg[n].scale != 0.0)
+            if applied.get(t) == key:
+                continue  # set_adapters stays cheap: a vocabulary-sized weight is rebuilt only when it changes
+            applied[t], changed = key, True
+            if not active:
+                self._set_full_module(t, orig)
+                continue
+            base = _base_weight(orig)
+            if len(active) == 1 and active[0][0] == 1.0:
+                w = active[0][1].to(base.device).clone()  # the saved weight exactly
+            else:
+                w = torch.cat([base, active[0][1][base.shape[0]:].to(base.device)])
+                for s, new in active:
+                    w[: base.shape[0]] += s * (new[: base.shape[0]].to(base.device) - base)
+            if isinstance(orig, nn.Embedding) or hasattr(orig, "num_embeddings"):
+                new_mod: nn.Module = nn.Embedding(w.shape[0], w.shape[1], device="meta")
+            else:
+                new_mod = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+            dtype = getattr(self, "compute_dtype", torch.float32)  # what the model feeds the output projection
+            new_mod.weight = nn.Parameter(w.to(dtype), requires_grad=False)
+            self._set_full_module(t, new_mod)
+        if changed:
+            _LoRABase.newest_version = next(_versions)  # module swaps: compiled steps and group plans rebuild
+
     def _apply_norms(self) -> None:
+        self._apply_full()
         reg = self._registry()
         for t, (base, deltas) in self.__dict__["_lora_norms"].items():
             active = [(reg[n].scale, d) for n, d in deltas.items() if n in reg and reg[n].scale != 0.0]
@@ -400,10 +491,11 @@ class AdapterHost:
         src = info.source
         tensors: dict[str, LoraPair] = {}
         for t in info.targets:
-            if t in self.__dict__["_lora_norms"]:
+            if t in self.__dict__["_lora_norms"] or t in self.__dict__["_lora_full"]:
                 continue
             a, b = self._wrap(t).pair(name)
-            tensors[t] = LoraPair(a.detach().float().cpu().clone(), b.detach().float().cpu().clone())
+            m = src.tensors[t].magnitude if src is not None and t in src.tensors else None
+            tensors[t] = LoraPair(a.detach().float().cpu().clone(), b.detach().float().cpu().clone(), m)
         for t, pair in (src.tensors.items() if src is not None else ()):
             if t not in tensors:  # norm LoRA pairs live as deltas; keep the originals
                 tensors[t] = pair
@@ -412,7 +504,9 @@ class AdapterHost:
         base_name = (src.base_model if src is not None else "") or (str(g.get("general.name", "")) if g else "")
         extra = dict(src.extra) if src is not None else {}
         norms = dict(src.norms) if src is not None else {}
-        return Adapter(tensors, info.alpha, arch, base_name, norms, extra, info.path)
+        weights = dict(src.weights) if src is not None else {}
+        added = list(src.added_tokens) if src is not None else []
+        return Adapter(tensors, info.alpha, arch, base_name, norms, extra, info.path, weights, added)
 
 
 def _default_name(path: str | Path, taken: dict[str, Any]) -> str:

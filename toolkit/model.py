@@ -671,7 +671,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "auto", dtype: st
     tok = Tokenizer.from_gguf(g)
     for item in adapters:
         file, scale = (item, 1.0) if isinstance(item, (str, Path)) else item
-        model.load_adapter(str(file), scale=float(scale))
+        name = model.load_adapter(str(file), scale=float(scale))
+        tok.add_tokens(model.adapters[name].source.added_tokens)  # modules_to_save grew the vocabulary
     if compile:
         model.compile_decode()
     return model, tok

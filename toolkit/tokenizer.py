@@ -172,6 +172,22 @@ class Tokenizer:
                                g.path) from None
         return cls(tok, meta, model, g.path)
 
+    def add_tokens(self, added: Sequence[tuple[int, str, bool]]) -> None:
+        """Grow the vocabulary by (id, text, special) past its end (an adapter's modules_to_save grew the
+        embeddings): CONTROL tokens when special, else USER_DEFINED, as export-lora writes them into the GGUF."""
+        for i, text, special in sorted(added):
+            if i < self.vocab_size:
+                continue  # already there (a second adapter with the same tokens)
+            if i != self.vocab_size:
+                raise ToolkitError(f"added token {i} ('{text}') leaves a gap after {self.vocab_size - 1}", self.path)
+            self.tok.add_tokens([AddedToken(text, special=special, normalized=False)])
+            if self.tok.token_to_id(text) != i:
+                raise ToolkitError(f"added token '{text}' is already in the vocabulary", self.path)
+            self.tokens = [*self.tokens, text]
+            self.token_types = [*self.token_types, CONTROL if special else USER_DEFINED]
+            self.vocab_size += 1
+        self._byte_tokens = None
+
     # -- encode / decode
     def encode(self, text: str, add_bos: bool | None = None, add_eos: bool = False, special: bool = True) -> list[int]:
         """Token ids as llama_tokenize(text, add_special=add_bos, parse_special=special) gives them."""

@@ -20,7 +20,7 @@ from toolkit.gguf_io import open_gguf
 
 pytest.importorskip("llama_cpp")
 from oracle_llama import llama_logits, llama_tokenize  # noqa: E402
-from tiny import random_lora  # noqa: E402
+from tiny import make_tiny_gguf, random_lora  # noqa: E402
 
 SMOL_A = ("attn_q", "attn_v", "attn_output", "ffn_down")  # enough to move the model; fewer tensors, faster tests
 LINEAR = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -290,3 +290,98 @@ def test_merge_streams_tensor_by_tensor(smollm2_path, tmp_path):
     grew = int(r.stdout.strip().splitlines()[-1])
     assert out.stat().st_size > 400e6
     assert grew < 250e6, grew
+
+
+# --- PEFT modules_to_save (full weights) and a vocabulary grown for new tokens --------------------------------
+
+MTS_TOKENS = [1, 504, 3458, 314, 253, 1345, 28, 30, 2107, 17, 9, 1300, 80, 442]
+NEW_TOKENS = ["<tool_call>", "<|scratch|>", "planetoid"]
+
+
+def _rel(a, b) -> float:
+    a, b = torch.as_tensor(np.asarray(a)).float(), torch.as_tensor(np.asarray(b)).float()
+    return float((a - b).norm() / b.norm())
+
+
+def _peft_full_weights(base: Path, out: Path, grow: bool, rows: bool = False) -> tuple[torch.Tensor, list[int]]:
+    """PEFT adapter with modules_to_save=[embed_tokens, lm_head] (trained copies: the base's plus noise), or with
+    `rows` trainable_token_indices on embed_tokens (the new tokens and three old ones), and a LoRA on q/v, made
+    on transformers' load of the tied GGUF `base`; with `grow`, the vocabulary first gains NEW_TOKENS
+    (tokenizer.add_tokens + resize_token_embeddings, the tokenizer saved beside the adapter).
+    Returns (PEFT's logits, the token ids used)."""
+    import copy
+
+    import oracle_hf
+    from peft import LoraConfig, get_peft_model
+    from transformers import PreTrainedTokenizerFast
+
+    from toolkit.hf_dir import save_hf_tokenizer
+
+    hf = copy.deepcopy(oracle_hf.hf_model(str(base)))
+    tokens = list(MTS_TOKENS)
+    if grow:
+        save_hf_tokenizer(open_gguf(base), out.parent / "tok")
+        tok = PreTrainedTokenizerFast.from_pretrained(str(out.parent / "tok"))
+        tok.add_tokens(NEW_TOKENS[:2], special_tokens=True)
+        tok.add_tokens(NEW_TOKENS[2:])
+        hf.resize_token_embeddings(len(tok), mean_resizing=False)
+        tokens += tok.convert_tokens_to_ids(NEW_TOKENS)
+    full = {"trainable_token_indices": {"embed_tokens": [504, 28, 80, *tokens[len(MTS_TOKENS):]]}} if rows else \
+        {"modules_to_save": ["embed_tokens", "lm_head"]}
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, **full)
+    pm = get_peft_model(hf, cfg).eval()
+    g = torch.Generator().manual_seed(5)
+    for n, p in pm.named_parameters():
+        if "modules_to_save" in n or "trainable_tokens_delta" in n:
+            p.data = p.data + torch.randn(p.shape, generator=g) * 0.3
+        elif "lora_" in n:
+            p.data = torch.randn(p.shape, generator=g) * 0.05
+    pm.save_pretrained(str(out))
+    if grow:
+        tok.save_pretrained(str(out))
+    with torch.no_grad():
+        return pm(torch.tensor([tokens])).logits[0].float(), tokens
+
+
+@pytest.mark.parametrize("grow,rows", [(False, False), (True, False), (True, True)],
+                         ids=["same-vocab", "grown-vocab", "trainable-tokens"])
+def test_modules_to_save_merged_and_unmerged_match_peft(tmp_path, grow, rows):
+    """PEFT's trained embed_tokens / lm_head copies, or trainable token rows (llama.cpp's converter refuses
+    both) on a tied base: merged into a GGUF (token_embd replaced, output.weight added, vocabulary arrays grown)
+    that llama.cpp runs, and unmerged in toolkit's model. Tolerances: 1e-4 for toolkit's float32 against PEFT's (seen ~1e-7), 5e-3 for
+    llama.cpp's float32 kernels against torch (the model tests' bound)."""
+    from toolkit.model import load
+
+    base = make_tiny_gguf(tmp_path / "base.gguf", tied=True, seed=4)
+    want, tokens = _peft_full_weights(base, tmp_path / "peft", grow, rows)
+    out = tmp_path / "merged.gguf"
+    export_lora(base, out, [(str(tmp_path / "peft"), 1.0)], outtype="f32", progress=False)
+    g, b = open_gguf(out), open_gguf(base)
+    assert "output.weight" in g.tensors and "output.weight" not in b.tensors
+    n_vocab = g.tensors["token_embd.weight"].shape[0]
+    assert n_vocab == b.tensors["token_embd.weight"].shape[0] + (len(NEW_TOKENS) if grow else 0)
+    assert len(g.get("tokenizer.ggml.tokens")) == len(g.get("tokenizer.ggml.token_type")) == n_vocab
+    llama = llama_logits(out, tokens)
+    print(f"grow={grow} rows={rows}: llama.cpp merged vs PEFT {_rel(llama, want):.2e}")
+    assert llama.shape == tuple(want.shape) and _rel(llama, want) < 5e-3, _rel(llama, want)
+    model, tok = load(base, device="cpu", weights="float", adapters=[(str(tmp_path / "peft"), 1.0)])
+    with torch.no_grad():
+        ours = model(torch.tensor([tokens]))[0]
+    print(f"grow={grow} rows={rows}: toolkit unmerged vs PEFT {_rel(ours, want):.2e}")
+    assert _rel(ours, want) < 1e-4, _rel(ours, want)
+    if grow:  # the new tokens' text: llama.cpp (from the merged GGUF) and toolkit (grown at load) read them alike
+        text = "hi <tool_call> there<|scratch|> planetoid"
+        ids = llama_tokenize(out, text, add_bos=False)
+        assert tok.encode(text, add_bos=False) == ids and set(tokens[-3:]) <= set(ids)
+        assert g.get("tokenizer.ggml.token_type")[-3:] == [3, 3, 4]  # CONTROL, CONTROL, USER_DEFINED
+        from toolkit.errors import ToolkitError
+        from toolkit.infer.server_backend import ModelBackend
+
+        backend = ModelBackend(model, tok, 256, "tiny")  # serve: one tokenizer for all requests' adapter sets
+        with pytest.raises(ToolkitError, match="grows the vocabulary"):
+            backend.load_adapter(str(tmp_path / "peft"), "grown")
+        assert "grown" not in model.adapters
+    base_model, _ = load(base, device="cpu", weights="float")
+    model.set_adapters({})  # off: the original modules are back, so the base's logits bit for bit
+    with torch.no_grad():
+        assert torch.equal(model(torch.tensor([MTS_TOKENS]))[0], base_model(torch.tensor([MTS_TOKENS]))[0])

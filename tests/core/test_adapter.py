@@ -257,13 +257,28 @@ def test_peft_q_rows_are_permuted_like_llama_cpp(base, tmp_path):
 
 
 @pytest.mark.parametrize("cfg,state_extra,msg", [
-    ({"use_dora": True}, {}, "DoRA adapters (use_dora: true) are not supported"),
-    ({"modules_to_save": ["embed_tokens"]}, {}, "modules_to_save ['embed_tokens'] is not supported"),
+    ({"use_dora": True}, {}, "DoRA config (use_dora: true) but some modules have no lora_magnitude_vector"),
+    ({"trainable_token_indices": {"embed_tokens": [3]}},
+     {"base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta": torch.zeros(2, 64)},
+     "2 trainable token rows for 1 indices"),
+    ({"trainable_token_indices": [49153]},
+     {"base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta": torch.zeros(1, 64)},
+     "token 49152 is past the base's 49152 rows and not trained"),
     ({"bias": "all"}, {}, "adapters that train biases"),
     ({"peft_type": "IA3"}, {}, "peft_type 'IA3' is not supported"),
     ({}, {"base_model.model.model.embed_tokens.base_layer.weight": torch.zeros(49160, 64)},
      "embeddings resized for new tokens are not supported"),
-    ({}, {"base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.zeros(64)}, "DoRA"),
+    ({}, {"base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(32)},
+     "DoRA magnitude has shape [32], the base weight has 64 rows"),
+    ({}, {"base_model.model.model.layers.0.self_attn.k_proj.lora_magnitude_vector": torch.ones(32)},
+     "has a DoRA magnitude but no lora_A / lora_B"),
+    ({}, {"base_model.model.model.embed_tokens.weight": torch.zeros(49160, 32)},
+     "full weight 'token_embd.weight' has shape [49160, 32], the base [49152, 64]"),
+    ({}, {"base_model.model.lm_head.weight": torch.zeros(49160, 64)},
+     "grows the vocabulary but holds 49152 embedding rows and 49160 lm_head rows"),
+    ({}, {"base_model.model.lm_head.weight": torch.zeros(49160, 64),
+          "base_model.model.model.embed_tokens.weight": torch.zeros(49160, 64)},
+     "grows the vocabulary from 49152 to 49160 tokens but its folder has no tokenizer.json"),
     ({"rank_pattern": {"q_proj": 8}}, {}, "config says rank 8 but lora_A has 4 rows"),
 ])
 def test_peft_refusals(base, tmp_path, cfg, state_extra, msg):
@@ -301,3 +316,34 @@ def test_alpha_pattern_and_rslora_fold_into_b(base, tmp_path):
     dq = ad.delta("blk.0.attn_q.weight")
     wq = N.permute_rows(st[pre + "self_attn.q_proj.lora_B.weight"], 4) @ st[pre + "self_attn.q_proj.lora_A.weight"]
     assert torch.allclose(dq, wq * (8 / math.sqrt(4)), rtol=1e-6, atol=1e-6)
+
+
+def test_modules_to_save_and_dora_round_trip_peft_and_refuse_gguf(base, tmp_path):
+    """Full weights (modules_to_save, both the stripped and the `.modules_to_save.default` key forms) and DoRA
+    magnitudes read into GGUF names and row order (q's magnitude permuted like B), come back from
+    write_peft_adapter bit for bit, and the GGUF adapter writer refuses each with one line naming export-lora."""
+    from safetensors.torch import load_file
+
+    g = torch.Generator().manual_seed(7)
+    pre = "base_model.model.model.layers.0.self_attn."
+    st = {**q_state(), pre + "q_proj.lora_magnitude_vector": torch.rand(64, generator=g) + 0.5,
+          "base_model.model.lm_head.modules_to_save.default.weight": torch.randn(49152, 64, generator=g),
+          "base_model.model.model.embed_tokens.weight": torch.randn(49152, 64, generator=g)}
+    d = write_peft(tmp_path / "p", {"use_dora": True, "modules_to_save": ["lm_head", "embed_tokens"]}, st)
+    ad = read_adapter(d, base=base)
+    assert set(ad.weights) == {"output.weight", "token_embd.weight"} and ad.is_dora and not ad.added_tokens
+    assert torch.equal(ad.weights["output.weight"], st["base_model.model.lm_head.modules_to_save.default.weight"])
+    m = ad.tensors["blk.0.attn_q.weight"].magnitude
+    assert torch.equal(m, N.permute_rows(st[pre + "q_proj.lora_magnitude_vector"].reshape(-1, 1), 4).reshape(-1))
+    write_peft_adapter(ad, tmp_path / "rt", base=base)
+    back = load_file(str(tmp_path / "rt" / "adapter_model.safetensors"))
+    cfg = json.loads((tmp_path / "rt" / "adapter_config.json").read_text())
+    assert cfg["use_dora"] and sorted(cfg["modules_to_save"]) == ["embed_tokens", "lm_head"]
+    assert torch.equal(back[pre + "q_proj.lora_magnitude_vector"], st[pre + "q_proj.lora_magnitude_vector"])
+    assert torch.equal(back["base_model.model.lm_head.weight"],
+                       st["base_model.model.lm_head.modules_to_save.default.weight"])
+    for adapter, must in ((ad, "DoRA"), (Adapter({}, 0.0, "llama", weights=ad.weights, path=str(d)), "full weights")):
+        with pytest.raises(ToolkitError) as e:
+            write_gguf_adapter(adapter, tmp_path / "x.gguf", base=base)
+        assert must in str(e.value) and "toolkit export-lora" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "x.gguf").exists()
