@@ -13,7 +13,9 @@ with n_total), scaled by the world size because DDP averages gradients: the upda
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
+import re
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Iterator
@@ -90,7 +92,9 @@ def start(device: torch.device, timeout_s: float) -> tuple[Dist, torch.device]:
     if device.type == "cuda":
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-        backend, kw = "nccl", {"device_id": device}
+        backend = "nccl"
+        if "device_id" in inspect.signature(dist.init_process_group).parameters:  # torch >= 2.3: eager NCCL init
+            kw["device_id"] = device
     else:
         backend, device = "gloo", torch.device(device.type)
     try:
@@ -110,8 +114,10 @@ def stop(d: Dist, clean: bool) -> None:
 
 
 def _first_line(e: BaseException) -> str:
+    """The gist of a torch.distributed error: its first sentence, without the C++ source location."""
     text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
+    line = re.sub(r"^\[[^\]]*\]\s*", "", text[0]) if text else type(e).__name__
+    return line.split(". ")[0][:300]
 
 
 def _is_comm_error(e: BaseException) -> bool:
@@ -149,7 +155,7 @@ def wrap(module: nn.Module, d: Dist, device: torch.device) -> nn.Module:
     frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
     frozen += [n for n, _ in module.named_buffers()]
     DDP._set_params_and_buffers_to_ignore_for_model(module, frozen)
-    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def no_sync(module: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
@@ -164,7 +170,8 @@ def launch(nproc: int, argv: list[str], module: str) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    args = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), "--module", module, *argv])
+    args = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), "--module", module])
+    args.training_script_args = list(argv)  # as given (parsing them here would take --nproc for torchrun's own)
     try:
         run(args)
     except ChildFailedError as e:

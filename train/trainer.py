@@ -6,6 +6,7 @@ Works the same in one process and in many (dist.py): every rank runs these funct
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import signal
@@ -205,31 +206,41 @@ def resume(run: Run, c: ck.Checkpoint) -> None:
     else:
         run.opt.load_state_dict(c.optimizer)
     run.state = c.state
-    r = run.dist.rank
-    if r == 0:
-        ck.set_rng_state(c.rng)
-    elif f"rank{r}.torch" in c.rng:  # saved by a run with at least r + 1 processes
-        torch.set_rng_state(c.rng[f"rank{r}.torch"].to(torch.uint8))
-        if f"rank{r}.cuda" in c.rng and run.device.type == "cuda":
-            torch.cuda.set_rng_state(c.rng[f"rank{r}.cuda"].to(torch.uint8), run.device)
-    else:
-        torch.manual_seed(_rank_seed(run.seed, r, c.state.iteration))
+    _restore_rng(run, c.rng, c.state.iteration)
 
 
 def _all_rng(run: Run) -> dict[str, torch.Tensor]:
-    """Rank 0's RNG state under the single process's names, the other ranks' as rank{r}.torch / rank{r}.cuda
-    (a collective: every rank calls it)."""
-    rng = ck.rng_state()
+    """The RNG states a checkpoint keeps (a collective with several processes: every rank calls it). One process:
+    checkpoint.rng_state()'s names. Several: rank 0's CPU state as "torch", the others' as "rank{r}.torch", and
+    each rank's own CUDA device as "rank{r}.cuda" (never every visible GPU, which would open a context on each)."""
     d = run.dist
-    if d.on:
-        for r, t in enumerate(d.gather(torch.get_rng_state())):
-            if r:
-                rng[f"rank{r}.torch"] = t
-        if run.device.type == "cuda":
-            for r, t in enumerate(d.gather(torch.cuda.get_rng_state(run.device))):
-                if r:
-                    rng[f"rank{r}.cuda"] = t
+    if not d.on:
+        return ck.rng_state()
+    rng = {"torch": torch.get_rng_state()}
+    for r, t in enumerate(d.gather(torch.get_rng_state())):
+        if r:
+            rng[f"rank{r}.torch"] = t
+    if run.device.type == "cuda":
+        for r, t in enumerate(d.gather(torch.cuda.get_rng_state(run.device))):
+            rng[f"rank{r}.cuda"] = t
     return rng
+
+
+def _restore_rng(run: Run, rng: dict[str, torch.Tensor], iteration: int) -> None:
+    """This rank's RNG from a checkpoint of any process count; a rank the checkpoint did not have (more processes
+    now) starts a stream of its own, a function of the seed, its rank and the iteration."""
+    r, cuda = run.dist.rank, run.device.type == "cuda"
+    if not run.dist.on and "rank0.cuda" not in rng:
+        ck.set_rng_state(rng)  # a single process's checkpoint
+        return
+    cpu = rng.get("torch" if r == 0 else f"rank{r}.torch")
+    if cpu is None:
+        torch.manual_seed(_rank_seed(run.seed, r, iteration))
+        return
+    torch.set_rng_state(cpu.to(torch.uint8))
+    dev = rng.get(f"rank{r}.cuda", rng.get(f"cuda{run.device.index}") if r == 0 else None)
+    if cuda and dev is not None:
+        torch.cuda.set_rng_state(dev.to(torch.uint8), run.device)
 
 
 # ------------------------------------------------------------------------------------------- train
@@ -344,7 +355,7 @@ def train(run: Run, on_iteration: Callable[[int, float], None] | None = None) ->
     last_save = state.iteration
     tokens_per_iter = cfg.batch * cfg.grad_acc * cfg.ctx
     run.progress = progress = Progress(n_iter, cfg.log_file or None, run.device, cfg.quiet, enabled=d.main)
-    with _StopFlag() as flag:
+    with _StopFlag() as flag, contextlib.closing(progress):  # (closed before any error line is printed)
         for _ in range(n_iter):
             t0 = time.perf_counter()
             it = state.iteration + 1
@@ -376,7 +387,6 @@ def train(run: Run, on_iteration: Callable[[int, float], None] | None = None) ->
                 res.interrupted = True
                 res.stop_reason = "interrupted"
                 break
-    progress.close()
     if state.iteration > last_save:
         save(run)
     res.iteration = state.iteration
