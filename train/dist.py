@@ -176,6 +176,9 @@ def launch(nproc: int, argv: list[str], module: str) -> int:
         run(args)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        raise ToolkitError(f"finetune process {rank} of {nproc} failed (exit code {failure.exitcode}; "
-                           "its message is above); the last checkpoint written is intact") from None
+        if failure.exitcode == 1:  # a ToolkitError: the process said why in its own line
+            return 1
+        how = f"signal {-failure.exitcode}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+        raise ToolkitError(f"finetune process {rank} of {nproc} ended with {how}; the last checkpoint written "
+                           "is intact") from None
     return 0
