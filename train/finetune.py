@@ -15,6 +15,7 @@ The steps are in trainer.py; the loss in loss.py; reporting in report.py; many p
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import Callable
@@ -46,8 +47,12 @@ def finetune(cfg: FinetuneConfig, on_iteration: Callable[[int, float], None] | N
             ok = True
             return result
     finally:
-        with dist.peers_guard(d):
-            dist.stop(d, clean=ok)
+        if ok:
+            with dist.peers_guard(d):
+                dist.stop(d, clean=True)  # waits for rank 0's last files
+        else:
+            with contextlib.suppress(Exception):  # the error on its way out is the one to tell
+                dist.stop(d, clean=False)
 
 
 def main(argv: list[str] | None = None) -> int:

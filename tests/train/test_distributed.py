@@ -19,7 +19,6 @@ from toolkit.gguf_io import open_gguf
 from toolkit.train.checkpoint import load_checkpoint
 from toolkit.train.finetune import FinetuneConfig, finetune
 
-ROOT = Path(__file__).resolve().parents[2]
 TEXT = "".join(f"<q>what is {a} times {b}?\n{a * b}\n" for a in range(2, 7) for b in range(2, 5))
 # 4 samples x 2 accumulated batches per iteration: each of 2 processes takes 2 rows of every batch
 OPTS = dict(sample_start="<q>", ctx=24, batch=4, grad_acc=2, adam_alpha=0.01, warmup=2, cos_decay_steps=10,
@@ -44,7 +43,7 @@ def _files(tmp: Path, tag: str, model: Path, **kw) -> dict:
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     return env
@@ -53,7 +52,9 @@ def _env() -> dict[str, str]:
 def _nproc(n: int, opts: dict, timeout: float = 300) -> subprocess.CompletedProcess:
     """`toolkit finetune --nproc n ...` in a subprocess (torch.distributed.run starts the processes)."""
     cmd = [sys.executable, "-m", "toolkit.cli", "finetune", "--nproc", str(n), *_flags(**opts)]
-    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    # (cwd: `python -m` puts it first on sys.path; the processes must import the toolkit under test)
+    p = subprocess.run(cmd, env=_env(), cwd=Path(opts["log_file"]).parent, capture_output=True, text=True,
+                       timeout=timeout)
     assert p.returncode == 0, p.stderr[-3000:]
     return p
 
@@ -130,7 +131,7 @@ def test_a_killed_process_ends_the_others_with_one_line(tmp_path, tiny_llama):
         env = dict(_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         procs.append(subprocess.Popen([sys.executable, "-m", "toolkit.train.finetune", *_flags(**opts)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+                                      cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
         log = tmp_path / "log-k.jsonl"
         deadline = time.monotonic() + 240
