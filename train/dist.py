@@ -109,7 +109,7 @@ def stop(d: Dist, clean: bool) -> None:
     """Leave the process group; after a lost peer only the local side is torn down (nothing waits on others)."""
     if d.on and dist.is_initialized():
         if clean:
-            dist.barrier()
+            d.barrier()
         dist.destroy_process_group()
 
 
