@@ -25,6 +25,7 @@ from typing import Callable
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from toolkit.config import parse_config  # noqa: E402
+from toolkit.errors import ToolkitError  # noqa: E402
 
 from . import dist  # noqa: E402
 from .config import FinetuneConfig, FinetuneResult  # noqa: E402,F401  (the command's types, importable here)
@@ -60,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(FinetuneConfig, argv, prog="toolkit finetune",
                        description="Train a LoRA adapter on a GGUF base model (llama.cpp finetune's options).")
     if cfg.nproc > 1 and "LOCAL_RANK" not in os.environ:  # not yet under torchrun: start the processes
+        if cfg.batch < cfg.nproc:
+            raise ToolkitError(f"--batch {cfg.batch} is smaller than --nproc {cfg.nproc} (each process trains on its "
+                               "share of every batch)")
         return dist.launch(cfg.nproc, argv, "toolkit.train.finetune")
     result = finetune(cfg)
     return 130 if result.interrupted else 0

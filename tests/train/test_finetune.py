@@ -103,6 +103,7 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, tiny_llama, capsys, mon
         (["--train-data", "data.txt", "-c", "512"], "larger than the model's training context 256"),
         (["--train-data", "data.txt", "--lora-r", "40"], "rank 40 is larger than tensor 'blk.0.attn_k.weight'"),
         ([], "no training data"),
+        (["--train-data", "data.txt", "-b", "1", "--nproc", "2"], "--batch 1 is smaller than --nproc 2"),
     ]
     for extra, msg in cases:
         rc = main(["finetune", "-m", m, *extra])
