@@ -88,7 +88,8 @@ def test_two_processes_train_as_one_resume_exactly_and_hand_over_to_one(tmp_path
 
     # stop + resume on the same number of processes: bit for bit (two ranks' all-reduce adds two numbers)
     ck2 = tmp_path / "ck-two-2.gguf"
-    assert load_checkpoint(ck2).state.iteration == 2
+    saved = load_checkpoint(ck2)
+    assert saved.state.iteration == 2 and "rank1.torch" in saved.rng  # each process's dropout stream
     _nproc(2, dict(**_files(tmp_path, "two-resumed", tiny_llama, checkpoint_in=str(ck2)), adam_iter=2,
                    **dict(OPTS, seed=999)))  # the checkpoint's shuffle state wins over a new seed
     assert _losses(tmp_path / "log-two-resumed.jsonl") == two[2:]
@@ -104,11 +105,16 @@ def test_two_processes_train_as_one_resume_exactly_and_hand_over_to_one(tmp_path
 
 def test_two_processes_lbfgs_update_equals_one(tmp_path, tiny_llama):
     """L-BFGS (several forward/backward passes an iteration, each all-reduced) moves the adapter linearly in the
-    gradient, so the two-process adapter must equal the single process's to float32 summation order."""
-    (tmp_path / "data.txt").write_text(TEXT)
-    opts = dict(OPTS, use_lbfgs=True, lbfgs_iter=3, adam_alpha=1.0)
-    one = finetune(FinetuneConfig(**_files(tmp_path, "one", tiny_llama), **opts))
-    _nproc(2, dict(**_files(tmp_path, "two", tiny_llama), **opts))
+    gradient, so the two-process adapter must equal the single process's to float32 summation order. Records
+    with masked prompts of different lengths give the two shares of a batch different numbers of counted tokens:
+    each share's loss must be weighted by the whole batch's count (a mean of the shares' means would differ)."""
+    rows = [{"prompt": "q " * (1 + i % 5) + f"{i}+{i}?", "completion": " " + str(2 * i) * (1 + i % 3)}
+            for i in range(10)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    opts = dict(OPTS, use_lbfgs=True, lbfgs_iter=3, adam_alpha=1.0, sample_start="")
+    data = str(tmp_path / "data.jsonl")
+    one = finetune(FinetuneConfig(**_files(tmp_path, "one", tiny_llama, train_data=data), **opts))
+    _nproc(2, dict(**_files(tmp_path, "two", tiny_llama, train_data=data), **opts))
     # seen: equal losses, adapters within 6e-7 of each tensor's scale; 1e-5 allowed
     assert np.allclose(_losses(tmp_path / "log-two.jsonl"), one.losses, rtol=1e-5, atol=0)
     assert _close(_lora(tmp_path / "lora-two-3.gguf"), _lora(tmp_path / "lora-one-3.gguf"), 1e-5)
