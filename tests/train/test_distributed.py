@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from toolkit.gguf_io import open_gguf
 from toolkit.train.checkpoint import load_checkpoint
