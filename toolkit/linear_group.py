@@ -76,8 +76,6 @@ def _stack_base(bases: list[nn.Module]) -> qkernels.PackedWeight | None:
 
 def _plan(mods: list[nn.Module]) -> _Plan:
     bases, loras = zip(*(_split(m) for m in mods))
-    if not all(isinstance(b, (nn.Linear, QuantLinear)) for b in bases):  # e.g. finetune's Identity head
-        return _Plan(_key(mods), [], list(bases), None, None, None, (0, 0), [], (None, []), True)  # each runs itself
     sizes = [int(b.out_features) for b in bases]
     stacked = _stack_base(list(bases))
     bias = None

@@ -1,9 +1,8 @@
 """A GGUF-native transformer (gpt-fast style): hyper-parameters from GGUF metadata, modules named as GGUF tensors.
 
 `model.get_submodule("blk.3.attn_q")` is the linear that the GGUF tensor `blk.3.attn_q.weight` fills, so GGUF
-LoRA adapters map without renaming. Quantized weights stay packed (toolkit.quants.QuantLinear
-with cache_weights on: a float copy is made on first use, for speed); F32/F16/BF16 weights are zero-copy views on the
-memory-mapped file where the dtype allows.
+LoRA adapters map without renaming. Quantized weights stay packed (toolkit.quants.QuantLinear; set_weight_mode
+picks how they compute); F32/F16/BF16 weights are zero-copy views on the memory-mapped file where the dtype allows.
 
 Semantics follow llama.cpp's graph for each architecture (llama-model.cpp), not transformers':
   * RoPE: llama uses ggml's "normal" mode (adjacent pairs: the converter permuted Q/K rows for it); qwen2,
@@ -489,6 +488,10 @@ class Transformer(AdapterHost, nn.Module):
     def _forward(self, tokens: Tensor, pos: Tensor, input_pos: Tensor | None, n_pos: int,
                  ropes: dict[bool, tuple[Tensor, Tensor]], last_only: bool) -> Tensor:
         """forward's body, free of host syncs and Python-side caches so that torch.compile can trace it."""
+        return self.head(self._hidden(tokens, pos, input_pos, n_pos, ropes, last_only))
+
+    def _hidden(self, tokens: Tensor, pos: Tensor, input_pos: Tensor | None, n_pos: int,
+                ropes: dict[bool, tuple[Tensor, Tensor]], last_only: bool = False) -> Tensor:
         a = self.args
         x = self.token_embd(tokens)  # [B, T, dim]
         if a.gemma:
@@ -510,11 +513,20 @@ class Transformer(AdapterHost, nn.Module):
                 x = blk(x, cos, sin, input_pos, cis, n_pos)
         if last_only:
             x = x[:, -1:]
-        x = self.output_norm(x)
-        logits = group_forward(self, ("output",), x)[0].float()
-        if a.final_softcap:
-            logits = a.final_softcap * torch.tanh(logits / a.final_softcap)
-        return logits
+        return self.output_norm(x)
+
+    def hidden(self, tokens: Tensor) -> Tensor:
+        """The final-norm hidden states [B, T, dim] of a cache-free pass (training, scoring): what `head` maps to
+        logits. A loss that never materializes the [B, T, vocab] logits (toolkit.train.loss) starts here."""
+        T = tokens.shape[1]
+        ropes = {key: self._rope_for(key, tokens.device, T) for key in self._rope_keys}
+        return self._hidden(tokens, torch.arange(T, device=tokens.device), None, T, ropes)
+
+    def head(self, h: Tensor) -> Tensor:
+        """Logits [..., vocab] (float32) of final-norm hidden states h [..., dim]."""
+        logits = group_forward(self, ("output",), h)[0].float()
+        cap = self.args.final_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
 
 
 # --- loading -----------------------------------------------------------------------------------------------
@@ -528,25 +540,22 @@ def _float_tensor(t: TensorInfo, dtype: torch.dtype | None) -> Tensor:
     return w if dtype is None or w.dtype == dtype else w.to(dtype)
 
 
-def quant_linear(raw: Tensor, qtype: Q, in_f: int, out_f: int, bias: Tensor | None = None) -> nn.Module:
-    lin = QuantLinear(raw, qtype, in_f, out_f, bias=bias)
-    lin.cache_weights = True  # inference speed (load() picks the mode per device; finetune keeps blocks packed)
-    return lin
-
-
 def set_weight_mode(model: nn.Module, mode: str, device: torch.device) -> None:
     """How quantized linears compute (QuantLinear's switches):
     float:  a dequantized float copy per weight, made on first use: exact, 4-8x the memory.
     packed: blocks stay packed; on CPU, few-row inputs (decoding) use torch's int4 / bf16 weight-only kernels
             (toolkit.qkernels: bf16 activations, so close to but not bit-equal with float), larger inputs
             dequantize blocks on the fly; other devices dequantize on every call.
-    auto:   packed on CPU (decode speed is bound by the bytes of weight read), float elsewhere."""
+    auto:   packed on CPU (decode speed is bound by the bytes of weight read), float elsewhere.
+    train:  blocks stay packed and dequantize block rows on every use, forward and backward, in float: exact, as
+            the exported adapter assumes, and the base costs its GGUF bytes (build()'s state; finetune's default).
+            finetune --cache-base takes "float" instead."""
     if mode not in WEIGHT_MODES:
         raise ToolkitError(f"unknown weights mode '{mode}' (use {', '.join(WEIGHT_MODES)})")
-    packed = mode == "packed" or (mode == "auto" and device.type == "cpu")
+    packed = mode in ("packed", "train") or (mode == "auto" and device.type == "cpu")
     for m in model.modules():
         if isinstance(m, QuantLinear):
-            m.use_kernels = packed and device.type == "cpu"
+            m.use_kernels = packed and mode != "train" and device.type == "cpu"
             m.cache_weights = not packed
             m.drop_cache()
         drop_plans(m)
@@ -562,7 +571,7 @@ def _linear(t: TensorInfo, dtype: torch.dtype, bias: TensorInfo | None = None) -
         if b is not None:
             lin.bias = nn.Parameter(b.to(dtype), requires_grad=False)
         return lin
-    return quant_linear(t.raw(), t.qtype, in_f, out_f, bias=b)
+    return QuantLinear(t.raw(), t.qtype, in_f, out_f, bias=b)
 
 
 def _embedding(t: TensorInfo, dtype: torch.dtype) -> nn.Module:
@@ -580,7 +589,7 @@ def _tied_output(emb: nn.Module, t: TensorInfo) -> nn.Module:
         lin = nn.Linear(d, n, bias=False, device="meta")
         lin.weight = emb.weight
         return lin
-    return quant_linear(emb.qweight, t.qtype, d, n)
+    return QuantLinear(emb.qweight, t.qtype, d, n)
 
 
 def _norm(g: GGUFFile, name: str, dim: int, eps: float) -> RMSNorm:
@@ -592,7 +601,8 @@ def _norm(g: GGUFFile, name: str, dim: int, eps: float) -> RMSNorm:
 
 
 def build(g: GGUFFile, dtype: torch.dtype = torch.float32, **overrides: Any) -> Transformer:
-    """A Transformer over the tensors of an opened GGUF (on CPU, zero-copy where possible)."""
+    """A Transformer over the tensors of an opened GGUF (on CPU, zero-copy where possible). Quantized linears
+    start in set_weight_mode's "train" state (packed, dequantized on use); load() sets the mode it is asked for."""
     args = ModelArgs.from_gguf(g, **overrides)
     model = Transformer(args)
     model._compute_dtype = dtype

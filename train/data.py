@@ -385,6 +385,10 @@ class Batch:
     def n_loss_tokens(self) -> int:
         return int(self.weights.sum())
 
+    def rows(self, sl: slice) -> "Batch":
+        """Some of the rows (one process's share of a batch)."""
+        return Batch(self.inputs[sl], self.targets[sl], self.weights[sl], self.used_samples, self.epoch_done)
+
     def trimmed(self) -> "Batch":
         """Drop trailing columns no row trains on (records mode: short answers, smaller batches)."""
         cols = self.weights.any(0).nonzero()

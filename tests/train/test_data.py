@@ -220,7 +220,8 @@ def test_read_records_jsonl_csv_and_errors(tmp_path):
 def test_save_to_disk_dataset_dict_gives_train_validation_test(tmp_path, smol_tok, smollm2_path):
     import datasets
 
-    from toolkit.train.finetune import FinetuneConfig, load_data
+    from toolkit.train.finetune import FinetuneConfig
+    from toolkit.train.inputs import load_data
 
     rows = lambda n, k: datasets.Dataset.from_list([{"text": f"{k} number {i}"} for i in range(n)])  # noqa: E731
     datasets.DatasetDict({"train": rows(5, "train"), "validation": rows(2, "val"), "test": rows(3, "test")}) \

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from toolkit.gguf_io import open_gguf
-from toolkit.train.finetune import FinetuneConfig, _param_groups, finetune, make_optimizer
+from toolkit.train.finetune import FinetuneConfig, finetune, make_optimizer, param_groups
 
 TEXT = "".join(f"<q>what is {a} times {b}?\n{a * b}\n" for a in range(2, 7) for b in range(2, 5))
 
@@ -103,6 +103,7 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, tiny_llama, capsys, mon
         (["--train-data", "data.txt", "-c", "512"], "larger than the model's training context 256"),
         (["--train-data", "data.txt", "--lora-r", "40"], "rank 40 is larger than tensor 'blk.0.attn_k.weight'"),
         ([], "no training data"),
+        (["--train-data", "data.txt", "-b", "1", "--nproc", "2"], "--batch 1 is smaller than --nproc 2"),
     ]
     for extra, msg in cases:
         rc = main(["finetune", "-m", m, *extra])
@@ -146,7 +147,7 @@ def test_adamw_step_is_ggml_adam():
     torch.manual_seed(0)
     params = {"w.lora_a": torch.nn.Parameter(torch.randn(4, 8)), "n": torch.nn.Parameter(torch.randn(8))}
     c = FinetuneConfig(model_base="x", adam_alpha=0.01, adam_decay=0.1, adam_decay_min_ndim=2)
-    groups = _param_groups(params, c)
+    groups = param_groups(params, c)
     assert [len(g["params"]) for g in groups] == [1, 1] and groups[1]["weight_decay"] == 0.0
     opt = make_optimizer(params, c)
     sched = 0.37
@@ -176,7 +177,7 @@ def test_chunked_head_loss_equals_cross_entropy(tmp_path, qtype):
     from tiny import make_tiny_gguf
 
     from toolkit.model import load
-    from toolkit.train.finetune import _chunked_loss
+    from toolkit.train.loss import chunked_loss
 
     model, _ = load(make_tiny_gguf(tmp_path / "m.gguf", qtype=qtype), device="cpu", weights="float")
     ranks = {n: 4 for n in model.lora_targets() if n.startswith("blk.")}
@@ -199,7 +200,7 @@ def test_chunked_head_loss_equals_cross_entropy(tmp_path, qtype):
     ref = (torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="none")
            * w.flatten()).sum()
     ref_g = grads(ref)
-    got = _chunked_loss(model, x, y, w)
+    got = chunked_loss(model, x, y, w)
     got_g = grads(got)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
     for a, b in zip(got_g, ref_g):
