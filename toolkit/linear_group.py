@@ -69,10 +69,10 @@ class RowAdapters:
     def plan_scales(self, rl: "_RowLora") -> Tensor:
         """S [B, R] for one plan's row form."""
         cache = self.__dict__.setdefault("_s", {})
-        s = cache.get(id(rl))
-        if s is None:
-            s = cache[id(rl)] = self.scales.index_select(1, rl.col_adapter)
-        return s
+        hit = cache.get(id(rl))
+        if hit is None or hit[0] is not rl:  # (the row form is kept alive with its S: its id is not reused)
+            hit = cache[id(rl)] = (rl, self.scales.index_select(1, rl.col_adapter))
+        return hit[1]
 
 
 @dataclass
@@ -211,11 +211,13 @@ def _row_forward(plan: _Plan, mods: list[nn.Module], x: Tensor, rows: RowAdapter
     for (j, c0, r, i), bs in zip(rl.parts, rl.b):
         if not compiling and i not in used:  # no row uses this adapter: its columns of h are zeros
             continue
-        delta = thin_linear(h[..., c0:c0 + r], bs)  # [B, T, out_j]
+        part = h[..., c0:c0 + r]  # [B, T, r]
         if compiling:
-            outs[j] = outs[j] + delta.to(outs[j].dtype)
+            outs[j] = outs[j] + thin_linear(part, bs).to(outs[j].dtype)
+        elif outs[j].dtype == bs.dtype:  # one op: y_j += part @ B.T
+            outs[j].view(-1, bs.shape[0]).addmm_(part.reshape(-1, r), bs.t())
         else:
-            outs[j] += delta.to(outs[j].dtype)
+            outs[j] += F.linear(part, bs).to(outs[j].dtype)
     return outs
 
 
