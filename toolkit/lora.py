@@ -71,6 +71,7 @@ class _LoRABase(nn.Module):
         self._fast: list[tuple[Tensor, Tensor, float]] = []  # (A, B, scale) of the active adapters (DoRA: g * B)
         self.dora_g: dict[str, Tensor] = {}  # DoRA adapters: g = m / ||W + s B A||_row, [out]
         self.row_scale: Tensor | None = None  # sum over active DoRA adapters of u (g - 1), [out]; None: none
+        self.layout = 0  # changes when adapters are attached, removed or moved (not on scale changes)
 
     def add(self, name: str, a: Tensor, b: Tensor, scale: float, user_scale: float = 1.0,
             trainable: bool = False, dropout: float = 0.0,
@@ -95,6 +96,7 @@ class _LoRABase(nn.Module):
         self.lora_a[key], self.lora_b[key] = pa, pb
         self._keys[name] = key
         self.alpha_scale[name], self.user_scale[name], self.dropout[name] = float(scale), float(user_scale), dropout
+        self.layout = next(_versions)
         self._refresh()
         return pa, pb
 
@@ -103,6 +105,7 @@ class _LoRABase(nn.Module):
         del self.lora_a[key], self.lora_b[key]
         for d in (self.alpha_scale, self.user_scale, self.dropout, self.dora_g):
             d.pop(name, None)
+        self.layout = next(_versions)
         self._refresh()
 
     def set_scale(self, name: str, user_scale: float) -> None:
@@ -135,6 +138,7 @@ class _LoRABase(nn.Module):
     def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() / .half(): rebuild the views on the new tensors
         out = super()._apply(fn, *args, **kwargs)
         self.dora_g = {n: fn(g) for n, g in self.dora_g.items()}
+        self.layout = next(_versions)
         self._refresh()
         return out
 
@@ -207,8 +211,17 @@ class LoRAEmbedding(_LoRABase):
     def embedding_dim(self) -> int:
         return int(self.base.embedding_dim)
 
-    def forward(self, ids: Tensor) -> Tensor:
+    def forward(self, ids: Tensor, rows=None) -> Tensor:
+        """rows: a batched step's per-row adapter scales (linear_group.RowAdapters) instead of the active set."""
         y = self.base(ids)
+        if rows is not None:
+            for i in rows.used:
+                name = rows.names[i]
+                if name in self._keys:
+                    a, b = self.pair(name)
+                    s = rows.scales[:, i] * self.alpha_scale[name]  # [B]: 0 for rows without this adapter
+                    y = y + ((F.embedding(ids, a.T) @ b.T) * s[:, None, None]).to(y.dtype)
+            return y
         for key, s, _ in self._active:
             a, b = self.lora_a[key], self.lora_b[key]
             rows = F.embedding(ids, a.T)  # [B, T, r]

@@ -16,7 +16,7 @@ import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +26,8 @@ from gguf import GGMLQuantizationType as Q
 from .config import WEIGHT_MODES
 from .errors import ToolkitError
 from .gguf_io import GGUFFile, TensorInfo, open_gguf
-from .linear_group import drop_plans, group_forward, pack_plans
-from .lora import AdapterHost, last_version
+from .linear_group import RowAdapters, drop_plans, group_forward
+from .lora import AdapterHost, LoRAEmbedding
 from .quants import QuantEmbedding, QuantLinear
 
 # llama.cpp's rope type per architecture (LLAMA_ROPE_TYPE_NORM = adjacent pairs, NEOX = two halves)
@@ -192,7 +192,8 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, neox: bool, n_rot: int, cis:
 
 class KVCache:
     """Static cache [B, n_kv, T_max, hd] written in place at the given positions. Not a module: its tensors are
-    per-generation state, never saved or moved with the model (and so torch.compile treats T_max as dynamic)."""
+    per-generation state, never saved or moved with the model (and so torch.compile treats T_max as dynamic).
+    Batched steps (toolkit.infer.batch) treat the B rows as slots, each with its own positions."""
 
     def __init__(self, batch: int, n_kv: int, t_max: int, head_dim: int, dtype: torch.dtype, device: Any):
         shape = (batch, n_kv, t_max, head_dim)
@@ -204,11 +205,31 @@ class KVCache:
         self.v.index_copy_(2, pos, v.to(self.v.dtype))
         return self.k, self.v
 
+    def update_rows(self, rows: "SlotRows", pos: Tensor, k: Tensor, v: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
+        """Per-row positions: row b of k/v [B, n_kv, T, hd] goes to cache row rows.index[b] at positions pos[b]
+        [B, T]. Returns those rows' first kv_len positions [B, n_kv, kv_len, hd] (a view when they are
+        consecutive, else a copy)."""
+        self.k[rows.index, :, pos] = k.transpose(1, 2).to(self.k.dtype)  # [B, T, n_kv, hd] at (slot, position)
+        self.v[rows.index, :, pos] = v.transpose(1, 2).to(self.v.dtype)
+        if rows.first is not None:
+            B = pos.shape[0]
+            return self.k[rows.first:rows.first + B, :, :kv_len], self.v[rows.first:rows.first + B, :, :kv_len]
+        index = rows.index[:, 0]
+        return self.k[:, :, :kv_len].index_select(0, index), self.v[:, :, :kv_len].index_select(0, index)
+
+
+class SlotRows(NamedTuple):
+    """A batched step's cache rows and masks, made once per step for every layer (Transformer._forward)."""
+    index: Tensor  # [B, 1]: the cache row of each batch row
+    first: int | None  # the first of them when they are consecutive (the cache is then read as a view)
+    mask: Tensor  # [B, T, S] key k visible to the query at p: k <= p
+    mask_swa: Tensor | None  # the same inside the sliding window: 0 <= p - k < window
+
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, softcap: float, rep: int,
             causal: bool = True) -> Tensor:
     """Plain attention with GQA by reshaping the query heads (no copies of K/V): q [B, H, T, hd],
-    k/v [B, Hkv, S, hd], mask [T, S] bool (True = attend) or None for causal."""
+    k/v [B, Hkv, S, hd], mask [T, S] or per row [B, T, S] bool (True = attend), or None for causal."""
     B, H, T, hd = q.shape
     S = k.shape[2]
     qg = q.reshape(B, H // rep, rep * T, hd)  # heads of one group share K/V  -> [B, Hkv, rep*T, hd]
@@ -218,21 +239,25 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, 
     if mask is None and causal:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
     if mask is not None:
+        mask = mask[:, None, None] if mask.dim() == 3 else mask  # per row: [B, 1, 1, T, S]
         s = s.view(B, H // rep, rep, T, S).masked_fill(~mask, float("-inf")).view(B, H // rep, rep * T, S)
     y = s.softmax(-1) @ v.float()  # [B, Hkv, rep*T, hd_v]
     return y.view(B, H, T, -1).to(q.dtype)
 
 
-def _attend_one(q: Tensor, k: Tensor, v: Tensor, scale: float, softcap: float, rep: int) -> Tensor:
+def _attend_one(q: Tensor, k: Tensor, v: Tensor, scale: float, softcap: float, rep: int,
+                mask: Tensor | None = None) -> Tensor:
     """Attention of one new token over the whole filled cache, as products and sums: under torch.compile these
     fuse into a few small loops, where SDPA (which inductor also substitutes for a matmul-softmax-matmul chain) is
     one library call per layer with its own setup (measured: ~70 us of a CPU step's 30 such calls).
-    q [B, H, 1, hd], k/v [B, Hkv, S, hd]."""
+    q [B, H, 1, hd], k/v [B, Hkv, S, hd], mask [B, 1, S] (rows of a batched step: True = attend) or None."""
     B, H, _, hd = q.shape
     qg = q.reshape(B, H // rep, rep, 1, hd).float()  # heads of one group share K/V  -> [B, Hkv, rep, 1, hd]
     s = (qg * k.float()[:, :, None]).sum(-1) * scale  # [B, Hkv, rep, S]
     if softcap:
         s = softcap * torch.tanh(s / softcap)
+    if mask is not None:
+        s = s.masked_fill(~mask[:, None], float("-inf"))  # [B, 1, 1, S]
     y = (s.softmax(-1)[..., None] * v.float()[:, :, None]).sum(-2)  # [B, Hkv, rep, hd_v]
     return y.reshape(B, H, 1, -1).to(q.dtype)
 
@@ -251,18 +276,19 @@ class Block(nn.Module):
         drop_plans(self)
         return super()._apply(fn, recurse)
 
-    def _lin(self, name: str, x: Tensor) -> Tensor:
-        return group_forward(self, (name,), x)[0]  # a group of one: its adapters' scales live in the plan
+    def _lin(self, name: str, x: Tensor, rows: RowAdapters | None = None) -> Tensor:
+        return group_forward(self, (name,), x, rows)[0]  # a group of one: its adapters' scales live in the plan
 
     def attention(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None,
-                  cis: Tensor | None = None, kv_len: int = 0) -> Tensor:
+                  cis: Tensor | None = None, kv_len: int = 0, slots: SlotRows | None = None,
+                  rows: RowAdapters | None = None) -> Tensor:
         a = self.args
         B, T, _ = x.shape
         if a.fused_qkv:
-            qkv = self._lin("attn_qkv", x)
+            qkv = self._lin("attn_qkv", x, rows)
             q, k, v = qkv.split([a.n_head * a.head_dim, a.n_kv_head * a.head_dim, a.n_kv_head * a.head_dim], -1)
         else:
-            q, k, v = group_forward(self, ("attn_q", "attn_k", "attn_v"), x)
+            q, k, v = group_forward(self, ("attn_q", "attn_k", "attn_v"), x, rows)
         q = q.view(B, T, a.n_head, a.head_dim)
         k = k.view(B, T, a.n_kv_head, a.head_dim)
         v = v.view(B, T, a.n_kv_head, -1)
@@ -275,6 +301,18 @@ class Block(nn.Module):
         else:
             q = apply_rope(q, cos, sin, a.neox, a.rope_dim, cis)
             k = apply_rope(k, cos, sin, a.neox, a.rope_dim, cis)
+        scale = a.attn_scale if a.attn_scale is not None else 1.0 / math.sqrt(a.head_dim)
+        rep = a.n_head // a.n_kv_head
+        if input_pos is not None and input_pos.dim() == 2:  # batched step: each row its own slot and positions
+            k, v = self.kv_cache.update_rows(slots, input_pos, k, v, kv_len)
+            mask = slots.mask_swa if self.swa and a.sliding_window else slots.mask
+            if T == 1 and torch.compiler.is_compiling():
+                y = _attend_one(q, k, v, scale, a.attn_softcap, rep, mask)
+            elif T > 1 and not a.attn_softcap and q.dtype == k.dtype:  # a prefill chunk: one fused op
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=rep > 1)
+            else:  # one token a row: CPU SDPA with a mask was ~10x slower here (1 ms a layer for 16 rows)
+                y = _attend(q, k, v, mask, scale, a.attn_softcap, rep)
+            return self._lin("attn_output", y.transpose(1, 2).reshape(B, T, -1), rows)
         if input_pos is not None and self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
             k, v = k[:, :, :kv_len], v[:, :, :kv_len]  # attend only over the filled part of the cache
@@ -291,8 +329,6 @@ class Block(nn.Module):
             mask = k_pos[None, :] <= q_pos[:, None]  # [T, S]
             if self.swa and a.sliding_window:
                 mask = mask & (q_pos[:, None] - k_pos[None, :] < a.sliding_window)
-        scale = a.attn_scale if a.attn_scale is not None else 1.0 / math.sqrt(a.head_dim)
-        rep = a.n_head // a.n_kv_head
         if all_visible and torch.compiler.is_compiling():  # all_visible: one new token
             y = _attend_one(q, k, v, scale, a.attn_softcap, rep)
         elif all_visible and not a.attn_softcap and q.dtype == k.dtype:  # one fused op for the decode step
@@ -306,26 +342,46 @@ class Block(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, -1)  # [B, T, H * hd_v]
         return self._lin("attn_output", y)
 
-    def ffn(self, x: Tensor) -> Tensor:
+    def ffn(self, x: Tensor, rows: RowAdapters | None = None) -> Tensor:
         a = self.args
         if a.fused_up:  # phi3: ffn_up holds [gate; up]
-            gate, up = self._lin("ffn_up", x).chunk(2, dim=-1)
+            gate, up = self._lin("ffn_up", x, rows).chunk(2, dim=-1)
         else:
-            gate, up = group_forward(self, ("ffn_gate", "ffn_up"), x)
+            gate, up = group_forward(self, ("ffn_gate", "ffn_up"), x, rows)
         act = F.gelu(gate, approximate="tanh") if a.gemma else F.silu(gate)
-        return self._lin("ffn_down", act * up)
+        return self._lin("ffn_down", act * up, rows)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None,
-                cis: Tensor | None = None, kv_len: int = 0) -> Tensor:
-        """kv_len: with a KV cache, the number of filled positions (max(input_pos) + 1)."""
-        h = self.attention(self.attn_norm(x), cos, sin, input_pos, cis, kv_len)
+                cis: Tensor | None = None, kv_len: int = 0, slots: SlotRows | None = None,
+                rows: RowAdapters | None = None) -> Tensor:
+        """kv_len: with a KV cache, the number of filled positions (max(input_pos) + 1). Batched steps give
+        input_pos [B, T], slots (the cache rows) and rows (each row's adapters): see Transformer.forward."""
+        h = self.attention(self.attn_norm(x), cos, sin, input_pos, cis, kv_len, slots, rows)
         if self.args.post_norms:
             h = self.post_attention_norm(h)
         x = x + h
-        h = self.ffn(self.ffn_norm(x))
+        h = self.ffn(self.ffn_norm(x), rows)
         if self.args.post_norms:
             h = self.post_ffw_norm(h)
         return x + h
+
+
+def _reset_decoder(model: nn.Module) -> None:
+    decoder = model.__dict__.get("_decoder")
+    if decoder is not None:  # weights changed form: the next cached step runs eager first (toolkit.compiled)
+        decoder.reset()
+
+
+def _slot_rows(slots: Tensor | list[int] | None, n_rows: int, device: torch.device) -> Tensor | int:
+    """A batched step's cache rows: an int when they are consecutive (the cache is then read as a view), else [B]."""
+    if slots is None:
+        return 0
+    rows = slots.tolist() if isinstance(slots, Tensor) else [int(s) for s in slots]
+    if len(rows) != n_rows:
+        raise ValueError(f"{len(rows)} slots for {n_rows} rows")
+    if rows == list(range(rows[0], rows[0] + n_rows)):
+        return rows[0]
+    return slots.to(device) if isinstance(slots, Tensor) else torch.tensor(rows, dtype=torch.long, device=device)
 
 
 _cache_epochs = itertools.count(1)  # a new number for every set of KV caches, unique across models
@@ -336,6 +392,8 @@ class Transformer(AdapterHost, nn.Module):
 
     input_pos None: no cache, full causal attention over the T tokens (training, scoring).
     input_pos [T] with setup_caches(): incremental decoding through the static KV cache.
+    input_pos [B, T] with slots [B]: a batched step (toolkit.infer.batch), row b at its own positions in cache
+    row slots[b]; adapters (linear_group.RowAdapters) then give each row its own adapter set.
     """
 
     _cache_epoch = 0  # which set of KV caches is current (setup_caches / clear_caches take a new number)
@@ -368,11 +426,17 @@ class Transformer(AdapterHost, nn.Module):
         a = self.args
         ref = self.output_norm.weight
         dtype = dtype or self.compute_dtype
-        if self.__dict__.get("_compiled") is not None:
+        if self.__dict__.get("_decoder") is not None:
             t_max += 1  # a spare slot: the filled part is then always a strict slice (a full one compiles anew)
         for b in self.blk:
             b.kv_cache = KVCache(batch, a.n_kv_head, t_max, a.head_dim, dtype, ref.device)
         self.max_seq_len = t_max
+        self._cache_epoch = next(_cache_epochs)
+
+    def install_caches(self, caches: list[KVCache]) -> None:
+        """Put back caches made by an earlier setup_caches (a batch engine's, after another generation)."""
+        for b, c in zip(self.blk, caches):
+            b.kv_cache = c
         self._cache_epoch = next(_cache_epochs)
 
     def clear_caches(self) -> None:
@@ -398,111 +462,71 @@ class Transformer(AdapterHost, nn.Module):
         return cached
 
     def compile_decode(self, warmup: bool = True, **options: Any) -> None:
-        """Run decode steps (one token through the KV cache, no autograd) through torch.compile from now on.
+        """Run decode steps (one token a row through the KV cache, no autograd) through torch.compile from now
+        on: toolkit.compiled says how and why. options: passed to torch.compile; warmup: compile now."""
+        from .compiled import compile_decode
 
-        A CPU decode step of a small model is as much per-op overhead as weight reading (~50 small ops per layer
-        in eager mode); inductor fuses the elementwise work (norms, RoPE, SiLU, residuals) around the weight-only
-        kernels. The first compiled step takes seconds to a minute (inductor caches its output on disk, so later
-        processes take a few seconds). The cache length is dynamic, so a longer cache does not recompile, nor do new
-        adapter scales; loading or unloading adapters, or other ranks, compiles once per new adapter layout.
-        options: passed to torch.compile (e.g. mode="max-autotune-no-cudagraphs").
-        warmup: compile now, on a throwaway two-token decode, rather than in the first generation."""
-        import warnings
-
-        if "mode" not in options:  # torch.compile takes a mode or inductor options, not both
-            # inductor re-checks every input's sizes and strides in Python each step, ~800 of them here, which
-            # dynamo's guards have already checked: measured 0.5-0.7 ms of a 16 ms step (2 threads)
-            options["options"] = {"size_asserts": False, **options.get("options", {})}
-
-        # inductor's note on its own bf16/f16 mix (the Q8_0 embedding's f16 scales), not the user's concern
-        warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed in the scheduler node")
-        # every adapter layout (which adapters are active, their ranks) is a graph of its own, and dynamo's
-        # default of 8 graphs per function (shared by all models in the process) is soon reached by a server that
-        # switches adapters; past the limit steps run eagerly
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self._compiled = torch.compile(self._forward, dynamic=True, **options)
-        self.__dict__.pop("_steady_state", None)
-        if warmup:
-            dev = self.output_norm.weight.device
-            with torch.inference_mode():
-                self.setup_caches(1, 3)
-                try:
-                    for p in range(3):  # prefill, the eager step that makes the kernel weights, a compiled one
-                        self(torch.zeros(1, 1, dtype=torch.long, device=dev), input_pos=torch.tensor([p], device=dev))
-                finally:
-                    self.clear_caches()
+        compile_decode(self, warmup, **options)
 
     def _apply(self, fn, recurse=True):  # .to(device): the compiled step must see the rebuilt weight forms first
-        self.__dict__.pop("_decode_warm", None)
+        _reset_decoder(self)
         drop_plans(self)
         return super()._apply(fn, recurse)
 
-    def forward(self, tokens: Tensor, input_pos: Tensor | None = None, last_only: bool = False) -> Tensor:
+    def forward(self, tokens: Tensor, input_pos: Tensor | None = None, last_only: bool = False,
+                slots: Tensor | list[int] | None = None, adapters: RowAdapters | None = None) -> Tensor:
         """last_only: logits of the last position only ([B, 1, V]); a prompt's prefill needs no more, and the
-        vocabulary head is the largest matmul of a small model."""
+        vocabulary head is the largest matmul of a small model.
+        Batched steps: input_pos [B, T] (each row's positions), slots [B] (each row's cache row; default the
+        rows 0..B-1), adapters (each row's adapter set, replacing the active one; None: the active set)."""
         T = tokens.shape[1]
         pos = input_pos if input_pos is not None else torch.arange(T, device=tokens.device)
+        if pos.dim() == 2:
+            slots = _slot_rows(slots, tokens.shape[0], tokens.device)
         n_pos = int(pos.max()) + 1  # the step's one host sync: rope table size, filled length of the KV cache
         ropes = {key: self._rope_for(key, tokens.device, n_pos) for key in self._rope_keys}
-        if self.__dict__.get("_compiled") is not None and T == 1 and input_pos is not None \
-                and self.blk[0].kv_cache is not None and not torch.is_grad_enabled():
-            if self.__dict__.get("_decode_warm"):
-                # adapters changed, or the eager step made new plans: the compiled step reads them unchecked
-                if self.__dict__.get("_plans_version") != last_version():
-                    pack_plans([self, *self.blk], self.compute_dtype)
-                    self.__dict__["_plans_version"] = last_version()
-                return self._compiled_step(tokens, pos, input_pos, n_pos, ropes, last_only)
-            # one eager step first makes every kernel weight and group plan the compiled step reads, and the next
-            # compiled step checks all its guards (whatever reset this state, .to() or a weights mode, is new to them)
-            self.__dict__["_decode_warm"] = True
-            self.__dict__.pop("_steady_state", None)
-            self.__dict__.pop("_plans_version", None)  # its plans are not packed yet
-        return self._forward(tokens, pos, input_pos, n_pos, ropes, last_only)
-
-    def _compiled_step(self, tokens: Tensor, pos: Tensor, input_pos: Tensor, n_pos: int,
-                       ropes: dict[bool, tuple[Tensor, Tensor]], last_only: bool) -> Tensor:
-        """One compiled decode step. dynamo checks ~5,000 guards over every weight, cache and plan before each call
-        (0.5-1 ms of a CPU step); within one generation nothing they check changes from step to step except the
-        position, which is dynamic. So once a step has passed the full check, the next steps with the same
-        caches, adapters, rope tables and grad mode skip it (torch's skip_guard_eval_unsafe stance, meant for
-        steady-state decoding; it still checks one guard per tensor read, which is why plans keep few tensors);
-        any change in that state runs the full check again. The stance is process-wide while the step runs: run
-        compiled functions from one thread at a time (toolkit serve's model thread does)."""
-        state = (self._cache_epoch, self.__dict__.get("_plans_version"), tuple(id(t) for cs in ropes.values()
-                 for t in cs), torch.is_inference_mode_enabled(), last_only, tokens.dtype, pos.dtype)
-        if state == self.__dict__.get("_steady_state") and state != self.__dict__.get("_skip_refused"):
-            try:
-                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                    return self._compiled(tokens, pos, input_pos, n_pos, ropes, last_only)
-            except RuntimeError as e:  # raised before the step runs: no compiled graph fits it (dynamo's
-                if "skip_guard_eval_unsafe" not in str(e):  # recompile limit was reached: it runs such steps eagerly)
-                    raise
-                self.__dict__["_skip_refused"] = state  # this state's steps take the full check
-        out = self._compiled(tokens, pos, input_pos, n_pos, ropes, last_only)
-        self.__dict__["_steady_state"] = state
-        return out
+        decoder = self.__dict__.get("_decoder")  # compile_decode: toolkit.compiled runs the steps it compiles
+        if decoder is not None:
+            out = decoder.step(tokens, pos, input_pos, n_pos, ropes, last_only, slots, adapters)
+            if out is not None:
+                return out
+        return self._forward(tokens, pos, input_pos, n_pos, ropes, last_only, slots, adapters)
 
     def _rope_key(self, blk: Block) -> bool:
         return blk.swa and self.args.gemma and self.args.arch == "gemma3"  # gemma3's local layers: own table
 
     def _forward(self, tokens: Tensor, pos: Tensor, input_pos: Tensor | None, n_pos: int,
-                 ropes: dict[bool, tuple[Tensor, Tensor]], last_only: bool) -> Tensor:
+                 ropes: dict[bool, tuple[Tensor, Tensor]], last_only: bool, slots: Tensor | int | None = None,
+                 rows: RowAdapters | None = None) -> Tensor:
         """forward's body, free of host syncs and Python-side caches so that torch.compile can trace it."""
-        return self.head(self._hidden(tokens, pos, input_pos, n_pos, ropes, last_only))
+        return self.head(self._hidden(tokens, pos, input_pos, n_pos, ropes, last_only, slots, rows), rows)
 
     def _hidden(self, tokens: Tensor, pos: Tensor, input_pos: Tensor | None, n_pos: int,
-                ropes: dict[bool, tuple[Tensor, Tensor]], last_only: bool = False) -> Tensor:
+                ropes: dict[bool, tuple[Tensor, Tensor]], last_only: bool = False,
+                slots: Tensor | int | None = None, rows: RowAdapters | None = None) -> Tensor:
         a = self.args
-        x = self.token_embd(tokens)  # [B, T, dim]
+        B = tokens.shape[0]
+        x = self.token_embd(tokens, rows) if rows is not None and isinstance(self.token_embd, LoRAEmbedding) \
+            else self.token_embd(tokens)  # [B, T, dim]
         if a.gemma:
             x = x * math.sqrt(a.dim)
         x = x.to(self.compute_dtype)
+        if pos.dim() == 2:  # a batched step: each row's cache row and what it may see, once for every layer
+            first = slots if isinstance(slots, int) else None
+            index = torch.arange(first, first + B, device=pos.device) if first is not None else slots
+            # what a row's slot holds past its own position (stale, or an earlier sequence's) is never visible
+            behind = pos[..., None] - torch.arange(n_pos, device=pos.device)  # [B, T, S]: p - k
+            mask = behind >= 0
+            swa = mask & (behind < a.sliding_window) if a.sliding_window else None
+            slots = SlotRows(index[:, None], first, mask, swa)
         tables = {}
         for blk in self.blk:
             key = self._rope_key(blk)
             if key not in tables:
                 cos, sin = ropes[key]
                 cos, sin = cos[pos], sin[pos]
+                if pos.dim() == 2:  # per-row positions [B, T, n_rot/2] -> [B, 1 (heads), T, n_rot/2]
+                    cos, sin = cos[:, None], sin[:, None]
                 tables[key] = (cos, sin, None if a.neox else torch.complex(cos, sin))
             cos, sin, cis = tables[key]
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -510,7 +534,7 @@ class Transformer(AdapterHost, nn.Module):
 
                 x = checkpoint(blk, x, cos, sin, input_pos, cis, n_pos, use_reentrant=False)
             else:
-                x = blk(x, cos, sin, input_pos, cis, n_pos)
+                x = blk(x, cos, sin, input_pos, cis, n_pos, slots, rows)
         if last_only:
             x = x[:, -1:]
         return self.output_norm(x)
@@ -522,9 +546,9 @@ class Transformer(AdapterHost, nn.Module):
         ropes = {key: self._rope_for(key, tokens.device, T) for key in self._rope_keys}
         return self._hidden(tokens, torch.arange(T, device=tokens.device), None, T, ropes)
 
-    def head(self, h: Tensor) -> Tensor:
-        """Logits [..., vocab] (float32) of final-norm hidden states h [..., dim]."""
-        logits = group_forward(self, ("output",), h)[0].float()
+    def head(self, h: Tensor, rows: RowAdapters | None = None) -> Tensor:
+        """Logits [..., vocab] (float32) of final-norm hidden states h [..., dim]; rows: per-row adapters."""
+        logits = group_forward(self, ("output",), h, rows)[0].float()
         cap = self.args.final_softcap
         return cap * torch.tanh(logits / cap) if cap else logits
 
@@ -559,7 +583,7 @@ def set_weight_mode(model: nn.Module, mode: str, device: torch.device) -> None:
             m.cache_weights = not packed
             m.drop_cache()
         drop_plans(m)
-    model.__dict__.pop("_decode_warm", None)
+    _reset_decoder(model)
 
 
 def _linear(t: TensorInfo, dtype: torch.dtype, bias: TensorInfo | None = None) -> nn.Module:
