@@ -280,3 +280,19 @@ def test_smollm2_packed_rows_agree_with_alone(smollm2_path):
         total += want.shape[0] - 1
         assert rel(g, want) < 3e-2
     assert agree / total >= 0.99, f"{agree} of {total}"
+
+
+def test_dora_adapters_are_refused_per_sequence(tiny_llama):
+    """DoRA's magnitude rescales each base output row, so a row with its own DoRA adapter would need a base of its
+    own: the engine refuses it in one line rather than silently dropping the rescale."""
+    model, _ = load(tiny_llama, device="cpu", weights="float")
+    plain = every_target(model, 4, 0, 0.1, blocks_only=True)
+    pairs = {n: type(p)(p.a, p.b, torch.rand(p.b.shape[0]) + 0.5) for n, p in plain.tensors.items()}
+    model.add_adapter(Adapter(pairs, 4.0, model.args.arch), "dora", 0.0)
+    engine = BatchEngine(model, 2, 32)
+    try:
+        with pytest.raises(ToolkitError, match="DoRA"):
+            engine.add([1, 2, 3], SamplingParams(max_tokens=2, temperature=0), {"dora": 1.0})
+        engine.add([1, 2, 3], SamplingParams(max_tokens=2, temperature=0), {})  # rows without it still run
+    finally:
+        engine.close()
