@@ -356,7 +356,11 @@ def read_ggla(path: str | Path, base: BaseInfo | None = None) -> Adapter:
         pos += 12
         if not 1 <= n_dims <= 2 or ftype not in (0, 1) or not 0 < name_len < 512:
             raise ToolkitError(f"corrupt GGLA tensor header at byte {pos - 12}", p)
+        if pos + 4 * n_dims > len(buf):
+            raise ToolkitError("truncated GGLA tensor header", p)
         ne = struct.unpack_from(f"<{n_dims}i", buf, pos)
+        if min(ne) <= 0:
+            raise ToolkitError(f"corrupt GGLA tensor header at byte {pos - 12}: dimensions {list(ne)}", p)
         pos += 4 * n_dims
         name = buf[pos:pos + name_len].decode("utf-8", "replace")
         pos = (pos + name_len + 31) & -32
@@ -383,6 +387,9 @@ def read_ggla(path: str | Path, base: BaseInfo | None = None) -> Adapter:
             b = b.reshape(-1, 1)
         gg = _ggla_name(stem, p)
         pair = _old_layout(a, b, gg)
+        if pair.a.shape[0] != pair.b.shape[1]:
+            raise ToolkitError(f"GGLA tensors '{stem}.loraA' {list(a.shape)} and '{stem}.loraB' {list(b.shape)} have "
+                               f"different ranks", p)
         if pair.rank != r:  # the old loader scaled every tensor by alpha / r of the header
             pair = LoraPair(pair.a, pair.b * (pair.rank / r))
         tensors[gg] = pair
@@ -428,6 +435,38 @@ def _peft_pattern_value(patterns: Mapping[str, Any], module: str, default: Any) 
     return default
 
 
+def _check_peft_config(cfg: Any, p: str) -> None:
+    """The fields read_peft uses, with the types PEFT writes (a corrupt config is one clear line, not a crash)."""
+    if not isinstance(cfg, dict):
+        raise ToolkitError(f"adapter_config.json holds a {type(cfg).__name__}, not an object", p)
+
+    def positive(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if "r" in cfg and not (positive(cfg["r"]) and float(cfg["r"]).is_integer()):
+        raise ToolkitError(f"adapter_config.json: r is {cfg['r']!r}, not a positive integer", p)
+    if "lora_alpha" in cfg and not number(cfg["lora_alpha"]):
+        raise ToolkitError(f"adapter_config.json: lora_alpha is {cfg['lora_alpha']!r}, not a number", p)
+    for key, ok in (("rank_pattern", positive), ("alpha_pattern", number)):
+        pat = cfg.get(key)
+        if pat is None:
+            continue
+        if not isinstance(pat, dict) or not all(ok(v) for v in pat.values()):
+            raise ToolkitError(f"adapter_config.json: {key} must map module patterns to numbers", p)
+        for k in pat:
+            try:
+                re.compile(k)
+            except re.error as e:
+                raise ToolkitError(f"adapter_config.json: {key} key {k!r} is not a regular expression ({e})", p) \
+                    from None
+    mts = cfg.get("modules_to_save")
+    if mts is not None and not (isinstance(mts, list) and all(isinstance(m, str) for m in mts)):
+        raise ToolkitError("adapter_config.json: modules_to_save must be a list of module names", p)
+
+
 def _peft_refusals(cfg: dict[str, Any], p: str) -> None:
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ToolkitError(f"peft_type '{cfg.get('peft_type')}' is not supported (only LORA)", p)
@@ -453,8 +492,9 @@ def read_peft(path: str | Path, base: BaseInfo | None = None) -> Adapter:
         raise ToolkitError("not a PEFT adapter: no adapter_config.json", p)
     try:
         cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ToolkitError(f"adapter_config.json is not valid JSON ({e.msg})", p) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ToolkitError(f"adapter_config.json is not valid JSON ({getattr(e, 'msg', e)})", p) from None
+    _check_peft_config(cfg, p)
     _peft_refusals(cfg, p)
     st = d / "adapter_model.safetensors"
     if not st.is_file():
@@ -465,9 +505,13 @@ def read_peft(path: str | Path, base: BaseInfo | None = None) -> Adapter:
         raise ToolkitError("a PEFT adapter needs the base model (--base base.gguf or a HF model folder) for its "
                            "architecture and head counts", p)
     arch = N.check_arch(base.arch, p)
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    state = load_file(str(st))
+    try:
+        state = load_file(str(st))
+    except (SafetensorError, OSError) as e:
+        raise ToolkitError(f"corrupt safetensors file ({str(e).splitlines()[0]})", str(st)) from None
     gguf_meta = _gguf_metadata_from_st(st)
     halves: dict[str, dict[str, Tensor]] = {}
     norms: dict[str, Tensor] = {}
@@ -510,6 +554,9 @@ def read_peft(path: str | Path, base: BaseInfo | None = None) -> Adapter:
             raise ToolkitError(f"'{module}' has no GGUF counterpart in a {arch} model", p)
         name = gg_mod + ".weight"
         a, b = ab["A"], ab["B"]
+        if a.ndim != 2 or b.ndim != 2 or 0 in a.shape or 0 in b.shape:
+            raise ToolkitError(f"'{module}': lora_A {list(a.shape)} and lora_B {list(b.shape)} must be 2-D and "
+                               f"non-empty", p)
         if a.shape[0] != b.shape[1]:
             raise ToolkitError(f"'{module}': lora_A rank {a.shape[0]} != lora_B rank {b.shape[1]}", p)
         r = int(_peft_pattern_value(rank_pattern, module, r_default))
@@ -698,7 +745,7 @@ def _gguf_metadata_from_st(path: Path) -> dict[str, Any]:
     try:
         return {k: GGUFValue(v, GGUFValueType(t), None if st is None else GGUFValueType(st))
                 for k, (v, t, st) in json.loads(raw).items()}
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, AttributeError):
         raise ToolkitError(f"corrupt {ST_GGUF_KEY} metadata", str(path)) from None
 
 

@@ -77,6 +77,13 @@ class ModelArgs:
     def from_gguf(cls, g: GGUFFile, **overrides: Any) -> "ModelArgs":
         """Everything from metadata (and tensor shapes where metadata is silent). overrides: field -> value
         (None values are ignored), e.g. rope_base / rope_scale / norm_eps from finetune's flags."""
+        try:
+            return cls._from_gguf(g, **overrides)
+        except (ValueError, TypeError, ZeroDivisionError, OverflowError) as e:  # a value of the wrong type or 0
+            raise ToolkitError(f"invalid model metadata ({type(e).__name__}: {str(e)[:120]})", g.path) from None
+
+    @classmethod
+    def _from_gguf(cls, g: GGUFFile, **overrides: Any) -> "ModelArgs":
         arch = g.arch
         if arch not in ARCHS:
             raise ToolkitError(f"unsupported architecture '{arch}' (supported: {', '.join(sorted(ARCHS))})", g.path)
@@ -592,9 +599,35 @@ def _norm(g: GGUFFile, name: str, dim: int, eps: float) -> RMSNorm:
     return n
 
 
+def _check_shapes(g: GGUFFile, args: ModelArgs) -> None:
+    """Every weight has the shape the metadata implies (llama.cpp's create_tensor checks): a corrupt file is one
+    clear line here instead of a shape error deep in a forward pass."""
+    if min(args.n_head, args.n_kv_head, args.head_dim, args.dim, args.ffn_dim, args.vocab_size) <= 0 or \
+            args.n_head % args.n_kv_head or args.rope_dim > args.head_dim or args.rope_dim % 2 or args.n_layer < 0:
+        raise ToolkitError(f"inconsistent hyperparameters: {args.n_head} heads, {args.n_kv_head} KV heads, head size "
+                           f"{args.head_dim}, rope dims {args.rope_dim}, width {args.dim}, ffn {args.ffn_dim}, "
+                           f"vocabulary {args.vocab_size}", g.path)
+    q, kv, d, f = args.n_head * args.head_dim, args.n_kv_head * args.head_dim, args.dim, args.ffn_dim
+    want = {"token_embd.weight": (args.vocab_size, d), "output.weight": (args.vocab_size, d)}
+    for i in range(args.n_layer):
+        p = f"blk.{i}."
+        want.update({p + "attn_q.weight": (q, d), p + "attn_k.weight": (kv, d), p + "attn_v.weight": (kv, d),
+                     p + "attn_qkv.weight": (q + 2 * kv, d), p + "attn_output.weight": (d, q),
+                     p + "ffn_gate.weight": (f, d), p + "ffn_down.weight": (d, f),
+                     p + "ffn_up.weight": (2 * f if args.fused_up else f, d)})
+    for name, shape in want.items():
+        t = g.tensors.get(name)
+        if t is not None and tuple(t.shape) != shape:
+            raise ToolkitError(f"tensor '{name}' has shape {list(t.shape)}, expected {list(shape)}", g.path)
+    n_tokens = len(g.get("tokenizer.ggml.tokens") or [])
+    if n_tokens > args.vocab_size:
+        raise ToolkitError(f"{n_tokens} tokens in the vocabulary but token_embd has {args.vocab_size} rows", g.path)
+
+
 def build(g: GGUFFile, dtype: torch.dtype = torch.float32, **overrides: Any) -> Transformer:
     """A Transformer over the tensors of an opened GGUF (on CPU, zero-copy where possible)."""
     args = ModelArgs.from_gguf(g, **overrides)
+    _check_shapes(g, args)
     model = Transformer(args)
     model._compute_dtype = dtype
     model.gguf = g

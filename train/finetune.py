@@ -624,6 +624,7 @@ def finetune(cfg: FinetuneConfig, on_iteration: Callable[[int, float], None] | N
     opt = make_optimizer(params, cfg)
     state = ck.TrainState()
     if resume is not None:
+        ck.check_resume(resume, params, opt, cfg.checkpoint_in)
         with torch.no_grad():
             for name, p in params.items():
                 if name not in resume.lora:
@@ -632,7 +633,11 @@ def finetune(cfg: FinetuneConfig, on_iteration: Callable[[int, float], None] | N
         if resume.optimizer_type != ("lbfgs" if cfg.use_lbfgs else "adam"):
             say(f"checkpoint used {resume.optimizer_type}: starting a fresh optimizer state")
         else:
-            opt.load_state_dict(resume.optimizer)
+            try:
+                opt.load_state_dict(resume.optimizer)
+            except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+                raise ToolkitError(f"corrupt optimizer state ({str(e)[:200]})", cfg.checkpoint_in) from None
+            ck.check_resume(resume, params, opt, cfg.checkpoint_in)
         state = resume.state
         ck.set_rng_state(resume.rng)
     order = SampleOrder(data.train, seed, state.shuffle, cfg.force_reshuffle, say)
