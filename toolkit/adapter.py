@@ -218,14 +218,18 @@ def read_adapter(path: str | Path, base: BaseInfo | GGUFFile | str | Path | None
     return adapter
 
 
-def _to_f32(t: TensorInfo) -> Tensor:
+def _to_f32(t: TensorInfo, path: str = "") -> Tensor:
     """Any GGUF tensor as float32 torch (F32/F16 straight, others through gguf-py's dequantize)."""
     if t.qtype in (Q.F32, Q.F16):
         arr = np.asarray(t.data, dtype=np.float32)
     else:
         from gguf.quants import dequantize
 
-        arr = dequantize(t.raw().numpy(), t.qtype)
+        try:
+            arr = dequantize(t.raw().numpy(), t.qtype)
+        except NotImplementedError:  # integer types (I8..I64) and the few gguf-py cannot read
+            raise ToolkitError(f"tensor '{t.name}' has type {t.qtype.name}, which a LoRA adapter cannot hold",
+                               path or None) from None
     return torch.from_numpy(np.array(arr, dtype=np.float32)).reshape(t.shape)
 
 
@@ -279,9 +283,9 @@ def read_gguf_adapter(path: str | Path, base: BaseInfo | None = None) -> Adapter
         if len(ta.shape) != 2 or len(tb.shape) != 2:
             raise ToolkitError(f"tensor '{name}': lora_a and lora_b must be 2-D", p)
         _check_gguf_shapes(name, ta.shape, tb.shape, base, p)
-        a, b = _to_f32(ta), _to_f32(tb)
+        a, b = _to_f32(ta, p), _to_f32(tb, p)
         tensors[name] = LoraPair(a.T.contiguous(), b) if is_embedding(name) else LoraPair(a, b)
-    norms = {n: _to_f32(t).reshape(-1) for n, t in norm_infos.items()}
+    norms = {n: _to_f32(t, p).reshape(-1) for n, t in norm_infos.items()}
     if norms or any(is_norm(n) for n in tensors):
         _warn_norms(p)
     meta = {k: v for k, v in g.types.items() if k not in _OWN_KEYS}
@@ -324,7 +328,7 @@ def _read_finetune_checkpoint(g: GGUFFile, base: BaseInfo | None) -> Adapter:
             tb = g.tensors.get(name[:-1] + "b")
             if tb is None:
                 raise ToolkitError(f"LoRA tensor pair for '{name[:-7]}' is missing one component (lora_b)", g.path)
-            tensors[name[:-7]] = _old_layout(_to_f32(t), _to_f32(tb), name[:-7])
+            tensors[name[:-7]] = _old_layout(_to_f32(t, g.path), _to_f32(tb, g.path), name[:-7])
     if not tensors:
         raise ToolkitError("finetune checkpoint holds no LoRA tensors", g.path)
     if any(is_norm(n) for n in tensors):

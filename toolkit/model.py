@@ -29,7 +29,7 @@ from .errors import ToolkitError
 from .gguf_io import GGUFFile, TensorInfo, open_gguf
 from .linear_group import drop_plans, group_forward, pack_plans
 from .lora import AdapterHost, last_version
-from .quants import QuantEmbedding, QuantLinear
+from .quants import DEQUANT_TYPES, QuantEmbedding, QuantLinear
 
 # llama.cpp's rope type per architecture (LLAMA_ROPE_TYPE_NORM = adjacent pairs, NEOX = two halves)
 ARCHS: dict[str, dict[str, Any]] = {
@@ -96,6 +96,8 @@ class ModelArgs:
             return v
 
         n_layer = int(need("block_count"))
+        if not 0 <= n_layer <= len(g.tensors):  # every block has tensors; a corrupt count must not loop for hours
+            raise ToolkitError(f"block_count {n_layer} does not fit the file's {len(g.tensors)} tensors", g.path)
         dim = int(need("embedding_length"))
         n_head = int(need("attention.head_count"))
         n_kv = g.arch_get("attention.head_count_kv", n_head)
@@ -619,6 +621,11 @@ def _check_shapes(g: GGUFFile, args: ModelArgs) -> None:
         t = g.tensors.get(name)
         if t is not None and tuple(t.shape) != shape:
             raise ToolkitError(f"tensor '{name}' has shape {list(t.shape)}, expected {list(shape)}", g.path)
+        if t is not None and t.qtype not in FLOAT_TYPES and t.qtype not in DEQUANT_TYPES:
+            raise ToolkitError(f"tensor '{name}' has type {t.qtype.name}, which has no dequantizer", g.path)
+    for name, t in g.tensors.items():
+        if name.endswith("norm.weight") and t.qtype not in FLOAT_TYPES:
+            raise ToolkitError(f"tensor '{name}' has type {t.qtype.name}; norms are float", g.path)
     n_tokens = len(g.get("tokenizer.ggml.tokens") or [])
     if n_tokens > args.vocab_size:
         raise ToolkitError(f"{n_tokens} tokens in the vocabulary but token_embd has {args.vocab_size} rows", g.path)

@@ -25,7 +25,7 @@ from toolkit.errors import ToolkitError
 from toolkit.fileutil import atomic_path
 from toolkit.gguf_io import TensorSpec, open_gguf, write_gguf
 
-from .data import ShuffleState
+from .data import ShuffleState, _mt_from_str
 
 FILE_VERSION = 1
 TRAINING_TYPE = "toolkit_finetune_lora"  # not llama.cpp's "finetune_lora": a different tensor layout
@@ -188,7 +188,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         opt_json = json.loads(g.get("optimizer.state", "{}"))
         _check_state(state)
         _check_config(config)
-    except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
+        if state.shuffle.rng_state:
+            _mt_from_str(state.shuffle.rng_state)
+    except (json.JSONDecodeError, TypeError, ValueError, AttributeError, ToolkitError) as e:
         raise ToolkitError(f"corrupt checkpoint metadata ({str(e)[:200]})", str(path)) from None
     lora, opt_t, rng = {}, {}, {}
     for name, info in g.tensors.items():
@@ -219,12 +221,13 @@ _NP_TYPES = {Q.F32, Q.I64, Q.I32, Q.I8, Q.F64}
 def _check_state(st: TrainState) -> None:
     """Field types as save_checkpoint writes them (JSON may hold anything); ValueError names the first bad one."""
     def is_int(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63
 
     def is_num(v: Any) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool)
 
-    checks = [("iteration", is_int(st.iteration)), ("tokens", is_int(st.tokens)),
+    checks = [("iteration", is_int(st.iteration) and st.iteration < 2**32),  # saved as UINT32
+              ("tokens", is_int(st.tokens)),
               ("best_loss", is_num(st.best_loss)), ("prev_loss", is_num(st.prev_loss)),
               ("no_improvement", is_int(st.no_improvement)),
               ("past_losses", isinstance(st.past_losses, list) and all(map(is_num, st.past_losses))),
@@ -254,8 +257,13 @@ def check_resume(ck: Checkpoint, params: dict[str, torch.Tensor], opt: torch.opt
         if t is not None and tuple(t.shape) != tuple(p.shape):
             raise ToolkitError(f"checkpoint tensor '{name}' is {list(t.shape)}, the adapter needs {list(p.shape)}",
                                path)
+    if not isinstance(opt, torch.optim.Adam | torch.optim.AdamW):
+        return  # L-BFGS keeps flat whole-model tensors on its first parameter
     for p in params.values():
-        for k, v in opt.state.get(p, {}).items():
+        st = opt.state.get(p, {})
+        if st and not {"step", "exp_avg", "exp_avg_sq"} <= set(st):
+            raise ToolkitError("corrupt optimizer state: an Adam moment is missing", path)
+        for k, v in st.items():
             ok = isinstance(v, torch.Tensor) and (v.ndim == 0 or tuple(v.shape) == tuple(p.shape)) \
                 or isinstance(v, (int, float)) and not isinstance(v, bool)
             if not ok:
