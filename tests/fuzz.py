@@ -22,7 +22,7 @@ import sys
 import time
 import traceback
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -592,7 +592,7 @@ KNOWN: list[tuple[str, Any]] = [
 ]
 
 
-def _child(corpus: Corpus, case: Case, case_dir: Path, timeout: float) -> None:
+def _child(corpus: Corpus, case: Case, case_dir: Path) -> None:
     """In the forked child: mutate, run the command with fds 1/2 on a file, write result.json, _exit."""
     code = 0
     res: dict[str, Any] = {}
@@ -711,7 +711,7 @@ def run_cases(corpus: Corpus, cases: list[Case], jobs: int = 2, timeout: float =
             shutil.rmtree(case_dir, ignore_errors=True)
             pid = os.fork()
             if pid == 0:
-                _child(corpus, case, case_dir, timeout)
+                _child(corpus, case, case_dir)
             running[pid] = (i, case, case_dir, time.monotonic())
         time.sleep(0.005)
         for pid, (i, case, case_dir, t0) in list(running.items()):

@@ -88,6 +88,23 @@ REGRESSIONS: list[tuple[str, Case, str]] = [
 ]
 
 
+# Hostile sizes must be refused from the header, before anything is allocated (not found failing; kept as guards).
+GUARDS: list[tuple[str, Case, str]] = [
+    ("string-length-2^40", Case(0, "model", "infer", {
+        "kind": "field", "field": "kv:general.name:len", "value": 1 << 40}), "string runs past the end"),
+    ("string-array-count-2^40", Case(0, "model", "infer", {
+        "kind": "field", "field": "kv:tokenizer.ggml.tokens:count", "value": 1 << 40}), "array of 1099511627776"),
+    ("tensor-count-2^40", Case(0, "adapter", "convert", {
+        "kind": "field", "field": "header:n_tensors", "value": 1 << 40}), "cannot fit"),
+    ("tensor-name-length-2^63", Case(0, "adapter", "export", {
+        "kind": "field", "field": "ti:blk.0.attn_q.weight.lora_a:name_len", "value": 1 << 63}), "runs past the end"),
+    ("tensor-dims-2^62", Case(0, "model", "infer", {
+        "kind": "field", "field": "ti:output_norm.weight:ne0", "value": 1 << 62}), "runs past the end"),
+    ("ggla-name-length-2^31-1", Case(0, "ggla", "convert", {
+        "kind": "field", "field": "t:blk.0.attn_v.weight.loraB:name_len", "value": (1 << 31) - 1}), "corrupt GGLA"),
+]
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return fuzz.build_corpus(tmp_path_factory.mktemp("fuzz"))
@@ -108,9 +125,10 @@ def test_fuzz_200_cases(corpus):
     assert total["exit1"] >= 100 and total["exit0"] >= 5, total
 
 
-def test_found_defects_stay_fixed(corpus):
-    results = fuzz.run_cases(corpus, [case for _, case, _ in REGRESSIONS], jobs=2, timeout=120)
-    for (name, _, words), r in zip(REGRESSIONS, results):
+def test_found_defects_stay_fixed_and_hostile_sizes_are_refused(corpus):
+    cases = REGRESSIONS + GUARDS
+    results = fuzz.run_cases(corpus, [case for _, case, _ in cases], jobs=2, timeout=120)
+    for (name, _, words), r in zip(cases, results):
         assert r.outcome == "exit1", f"{name}: {fuzz.describe(r)}"
         assert words in r.stderr.strip().splitlines()[-1], f"{name}: {r.stderr[-500:]}"
 
