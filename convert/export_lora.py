@@ -128,6 +128,11 @@ def export_lora(base: str | Path, out: str | Path, loras: Sequence[tuple[str, fl
         raise ToolkitError("output would overwrite the base model", str(out))
     adapters = load_adapters(g, loras)
     touched = {n for ad, _ in adapters for n in (*ad.tensors, *ad.norms)}
+    from toolkit.quants import DEQUANT_TYPES
+
+    for n in sorted(touched & set(g.tensors)):  # before the output file is started
+        if g.tensors[n].qtype not in DEQUANT_TYPES:
+            raise ToolkitError(f"tensor '{n}' has type {g.tensors[n].qtype.name}, which has no dequantizer", g.path)
     types = {n: (out_type(g, n, outtype) if n in touched else ti.qtype) for n, ti in g.tensors.items()}
     meta = copy_metadata(g)
     meta["general.file_type"] = file_type(types, g)
