@@ -116,9 +116,16 @@ class BaseInfo:
         def first(v: Any) -> int:
             return int(v[0] if isinstance(v, list) else v)
 
-        n_head = first(g.arch_get("attention.head_count", 0))
-        n_kv = first(g.arch_get("attention.head_count_kv", n_head))
+        try:
+            n_head = first(g.arch_get("attention.head_count", 0))
+            n_kv = first(g.arch_get("attention.head_count_kv", n_head))
+        except (ValueError, TypeError, IndexError):
+            raise ToolkitError("attention.head_count / head_count_kv are not integers", g.path) from None
         shapes = {n: t.shape for n, t in g.tensors.items()}
+        for name, shape in shapes.items():  # q/k rows are permuted over the heads: the counts must split them
+            heads = N.qk_heads(name, n_head, n_kv)
+            if heads is not None and shape and (heads <= 0 or shape[0] % (2 * heads)):
+                raise ToolkitError(f"tensor '{name}' has {shape[0]} rows, which {heads} heads cannot split", g.path)
         return cls(g.arch, n_head, n_kv, shapes, "output.weight" not in shapes, str(g.get("general.name", "")), g.path)
 
     @classmethod

@@ -263,6 +263,12 @@ def check_resume(ck: Checkpoint, params: dict[str, torch.Tensor], opt: torch.opt
         st = opt.state.get(p, {})
         if st and not {"step", "exp_avg", "exp_avg_sq"} <= set(st):
             raise ToolkitError("corrupt optimizer state: an Adam moment is missing", path)
+        if st and not all(isinstance(st[k], torch.Tensor) for k in ("exp_avg", "exp_avg_sq")):
+            raise ToolkitError("corrupt optimizer state: an Adam moment is not a tensor", path)
+        step = st.get("step", 1)
+        scalar = isinstance(step, torch.Tensor) and step.numel() == 1 or type(step) in (int, float)
+        if not (scalar and float(step) >= 1):  # Adam divides by 1 - beta^step (states exist only after a step)
+            raise ToolkitError(f"corrupt optimizer state: step {step!r:.40}", path)
         for k, v in st.items():
             ok = isinstance(v, torch.Tensor) and (v.ndim == 0 or tuple(v.shape) == tuple(p.shape)) \
                 or isinstance(v, (int, float)) and not isinstance(v, bool)

@@ -84,6 +84,16 @@ REGRESSIONS: list[tuple[str, Case, str]] = [
     # found at base seed 200000: export-lora's "dequantizing MXFP4 is not supported" named no file
     ("export-base-weight-mxfp4", Case(200288, "model", "export", {
         "kind": "field", "field": "ti:blk.0.attn_v.weight:type", "value": 39}), "has no dequantizer"),
+    ("checkpoint-adam-step-0", Case(201485, "checkpoint", "finetune", {
+        "kind": "json", "key": "optimizer.state", "path": ["__dict__", 0, 1, "__dict__", 1, 1, "__dict__", 0, 1],
+        "value": -1}), "step"),
+    ("checkpoint-adam-moment-number", Case(201302, "checkpoint", "finetune", {
+        "kind": "json", "key": "optimizer.state", "path": ["__dict__", 0, 1, "__dict__", 2, 1, "__dict__", 1, 1],
+        "value": -1}), "not a tensor"),
+    # names.permute_rows' "cannot permute 32 rows over 4294967295 heads" named no file
+    ("convert-base-head-count-2^32-1", Case(201420, "model", "convert", {
+        "kind": "field", "field": "kv:llama.attention.head_count:value", "value": (1 << 32) - 1}),
+     "heads cannot split"),
     ("model-ffn-down-rows", Case(1235, "model", "infer", {
         "kind": "field", "field": "ti:blk.0.ffn_down.weight:ne1", "value": 5}), "expected [32, 64]"),
     ("model-head-count", Case(1509, "model", "infer", {
