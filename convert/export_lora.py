@@ -37,6 +37,7 @@ from toolkit.merge import (
     merged_weight,
     touched,
 )
+from toolkit.quants import DEQUANT_TYPES
 
 from .quantize import ALIASES, FTYPES, fallback, parse_ftype
 
@@ -108,6 +109,9 @@ def export_lora(base: str | Path, out: str | Path, loras: Sequence[tuple[str, fl
         raise ToolkitError("output would overwrite the base model", str(out))
     adapters = load_adapters(g, loras)
     changed = touched(adapters)
+    for n in sorted(changed & set(g.tensors)):  # before the output file is started
+        if g.tensors[n].qtype not in DEQUANT_TYPES:
+            raise ToolkitError(f"tensor '{n}' has type {g.tensors[n].qtype.name}, which has no dequantizer", g.path)
     names = tensor_names(g, adapters)
     shapes = {n: merged_shape(g, n, adapters) if n in changed else g.tensors[base_tensor_name(g, n)].shape
               for n in names}

@@ -146,9 +146,16 @@ class BaseInfo:
         def first(v: Any) -> int:
             return int(v[0] if isinstance(v, list) else v)
 
-        n_head = first(g.arch_get("attention.head_count", 0))
-        n_kv = first(g.arch_get("attention.head_count_kv", n_head))
+        try:
+            n_head = first(g.arch_get("attention.head_count", 0))
+            n_kv = first(g.arch_get("attention.head_count_kv", n_head))
+        except (ValueError, TypeError, IndexError):
+            raise ToolkitError("attention.head_count / head_count_kv are not integers", g.path) from None
         shapes = {n: t.shape for n, t in g.tensors.items()}
+        for name, shape in shapes.items():  # q/k rows are permuted over the heads: the counts must split them
+            heads = N.qk_heads(name, n_head, n_kv)
+            if heads is not None and shape and (heads <= 0 or shape[0] % (2 * heads)):
+                raise ToolkitError(f"tensor '{name}' has {shape[0]} rows, which {heads} heads cannot split", g.path)
         return cls(g.arch, n_head, n_kv, shapes, "output.weight" not in shapes, str(g.get("general.name", "")), g.path)
 
     @classmethod
@@ -258,14 +265,18 @@ def read_adapter(path: str | Path, base: BaseInfo | GGUFFile | str | Path | None
     return adapter
 
 
-def _to_f32(t: TensorInfo) -> Tensor:
+def _to_f32(t: TensorInfo, path: str = "") -> Tensor:
     """Any GGUF tensor as float32 torch (F32/F16 straight, others through gguf-py's dequantize)."""
     if t.qtype in (Q.F32, Q.F16):
         arr = np.asarray(t.data, dtype=np.float32)
     else:
         from gguf.quants import dequantize
 
-        arr = dequantize(t.raw().numpy(), t.qtype)
+        try:
+            arr = dequantize(t.raw().numpy(), t.qtype)
+        except NotImplementedError:  # integer types (I8..I64) and the few gguf-py cannot read
+            raise ToolkitError(f"tensor '{t.name}' has type {t.qtype.name}, which a LoRA adapter cannot hold",
+                               path or None) from None
     return torch.from_numpy(np.array(arr, dtype=np.float32)).reshape(t.shape)
 
 
@@ -319,9 +330,9 @@ def read_gguf_adapter(path: str | Path, base: BaseInfo | None = None) -> Adapter
         if len(ta.shape) != 2 or len(tb.shape) != 2:
             raise ToolkitError(f"tensor '{name}': lora_a and lora_b must be 2-D", p)
         _check_gguf_shapes(name, ta.shape, tb.shape, base, p)
-        a, b = _to_f32(ta), _to_f32(tb)
+        a, b = _to_f32(ta, p), _to_f32(tb, p)
         tensors[name] = LoraPair(a.T.contiguous(), b) if is_embedding(name) else LoraPair(a, b)
-    norms = {n: _to_f32(t).reshape(-1) for n, t in norm_infos.items()}
+    norms = {n: _to_f32(t, p).reshape(-1) for n, t in norm_infos.items()}
     if norms or any(is_norm(n) for n in tensors):
         _warn_norms(p)
     meta = {k: v for k, v in g.types.items() if k not in _OWN_KEYS}
@@ -364,7 +375,7 @@ def _read_finetune_checkpoint(g: GGUFFile, base: BaseInfo | None) -> Adapter:
             tb = g.tensors.get(name[:-1] + "b")
             if tb is None:
                 raise ToolkitError(f"LoRA tensor pair for '{name[:-7]}' is missing one component (lora_b)", g.path)
-            tensors[name[:-7]] = _old_layout(_to_f32(t), _to_f32(tb), name[:-7])
+            tensors[name[:-7]] = _old_layout(_to_f32(t, g.path), _to_f32(tb, g.path), name[:-7])
     if not tensors:
         raise ToolkitError("finetune checkpoint holds no LoRA tensors", g.path)
     if any(is_norm(n) for n in tensors):
@@ -396,7 +407,11 @@ def read_ggla(path: str | Path, base: BaseInfo | None = None) -> Adapter:
         pos += 12
         if not 1 <= n_dims <= 2 or ftype not in (0, 1) or not 0 < name_len < 512:
             raise ToolkitError(f"corrupt GGLA tensor header at byte {pos - 12}", p)
+        if pos + 4 * n_dims > len(buf):
+            raise ToolkitError("truncated GGLA tensor header", p)
         ne = struct.unpack_from(f"<{n_dims}i", buf, pos)
+        if min(ne) <= 0:
+            raise ToolkitError(f"corrupt GGLA tensor header at byte {pos - 12}: dimensions {list(ne)}", p)
         pos += 4 * n_dims
         name = buf[pos:pos + name_len].decode("utf-8", "replace")
         pos = (pos + name_len + 31) & -32
@@ -423,6 +438,9 @@ def read_ggla(path: str | Path, base: BaseInfo | None = None) -> Adapter:
             b = b.reshape(-1, 1)
         gg = _ggla_name(stem, p)
         pair = _old_layout(a, b, gg)
+        if pair.a.shape[0] != pair.b.shape[1]:
+            raise ToolkitError(f"GGLA tensors '{stem}.loraA' {list(a.shape)} and '{stem}.loraB' {list(b.shape)} have "
+                               f"different ranks", p)
         if pair.rank != r:  # the old loader scaled every tensor by alpha / r of the header
             pair = LoraPair(pair.a, pair.b * (pair.rank / r))
         tensors[gg] = pair
@@ -468,6 +486,38 @@ def _peft_pattern_value(patterns: Mapping[str, Any], module: str, default: Any) 
     return default
 
 
+def _check_peft_config(cfg: Any, p: str) -> None:
+    """The fields read_peft uses, with the types PEFT writes (a corrupt config is one clear line, not a crash)."""
+    if not isinstance(cfg, dict):
+        raise ToolkitError(f"adapter_config.json holds a {type(cfg).__name__}, not an object", p)
+
+    def positive(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if "r" in cfg and not (positive(cfg["r"]) and float(cfg["r"]).is_integer()):
+        raise ToolkitError(f"adapter_config.json: r is {cfg['r']!r}, not a positive integer", p)
+    if "lora_alpha" in cfg and not number(cfg["lora_alpha"]):
+        raise ToolkitError(f"adapter_config.json: lora_alpha is {cfg['lora_alpha']!r}, not a number", p)
+    for key, ok in (("rank_pattern", positive), ("alpha_pattern", number)):
+        pat = cfg.get(key)
+        if pat is None:
+            continue
+        if not isinstance(pat, dict) or not all(ok(v) for v in pat.values()):
+            raise ToolkitError(f"adapter_config.json: {key} must map module patterns to numbers", p)
+        for k in pat:
+            try:
+                re.compile(k)
+            except re.error as e:
+                raise ToolkitError(f"adapter_config.json: {key} key {k!r} is not a regular expression ({e})", p) \
+                    from None
+    mts = cfg.get("modules_to_save")
+    if mts is not None and not (isinstance(mts, list) and all(isinstance(m, str) for m in mts)):
+        raise ToolkitError("adapter_config.json: modules_to_save must be a list of module names", p)
+
+
 def _peft_refusals(cfg: dict[str, Any], p: str) -> None:
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ToolkitError(f"peft_type '{cfg.get('peft_type')}' is not supported (only LORA)", p)
@@ -485,8 +535,9 @@ def read_peft(path: str | Path, base: BaseInfo | None = None) -> Adapter:
         raise ToolkitError("not a PEFT adapter: no adapter_config.json", p)
     try:
         cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ToolkitError(f"adapter_config.json is not valid JSON ({e.msg})", p) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ToolkitError(f"adapter_config.json is not valid JSON ({getattr(e, 'msg', e)})", p) from None
+    _check_peft_config(cfg, p)
     _peft_refusals(cfg, p)
     st = d / "adapter_model.safetensors"
     if not st.is_file():
@@ -497,9 +548,13 @@ def read_peft(path: str | Path, base: BaseInfo | None = None) -> Adapter:
         raise ToolkitError("a PEFT adapter needs the base model (--base base.gguf or a HF model folder) for its "
                            "architecture and head counts", p)
     arch = N.check_arch(base.arch, p)
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    state = load_file(str(st))
+    try:
+        state = load_file(str(st))
+    except (SafetensorError, OSError) as e:
+        raise ToolkitError(f"corrupt safetensors file ({str(e).splitlines()[0]})", str(st)) from None
     gguf_meta = _gguf_metadata_from_st(st)
     halves: dict[str, dict[str, Tensor]] = {}
     norms: dict[str, Tensor] = {}
@@ -552,6 +607,9 @@ def read_peft(path: str | Path, base: BaseInfo | None = None) -> Adapter:
         if "A" not in ab and "B" not in ab:
             raise ToolkitError(f"'{module}' has a DoRA magnitude but no lora_A / lora_B", p)
         a, b, m = ab["A"], ab["B"], ab.get("m")
+        if a.ndim != 2 or b.ndim != 2 or 0 in a.shape or 0 in b.shape:
+            raise ToolkitError(f"'{module}': lora_A {list(a.shape)} and lora_B {list(b.shape)} must be 2-D and "
+                               f"non-empty", p)
         if m is not None and is_embedding(name):
             raise ToolkitError(f"'{module}': DoRA on an embedding is not supported (only on linear layers)", p)
         if a.shape[0] != b.shape[1]:
@@ -836,7 +894,7 @@ def _gguf_metadata_from_st(path: Path) -> dict[str, Any]:
     try:
         return {k: GGUFValue(v, GGUFValueType(t), None if st is None else GGUFValueType(st))
                 for k, (v, t, st) in json.loads(raw).items()}
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, AttributeError):
         raise ToolkitError(f"corrupt {ST_GGUF_KEY} metadata", str(path)) from None
 
 

@@ -5,6 +5,7 @@ Shapes here are torch order (rows first): a GGUF tensor with ggml ne = [n_embd, 
 """
 from __future__ import annotations
 
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -219,18 +220,21 @@ def open_gguf(path: str | os.PathLike) -> GGUFFile:
         if qtype not in GGML_QUANT_SIZES:
             raise ToolkitError(f"tensor '{name}' has unknown type {raw_type}", str(p))
         infos.append((name, qtype, tuple(reversed(ne)), offset))
-    alignment = int(metadata.get("general.alignment", 32))
-    if alignment <= 0 or alignment & (alignment - 1):
+    alignment = metadata.get("general.alignment", 32)
+    if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):
         raise ToolkitError(f"invalid general.alignment {alignment}", str(p))
     data_start = -(-cur.pos // alignment) * alignment
     tensors: dict[str, TensorInfo] = {}
     for name, qtype, shape, offset in infos:
         if name in tensors:
             raise ToolkitError(f"duplicate tensor '{name}'", str(p))
-        n_el = int(np.prod(shape)) if shape else 1
+        n_el = math.prod(shape)  # Python ints: a corrupt dimension must not wrap around as numpy's int64 does
         block, bsize = GGML_QUANT_SIZES[qtype]
         if shape and shape[-1] % block:
             raise ToolkitError(f"tensor '{name}': row of {shape[-1]} is not a multiple of {qtype.name}'s block", str(p))
+        if offset % alignment:  # llama.cpp refuses these too; an odd offset would give unaligned views
+            raise ToolkitError(f"tensor '{name}' has offset {offset}, not a multiple of the alignment {alignment}",
+                               str(p))
         nbytes = n_el // block * bsize
         start = data_start + offset
         if start + nbytes > size:

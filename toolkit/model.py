@@ -28,7 +28,7 @@ from .errors import ToolkitError
 from .gguf_io import GGUFFile, TensorInfo, open_gguf
 from .linear_group import RowAdapters, drop_plans, group_forward
 from .lora import AdapterHost, LoRAEmbedding
-from .quants import QuantEmbedding, QuantLinear
+from .quants import DEQUANT_TYPES, QuantEmbedding, QuantLinear
 
 # llama.cpp's rope type per architecture (LLAMA_ROPE_TYPE_NORM = adjacent pairs, NEOX = two halves)
 ARCHS: dict[str, dict[str, Any]] = {
@@ -76,6 +76,13 @@ class ModelArgs:
     def from_gguf(cls, g: GGUFFile, **overrides: Any) -> "ModelArgs":
         """Everything from metadata (and tensor shapes where metadata is silent). overrides: field -> value
         (None values are ignored), e.g. rope_base / rope_scale / norm_eps from finetune's flags."""
+        try:
+            return cls._from_gguf(g, **overrides)
+        except (ValueError, TypeError, ZeroDivisionError, OverflowError) as e:  # a value of the wrong type or 0
+            raise ToolkitError(f"invalid model metadata ({type(e).__name__}: {str(e)[:120]})", g.path) from None
+
+    @classmethod
+    def _from_gguf(cls, g: GGUFFile, **overrides: Any) -> "ModelArgs":
         arch = g.arch
         if arch not in ARCHS:
             raise ToolkitError(f"unsupported architecture '{arch}' (supported: {', '.join(sorted(ARCHS))})", g.path)
@@ -88,6 +95,8 @@ class ModelArgs:
             return v
 
         n_layer = int(need("block_count"))
+        if not 0 <= n_layer <= len(g.tensors):  # every block has tensors; a corrupt count must not loop for hours
+            raise ToolkitError(f"block_count {n_layer} does not fit the file's {len(g.tensors)} tensors", g.path)
         dim = int(need("embedding_length"))
         n_head = int(need("attention.head_count"))
         n_kv = g.arch_get("attention.head_count_kv", n_head)
@@ -624,10 +633,41 @@ def _norm(g: GGUFFile, name: str, dim: int, eps: float) -> RMSNorm:
     return n
 
 
+def _check_shapes(g: GGUFFile, args: ModelArgs) -> None:
+    """Every weight has the shape the metadata implies (llama.cpp's create_tensor checks): a corrupt file is one
+    clear line here instead of a shape error deep in a forward pass."""
+    if min(args.n_head, args.n_kv_head, args.head_dim, args.dim, args.ffn_dim, args.vocab_size) <= 0 or \
+            args.n_head % args.n_kv_head or args.rope_dim > args.head_dim or args.rope_dim % 2 or args.n_layer < 0:
+        raise ToolkitError(f"inconsistent hyperparameters: {args.n_head} heads, {args.n_kv_head} KV heads, head size "
+                           f"{args.head_dim}, rope dims {args.rope_dim}, width {args.dim}, ffn {args.ffn_dim}, "
+                           f"vocabulary {args.vocab_size}", g.path)
+    q, kv, d, f = args.n_head * args.head_dim, args.n_kv_head * args.head_dim, args.dim, args.ffn_dim
+    want = {"token_embd.weight": (args.vocab_size, d), "output.weight": (args.vocab_size, d)}
+    for i in range(args.n_layer):
+        p = f"blk.{i}."
+        want.update({p + "attn_q.weight": (q, d), p + "attn_k.weight": (kv, d), p + "attn_v.weight": (kv, d),
+                     p + "attn_qkv.weight": (q + 2 * kv, d), p + "attn_output.weight": (d, q),
+                     p + "ffn_gate.weight": (f, d), p + "ffn_down.weight": (d, f),
+                     p + "ffn_up.weight": (2 * f if args.fused_up else f, d)})
+    for name, shape in want.items():
+        t = g.tensors.get(name)
+        if t is not None and tuple(t.shape) != shape:
+            raise ToolkitError(f"tensor '{name}' has shape {list(t.shape)}, expected {list(shape)}", g.path)
+        if t is not None and t.qtype not in FLOAT_TYPES and t.qtype not in DEQUANT_TYPES:
+            raise ToolkitError(f"tensor '{name}' has type {t.qtype.name}, which has no dequantizer", g.path)
+    for name, t in g.tensors.items():
+        if name.endswith("norm.weight") and t.qtype not in FLOAT_TYPES:
+            raise ToolkitError(f"tensor '{name}' has type {t.qtype.name}; norms are float", g.path)
+    n_tokens = len(g.get("tokenizer.ggml.tokens") or [])
+    if n_tokens > args.vocab_size:
+        raise ToolkitError(f"{n_tokens} tokens in the vocabulary but token_embd has {args.vocab_size} rows", g.path)
+
+
 def build(g: GGUFFile, dtype: torch.dtype = torch.float32, **overrides: Any) -> Transformer:
     """A Transformer over the tensors of an opened GGUF (on CPU, zero-copy where possible). Quantized linears
     start in set_weight_mode's "train" state (packed, dequantized on use); load() sets the mode it is asked for."""
     args = ModelArgs.from_gguf(g, **overrides)
+    _check_shapes(g, args)
     model = Transformer(args)
     model._compute_dtype = dtype
     model.gguf = g

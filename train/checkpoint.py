@@ -25,7 +25,7 @@ from toolkit.errors import ToolkitError
 from toolkit.fileutil import atomic_path
 from toolkit.gguf_io import TensorSpec, open_gguf, write_gguf
 
-from .data import ShuffleState
+from .data import ShuffleState, _mt_from_str
 
 FILE_VERSION = 1
 TRAINING_TYPE = "toolkit_finetune_lora"  # not llama.cpp's "finetune_lora": a different tensor layout
@@ -186,10 +186,16 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         state = TrainState.from_json(json.loads(g.get("training.state")))
         config = json.loads(g.get("training.config", "{}"))
         opt_json = json.loads(g.get("optimizer.state", "{}"))
-    except (json.JSONDecodeError, TypeError) as e:
-        raise ToolkitError(f"corrupt checkpoint metadata ({e})", str(path)) from None
+        _check_state(state)
+        _check_config(config)
+        if state.shuffle.rng_state:
+            _mt_from_str(state.shuffle.rng_state)
+    except (json.JSONDecodeError, TypeError, ValueError, AttributeError, ToolkitError) as e:
+        raise ToolkitError(f"corrupt checkpoint metadata ({str(e)[:200]})", str(path)) from None
     lora, opt_t, rng = {}, {}, {}
     for name, info in g.tensors.items():
+        if info.qtype not in _NP_TYPES:
+            raise ToolkitError(f"tensor '{name}' has type {info.qtype.name}, which checkpoints never hold", str(path))
         t = _tensor(info)
         if name.startswith("opt."):
             opt_t[name] = t
@@ -197,8 +203,77 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             rng[name[4:]] = t
         else:
             lora[name] = t
-    return Checkpoint(lora, _unflatten(opt_json, opt_t), str(g.get("optimizer.type", "adam")), state, config, rng,
-                      g.arch)
+    if "torch" in rng:
+        try:  # a generator of our own: a corrupt state must not touch the global one
+            torch.Generator().set_state(rng["torch"].to(torch.uint8))
+        except RuntimeError as e:
+            raise ToolkitError(f"corrupt RNG state ({str(e)[:200]})", str(path)) from None
+    try:
+        optimizer = _unflatten(opt_json, opt_t)
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        raise ToolkitError(f"corrupt optimizer state ({type(e).__name__}: {str(e)[:200]})", str(path)) from None
+    return Checkpoint(lora, optimizer, str(g.get("optimizer.type", "adam")), state, config, rng, g.arch)
+
+
+_NP_TYPES = {Q.F32, Q.I64, Q.I32, Q.I8, Q.F64}
+
+
+def _check_state(st: TrainState) -> None:
+    """Field types as save_checkpoint writes them (JSON may hold anything); ValueError names the first bad one."""
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63
+
+    def is_num(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    checks = [("iteration", is_int(st.iteration) and st.iteration < 2**32),  # saved as UINT32
+              ("tokens", is_int(st.tokens)),
+              ("best_loss", is_num(st.best_loss)), ("prev_loss", is_num(st.prev_loss)),
+              ("no_improvement", is_int(st.no_improvement)),
+              ("past_losses", isinstance(st.past_losses, list) and all(map(is_num, st.past_losses))),
+              ("shuffle.rng_state", isinstance(st.shuffle.rng_state, str))]
+    checks += [(f"shuffle.{k}", is_int(getattr(st.shuffle, k))) for k in
+               ("samples_hash", "sample_count", "next_sample", "epochs", "train_samples")]
+    bad = [k for k, ok in checks if not ok]
+    if bad:
+        raise ValueError(f"training.state: {bad[0]} has the wrong type")
+
+
+def _check_config(config: Any) -> None:
+    lora = config.get("lora", {}) if isinstance(config, dict) else None
+    ranks = lora.get("ranks", {}) if isinstance(lora, dict) else None
+    if not isinstance(ranks, dict) or not all(type(r) is int and r > 0 for r in ranks.values()):
+        raise ValueError("training.config: lora.ranks must map tensor names to positive ranks")
+    alpha = lora.get("alpha", 0.0)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        raise ValueError("training.config: lora.alpha must be a number")
+
+
+def check_resume(ck: Checkpoint, params: dict[str, torch.Tensor], opt: torch.optim.Optimizer, path: str) -> None:
+    """Before resuming: the LoRA tensors have the shapes of the parameters they restore, and the optimizer's
+    state (already loaded into `opt`) holds, per parameter, numbers or tensors of the parameter's shape."""
+    for name, p in params.items():
+        t = ck.lora.get(name)
+        if t is not None and tuple(t.shape) != tuple(p.shape):
+            raise ToolkitError(f"checkpoint tensor '{name}' is {list(t.shape)}, the adapter needs {list(p.shape)}",
+                               path)
+    if not isinstance(opt, torch.optim.Adam | torch.optim.AdamW):
+        return  # L-BFGS keeps flat whole-model tensors on its first parameter
+    for p in params.values():
+        st = opt.state.get(p, {})
+        if st and not {"step", "exp_avg", "exp_avg_sq"} <= set(st):
+            raise ToolkitError("corrupt optimizer state: an Adam moment is missing", path)
+        if st and not all(isinstance(st[k], torch.Tensor) for k in ("exp_avg", "exp_avg_sq")):
+            raise ToolkitError("corrupt optimizer state: an Adam moment is not a tensor", path)
+        step = st.get("step", 1)
+        scalar = isinstance(step, torch.Tensor) and step.numel() == 1 or type(step) in (int, float)
+        if not (scalar and float(step) >= 1):  # Adam divides by 1 - beta^step (states exist only after a step)
+            raise ToolkitError(f"corrupt optimizer state: step {step!r:.40}", path)
+        for k, v in st.items():
+            ok = isinstance(v, torch.Tensor) and (v.ndim == 0 or tuple(v.shape) == tuple(p.shape)) \
+                or isinstance(v, (int, float)) and not isinstance(v, bool)
+            if not ok:
+                raise ToolkitError(f"corrupt optimizer state: '{k}' does not fit its parameter", path)
 
 
 def save_with_latest(path_pattern: str, it_pattern: str, latest: str, iteration: int, write) -> list[str]:

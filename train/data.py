@@ -300,8 +300,14 @@ def _mt_from_str(state: str) -> np.random.MT19937:
     if len(parts) != MT_N + 1:
         raise ToolkitError("checkpoint has a malformed shuffle RNG state")
     bg = np.random.MT19937()
-    bg.state = {"bit_generator": "MT19937",
-                "state": {"key": np.asarray([int(x) for x in parts[:MT_N]], np.uint32), "pos": int(parts[MT_N])}}
+    try:
+        key = [int(x) for x in parts[:MT_N]]
+        if not all(0 <= k < 2**32 for k in key):
+            raise ValueError("key out of range")
+        bg.state = {"bit_generator": "MT19937",
+                    "state": {"key": np.asarray(key, np.uint32), "pos": int(parts[MT_N])}}
+    except (ValueError, OverflowError, TypeError):
+        raise ToolkitError("checkpoint has a malformed shuffle RNG state") from None
     return bg
 
 

@@ -196,6 +196,7 @@ def _lora_layout(cfg: FinetuneConfig, g: Any, args: Any, resume_from: ck.Checkpo
 
 def resume(run: Run, c: ck.Checkpoint) -> None:
     """The checkpoint's LoRA, optimizer moments, counters and RNG (its counters are global: any process count)."""
+    ck.check_resume(c, run.params, run.opt, run.cfg.checkpoint_in)
     with torch.no_grad():
         for name, p in run.params.items():
             if name not in c.lora:
@@ -204,7 +205,11 @@ def resume(run: Run, c: ck.Checkpoint) -> None:
     if c.optimizer_type != run.optimizer_type:
         say(f"checkpoint used {c.optimizer_type}: starting a fresh optimizer state")
     else:
-        run.opt.load_state_dict(c.optimizer)
+        try:
+            run.opt.load_state_dict(c.optimizer)
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+            raise ToolkitError(f"corrupt optimizer state ({str(e)[:200]})", run.cfg.checkpoint_in) from None
+        ck.check_resume(c, run.params, run.opt, run.cfg.checkpoint_in)
     run.state = c.state
     _restore_rng(run, c.rng, c.state.iteration)
 
