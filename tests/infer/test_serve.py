@@ -485,6 +485,73 @@ def test_official_openai_client(tiny_server):
         client.completions.create(model="x", prompt="hi", max_tokens=-1)
 
 
+def test_openai_16_streams_over_4_adapter_sets_equal_solo(tiny_server):
+    """16 concurrent streaming requests (official client) over 4 adapter sets, batched in 8 slots: each text
+    equals toolkit.generate alone with that set, greedy (--weights float: a row in a batch is the same math as
+    alone; logits within 1e-4 relative, far below the tiny model's top-2 gaps at these prompts)."""
+    openai = pytest.importorskip("openai")
+    url, base, paths = tiny_server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    sets = [{}, {"a": 1.0}, {"b": 1.0}, {"a": 0.5, "b": -1.0}]
+    prompts = ["Hello there", "The quick brown fox", "Once upon a time", "1, 2, 3,", "A B C"]
+    before = httpx.get(url + "/health").json()
+
+    def one(i: int) -> str:
+        lora = [{"id": {"a": 0, "b": 1}[n], "scale": s} for n, s in sets[i % 4].items()]
+        chunks = client.completions.create(model="tiny.gguf", prompt=prompts[i % 5], max_tokens=12 + i % 3,
+                                           temperature=0, stream=True, extra_body={"lora": lora})
+        return "".join(ch.choices[0].text for ch in chunks if ch.choices)
+
+    with cf.ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(one, range(16)))
+    after = httpx.get(url + "/health").json()
+    for i, text in enumerate(got):
+        assert text == solo(base, paths, sets[i % 4], prompts[i % 5], 12 + i % 3, 0, temperature=0), i
+    assert len({(i % 5, t) for i, t in enumerate(got)}) > 5  # the sets change the text
+    # the 16 requests shared steps: fewer decode steps than tokens
+    steps, tokens = after["steps"] - before["steps"], after["generated_tokens"] - before["generated_tokens"]
+    assert tokens == sum(12 + i % 3 for i in range(16)) and steps < tokens / 2, (steps, tokens)
+
+
+def test_tiny_adapters_load_and_unload_while_requests_run(tiny_server):
+    """While streams with a and c run, c is loaded again under a new id, used and unloaded, and the first c is
+    unloaded although streams still use it: every text equals its solo answer (loads and unloads happen
+    between steps) and the first c's weights stay until its last request ends."""
+    url, base, paths = tiny_server
+    c = httpx.Client(base_url=url, timeout=120)
+    c1 = c.post("/lora-adapters/load", json={"name": "c.gguf"}).json()["id"]
+    body = {"max_tokens": 120, "temperature": 0, "ignore_eos": True}  # long enough to overlap the loads
+    jobs = [("Once upon a time", {0: 1.0}), ("Hello there", {c1: 1.0}), ("1, 2, 3,", {0: 0.5, c1: 0.5})] * 2
+
+    def one(prompt: str, lora: dict[int, float]) -> tuple[str, float, float]:
+        t0 = time.time()
+        refs = [{"id": k, "scale": v} for k, v in lora.items()]
+        with c.stream("POST", "/v1/completions", json={**body, "prompt": prompt, "lora": refs, "stream": True}) as s:
+            text = "".join(json.loads(ln[6:])["choices"][0]["text"] for ln in s.iter_lines()
+                           if ln.startswith("data: {"))
+        return text, t0, time.time()
+
+    with cf.ThreadPoolExecutor(6) as pool:
+        futs = [pool.submit(one, *j) for j in jobs]
+        while httpx.get(url + "/health").json()["slots_busy"] < 6:  # all six are in the batch
+            time.sleep(0.005)
+        t_mid = time.time()
+        c2 = c.post("/lora-adapters/load", json={"name": "c.gguf"}).json()["id"]
+        c_text = one("The quick brown fox", {c2: 2.0})[0]
+        assert c.post("/lora-adapters/unload", json={"id": c1}).json()["success"]
+        assert c.post("/lora-adapters/unload", json={"id": c2}).json()["success"]
+        got = [f.result() for f in futs]
+    assert c_text == solo(base, paths, {"c": 2.0}, "The quick brown fox", 120, 0, temperature=0, ignore_eos=True)
+    names = {0: "a", c1: "c"}
+    for (prompt, lora), (text, _, _) in zip(jobs, got, strict=True):
+        scales = {names[k]: v for k, v in lora.items()}
+        assert text == solo(base, paths, scales, prompt, 120, 0, temperature=0, ignore_eos=True), (prompt, scales)
+    assert any(t0 < t_mid < t1 for _, t0, t1 in got)  # the load happened while requests ran
+    assert [a["id"] for a in c.get("/lora-adapters").json()] == [0, 1]
+    assert_error(c.post("/v1/completions", json={**body, "prompt": "x", "lora": [{"id": c1, "scale": 1}]}), 400,
+                 f"id {c1}")
+
+
 def test_api_key_on_the_command_line(tiny_server):
     _, base, paths = tiny_server
     with process_server(["-m", str(base), "--api-key", "k3y", "--device", "cpu", "-t", "1", "--weights", "float",
