@@ -15,6 +15,7 @@ import torch
 
 from toolkit.config import arg, compile_arg, parse_config, parse_lora_flags, weights_arg
 from toolkit.errors import ToolkitError
+from toolkit.infer.sampling import DEFAULTS as D
 
 
 @dataclass
@@ -22,15 +23,15 @@ class InferConfig:
     model: str = arg(None, "-m", "--model", help="GGUF model file", required=True)
     prompt: str = arg(None, "-p", "--prompt", help="prompt text")
     file: str = arg(None, "-f", "--file", help="read the prompt from this file")
-    n_predict: int = arg(128, "-n", "--n-predict", help="tokens to generate (-1: until end of text or context)")
-    temp: float = arg(0.8, "--temp", help="temperature (0: greedy)")
-    top_k: int = arg(40, "--top-k", help="top-k sampling (0: off)")
-    top_p: float = arg(0.95, "--top-p", help="top-p sampling (1.0: off)")
-    min_p: float = arg(0.05, "--min-p", help="min-p sampling (0.0: off)")
-    repeat_penalty: float = arg(1.0, "--repeat-penalty", help="penalize repeated tokens (1.0: off)")
-    repeat_last_n: int = arg(64, "--repeat-last-n", help="how many recent tokens the penalties look at")
-    presence_penalty: float = arg(0.0, "--presence-penalty", help="presence penalty (0.0: off)")
-    frequency_penalty: float = arg(0.0, "--frequency-penalty", help="frequency penalty (0.0: off)")
+    n_predict: int = arg(D.max_tokens, "-n", "--n-predict", help="tokens to generate (-1: until end of text or context)")
+    temp: float = arg(D.temperature, "--temp", help="temperature (0: greedy)")
+    top_k: int = arg(D.top_k, "--top-k", help="top-k sampling (0: off)")
+    top_p: float = arg(D.top_p, "--top-p", help="top-p sampling (1.0: off)")
+    min_p: float = arg(D.min_p, "--min-p", help="min-p sampling (0.0: off)")
+    repeat_penalty: float = arg(D.repeat_penalty, "--repeat-penalty", help="penalize repeated tokens (1.0: off)")
+    repeat_last_n: int = arg(D.penalty_last_n, "--repeat-last-n", help="how many recent tokens the penalties look at")
+    presence_penalty: float = arg(D.presence_penalty, "--presence-penalty", help="presence penalty (0.0: off)")
+    frequency_penalty: float = arg(D.frequency_penalty, "--frequency-penalty", help="frequency penalty (0.0: off)")
     seed: int = arg(-1, "-s", "--seed", help="RNG seed (-1: random)")
     ctx_size: int = arg(4096, "-c", "--ctx-size", help="context size (0: the model's)")
     threads: int = arg(0, "-t", "--threads", help="CPU threads (0: torch's default)")

@@ -1,76 +1,20 @@
-"""Sampling and the decode loop (gpt-fast style): small pure functions over logits, one KV-cached loop.
-
-The sampler chain follows llama.cpp's default order: penalties -> top_k -> top_p -> min_p -> temperature ->
-draw. temperature <= 0 is greedy (argmax after penalties).
+"""The decode loop of one sequence (gpt-fast style): one KV-cached loop over the sampling functions of
+toolkit.infer.sampling (re-exported here). Many sequences at once: toolkit.infer.batch.
 """
 from __future__ import annotations
 
-import codecs
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
-from torch import Tensor
 
 from toolkit.errors import ToolkitError
 
+from .sampling import (DEFAULTS, IncrementalDetokenizer, SamplingParams, apply_penalties,  # noqa: F401 (re-exported)
+                       min_p_filter, sample, seeded_generator, top_k_filter, top_p_filter)
 
-# --- sampling: pure functions over logits [V] (float32) ----------------------------------------------------
-
-def apply_penalties(logits: Tensor, recent: Sequence[int], repeat_penalty: float = 1.0,
-                    presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> Tensor:
-    """llama.cpp's penalties sampler over the recent tokens: logit / p if > 0 else logit * p, then
-    - count * frequency - presence."""
-    if not recent or (repeat_penalty == 1.0 and presence_penalty == 0.0 and frequency_penalty == 0.0):
-        return logits
-    ids, counts = torch.tensor(list(recent), dtype=torch.long).unique(return_counts=True)
-    ids = ids.to(logits.device)
-    counts = counts.to(logits.device, torch.float32)
-    out = logits.clone()
-    sel = out[ids]
-    sel = torch.where(sel > 0, sel / repeat_penalty, sel * repeat_penalty)
-    sel = sel - counts * frequency_penalty - presence_penalty
-    out[ids] = sel
-    return out
-
-
-def top_k_filter(logits: Tensor, k: int) -> Tensor:
-    if k <= 0 or k >= logits.shape[-1]:
-        return logits
-    kth = torch.topk(logits, k).values[-1]
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def top_p_filter(logits: Tensor, p: float, min_keep: int = 1) -> Tensor:
-    """Keep the smallest set of most likely tokens whose probability mass reaches p."""
-    if p >= 1.0:
-        return logits
-    sorted_logits, idx = torch.sort(logits, descending=True)
-    probs = sorted_logits.softmax(-1)
-    cum = probs.cumsum(-1)
-    # keep token i while the mass before it is < p (the token that crosses p is kept, as llama.cpp does)
-    drop = (cum - probs) >= p
-    drop[:min_keep] = False
-    return logits.masked_fill(torch.zeros_like(drop).scatter(0, idx, drop), float("-inf"))
-
-
-def min_p_filter(logits: Tensor, p: float) -> Tensor:
-    """Drop tokens whose probability is below p times the most likely token's."""
-    if p <= 0.0:
-        return logits
-    threshold = logits.max() + torch.log(torch.tensor(p, dtype=logits.dtype, device=logits.device))
-    return logits.masked_fill(logits < threshold, float("-inf"))
-
-
-def sample(logits: Tensor, temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
-           generator: torch.Generator | None = None) -> int:
-    """One token id from logits [V]."""
-    if temperature <= 0:
-        return int(logits.argmax())
-    logits = min_p_filter(top_p_filter(top_k_filter(logits, top_k), top_p), min_p)
-    probs = (logits / temperature).softmax(-1)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+D = DEFAULTS
 
 
 # --- the loop -----------------------------------------------------------------------------------------------
@@ -93,9 +37,10 @@ class GenStats:
 
 
 @torch.inference_mode()
-def generate_tokens(model, prompt_ids: Sequence[int], max_tokens: int, temperature: float = 0.8, top_k: int = 40,
-                    top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
-                    presence_penalty: float = 0.0, frequency_penalty: float = 0.0, penalty_last_n: int = 64,
+def generate_tokens(model, prompt_ids: Sequence[int], max_tokens: int, temperature: float = D.temperature,
+                    top_k: int = D.top_k, top_p: float = D.top_p, min_p: float = D.min_p,
+                    repeat_penalty: float = D.repeat_penalty, presence_penalty: float = D.presence_penalty,
+                    frequency_penalty: float = D.frequency_penalty, penalty_last_n: int = D.penalty_last_n,
                     seed: int | None = None, stop_ids: set[int] | frozenset = frozenset(), n_ctx: int | None = None,
                     stats: GenStats | None = None) -> Iterator[int]:
     """Yield sampled token ids (a stop id ends the loop and is not yielded)."""
@@ -106,7 +51,7 @@ def generate_tokens(model, prompt_ids: Sequence[int], max_tokens: int, temperatu
     if len(prompt_ids) >= limit:
         raise ToolkitError(f"the prompt has {len(prompt_ids)} tokens, more than the context of {limit}")
     max_tokens = min(max_tokens, limit - len(prompt_ids)) if max_tokens >= 0 else limit - len(prompt_ids)
-    gen = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % (2**63)))
+    gen = seeded_generator(seed)
     stats = stats if stats is not None else GenStats()
     stats.prompt_tokens = len(prompt_ids)
     model.setup_caches(1, len(prompt_ids) + max_tokens)
@@ -141,18 +86,19 @@ def generate_tokens(model, prompt_ids: Sequence[int], max_tokens: int, temperatu
 def detokenize_stream(tokenizer, ids: Iterator[int]) -> Iterator[str]:
     """Text pieces for a stream of token ids, holding back bytes until they form whole UTF-8 characters
     (a byte-level token can end in the middle of one)."""
-    dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    dec = IncrementalDetokenizer(tokenizer)
     for tok in ids:
-        piece = dec.decode(tokenizer.token_bytes([tok]))
+        piece = dec.add(tok)
         if piece:
             yield piece
-    tail = dec.decode(b"", final=True)
+    tail = dec.flush()
     if tail:
         yield tail
 
 
-def stream(model, tokenizer, prompt: str | Sequence[int], max_tokens: int = 128, temperature: float = 0.8,
-           top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
+def stream(model, tokenizer, prompt: str | Sequence[int], max_tokens: int = D.max_tokens,
+           temperature: float = D.temperature, top_k: int = D.top_k, top_p: float = D.top_p,
+           min_p: float = D.min_p, repeat_penalty: float = D.repeat_penalty,
            seed: int | None = None, ignore_eos: bool = False, stats: GenStats | None = None,
            **kwargs) -> Iterator[str]:
     """The streaming form of generate(): yields text pieces as soon as they are whole UTF-8."""
@@ -163,8 +109,9 @@ def stream(model, tokenizer, prompt: str | Sequence[int], max_tokens: int = 128,
         stats=stats, **kwargs))
 
 
-def generate(model, tokenizer, prompt: str | Sequence[int], max_tokens: int = 128, temperature: float = 0.8,
-             top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
+def generate(model, tokenizer, prompt: str | Sequence[int], max_tokens: int = D.max_tokens,
+             temperature: float = D.temperature, top_k: int = D.top_k, top_p: float = D.top_p,
+             min_p: float = D.min_p, repeat_penalty: float = D.repeat_penalty,
              seed: int | None = None, ignore_eos: bool = False, **kwargs) -> str:
     """Generate up to max_tokens after prompt (text, tokenized with the model's BOS rule, or ids); returns the
     new text only."""

@@ -22,7 +22,17 @@ compiled steps pack_plans copies every plan's into one arena for the whole model
 guard (dtype, shape, strides) on every tensor it reads before each call, even in the guard-skipping stance, so each
 tensor costs every decode step (measured: one per factor made the adapter's guards cost more than its arithmetic;
 one per plan, 120 for SmolLM2, still ~0.1-0.3 ms a token more than one arena).
+
+Batched steps whose rows use different adapter sets (toolkit.infer.batch, S-LoRA / Punica style) take the same
+base product once for all rows and add each adapter only to its rows, with no loop over rows: a plan's row form
+stacks every loaded adapter's A (as above) and alpha-scaled B, and the step's RowAdapters give each row's user
+scales, so with S [B, R] (row b's scale for the adapter owning column c of h, 0 where row b does not use it):
+
+    h = x @ A_all.T;  y_j += (h * S)[..., cols_j] @ B_j.T   for each adapter in use by some row
+
+Which rows use what is data (S), not structure; a step where no row uses an adapter does no adapter work.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,6 +44,44 @@ from torch import Tensor, nn
 from . import qkernels
 from .lora import LoRALinear, thin_linear
 from .quants import QuantLinear
+
+
+@dataclass
+class RowAdapters:
+    """Per-row adapter scales of one batched step: scales [B, n] float32, row b's user scale of adapter names[i]
+    (0: the row does not use it). used: the i that some row uses. One object can serve many steps of the same
+    rows; it caches each plan's S [B, R] (columns of h -> rows' scales)."""
+    names: tuple[str, ...]
+    scales: Tensor
+    used: tuple[int, ...]
+
+    @classmethod
+    def make(cls, names: tuple[str, ...], per_row: list[dict[str, float] | None], device=None) -> "RowAdapters":
+        index = {n: i for i, n in enumerate(names)}
+        scales = torch.zeros(len(per_row), len(names))
+        for b, sets in enumerate(per_row):
+            for n, sc in (sets or {}).items():
+                scales[b, index[n]] = float(sc)
+        used = tuple(i for i in range(len(names)) if bool(scales[:, i].ne(0).any()))
+        return cls(tuple(names), scales.to(device) if device is not None else scales, used)
+
+    def plan_scales(self, rl: "_RowLora") -> Tensor:
+        """S [B, R] for one plan's row form."""
+        cache = self.__dict__.setdefault("_s", {})
+        s = cache.get(id(rl))
+        if s is None:
+            s = cache[id(rl)] = self.scales.index_select(1, rl.col_adapter)
+        return s
+
+
+@dataclass
+class _RowLora:
+    """A plan's row form: every loaded adapter of its members (in RowAdapters.names order), user scales left out."""
+    key: tuple
+    a: Tensor  # A_all [R, in] float32
+    parts: list[tuple[int, int, int, int]]  # (member, first column of h, r, adapter index in names)
+    b: list[Tensor]  # alpha / rank * B [out_j, r] float32, one per part
+    col_adapter: Tensor  # [R] long: adapter index of each column of h
 
 
 @dataclass
@@ -109,8 +157,63 @@ def _factor_views(lora: Tensor, a_shape: tuple[int, int], b_parts: list) -> tupl
             [lora[offset:offset + out * r].view(out, r) for _, _, offset, out, r in b_parts])
 
 
-def group_forward(owner: nn.Module, names: tuple[str, ...], x: Tensor) -> list[Tensor]:
-    """The outputs of owner's linears `names` for input x (inference; training runs them one by one)."""
+def _row_lora(plan: _Plan, mods: list[nn.Module], names: tuple[str, ...]) -> _RowLora | None:
+    key = (names, tuple((id(m), getattr(m, "layout", 0)) for m in mods))
+    rl = plan.__dict__.get("_row_lora")
+    if rl is not None and rl.key == key:
+        return rl
+    parts, a_list, b_list, cols = [], [], [], []
+    for j, m in enumerate(mods):
+        if not isinstance(m, LoRALinear):
+            continue
+        for i, n in enumerate(names):
+            if n in m._keys:
+                a, b = m.pair(n)
+                r = a.shape[0]
+                parts.append((j, sum(t.shape[0] for t in a_list), r, i))
+                a_list.append(a.detach().float())
+                b_list.append(b.detach().float() * m.alpha_scale[n])
+                cols += [i] * r
+    rl = None
+    if parts:
+        rl = _RowLora(key, torch.cat(a_list), parts, b_list,
+                      torch.tensor(cols, dtype=torch.long, device=a_list[0].device))
+    plan.__dict__["_row_lora"] = rl
+    return rl if rl is not None else None
+
+
+def _row_forward(plan: _Plan, mods: list[nn.Module], x: Tensor, rows: RowAdapters) -> list[Tensor]:
+    """Each row's own adapters over the shared base product (x [B, T, in]; rows.scales [B, n])."""
+    if plan.base is not None and plan.bases[0]._use_kernels(x):
+        y = qkernels.matmul(x, plan.base)
+        if plan.bias is not None:
+            y = y + plan.bias.to(y.dtype)
+        outs = list(y.split(plan.sizes, dim=-1))
+    else:
+        outs = [b(x) for b in plan.bases]
+    rl = _row_lora(plan, mods, rows.names) if rows.used else None
+    if rl is None:
+        return outs
+    used = set(rows.used)
+    if not any(i in used for *_, i in rl.parts):
+        return outs
+    s = rows.plan_scales(rl)  # [B, R]
+    h = thin_linear(x.to(rl.a.dtype), rl.a) * s[:, None, :]  # [B, T, R]: each row's h scaled by its own scales
+    for (j, c0, r, i), bs in zip(rl.parts, rl.b):
+        if i not in used:  # no row uses this adapter: its columns of h are zeros
+            continue
+        delta = thin_linear(h[..., c0:c0 + r], bs)  # [B, T, out_j]
+        if torch.compiler.is_compiling():
+            outs[j] = outs[j] + delta.to(outs[j].dtype)
+        else:
+            outs[j] += delta.to(outs[j].dtype)
+    return outs
+
+
+def group_forward(owner: nn.Module, names: tuple[str, ...], x: Tensor,
+                  rows: RowAdapters | None = None) -> list[Tensor]:
+    """The outputs of owner's linears `names` for input x (inference; training runs them one by one).
+    rows: a batched step's per-row adapter sets, which replace the model's active set for this call."""
     mods = [getattr(owner, n) for n in names]
     if torch.is_grad_enabled() and (x.requires_grad or owner.training):
         return [m(x) for m in mods]
@@ -120,6 +223,8 @@ def group_forward(owner: nn.Module, names: tuple[str, ...], x: Tensor) -> list[T
         pass  # the eager caller has refreshed the plans (refresh_plans): checking here would guard on versions
     elif plan is None or plan.key != _key(mods):
         plan = plans[names] = _plan(mods)
+    if rows is not None and not plan.per_module_lora:
+        return _row_forward(plan, mods, x, rows)
     stacked = plan.base is not None and plan.bases[0]._use_kernels(x)
     # (b_parts, not plan.lora, says whether there are adapters: a compiled step reading plan.lora would guard it)
     if not stacked and (not plan.b_parts or plan.per_module_lora):

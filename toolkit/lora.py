@@ -63,6 +63,7 @@ class _LoRABase(nn.Module):
         self.dropout: dict[str, float] = {}
         self._active: list[tuple[str, float, float]] = []  # (key, effective scale, dropout), scale != 0 only
         self._fast: list[tuple[Tensor, Tensor, float]] = []  # (A, B, scale) of the active adapters
+        self.layout = 0  # changes when adapters are attached, removed or moved (not on scale changes)
 
     def add(self, name: str, a: Tensor, b: Tensor, scale: float, user_scale: float = 1.0,
             trainable: bool = False, dropout: float = 0.0) -> tuple[nn.Parameter, nn.Parameter]:
@@ -77,6 +78,7 @@ class _LoRABase(nn.Module):
         self.lora_a[key], self.lora_b[key] = pa, pb
         self._keys[name] = key
         self.alpha_scale[name], self.user_scale[name], self.dropout[name] = float(scale), float(user_scale), dropout
+        self.layout = next(_versions)
         self._refresh()
         return pa, pb
 
@@ -85,6 +87,7 @@ class _LoRABase(nn.Module):
         del self.lora_a[key], self.lora_b[key]
         for d in (self.alpha_scale, self.user_scale, self.dropout):
             d.pop(name, None)
+        self.layout = next(_versions)
         self._refresh()
 
     def set_scale(self, name: str, user_scale: float) -> None:
@@ -109,6 +112,7 @@ class _LoRABase(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() / .half(): rebuild the views on the new tensors
         out = super()._apply(fn, *args, **kwargs)
+        self.layout = next(_versions)
         self._refresh()
         return out
 
@@ -175,8 +179,17 @@ class LoRAEmbedding(_LoRABase):
     def embedding_dim(self) -> int:
         return int(self.base.embedding_dim)
 
-    def forward(self, ids: Tensor) -> Tensor:
+    def forward(self, ids: Tensor, rows=None) -> Tensor:
+        """rows: a batched step's per-row adapter scales (linear_group.RowAdapters) instead of the active set."""
         y = self.base(ids)
+        if rows is not None:
+            for i in rows.used:
+                name = rows.names[i]
+                if name in self._keys:
+                    a, b = self.pair(name)
+                    s = rows.scales[:, i] * self.alpha_scale[name]  # [B]: 0 for rows without this adapter
+                    y = y + ((F.embedding(ids, a.T) @ b.T) * s[:, None, None]).to(y.dtype)
+            return y
         for key, s, _ in self._active:
             a, b = self.lora_a[key], self.lora_b[key]
             rows = F.embedding(ids, a.T)  # [B, T, r]

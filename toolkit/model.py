@@ -27,8 +27,8 @@ from gguf import GGMLQuantizationType as Q
 from .config import WEIGHT_MODES
 from .errors import ToolkitError
 from .gguf_io import GGUFFile, TensorInfo, open_gguf
-from .linear_group import drop_plans, group_forward, pack_plans
-from .lora import AdapterHost, last_version
+from .linear_group import RowAdapters, drop_plans, group_forward, pack_plans
+from .lora import AdapterHost, LoRAEmbedding, last_version
 from .quants import QuantEmbedding, QuantLinear
 
 # llama.cpp's rope type per architecture (LLAMA_ROPE_TYPE_NORM = adjacent pairs, NEOX = two halves)
@@ -193,7 +193,8 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, neox: bool, n_rot: int, cis:
 
 class KVCache:
     """Static cache [B, n_kv, T_max, hd] written in place at the given positions. Not a module: its tensors are
-    per-generation state, never saved or moved with the model (and so torch.compile treats T_max as dynamic)."""
+    per-generation state, never saved or moved with the model (and so torch.compile treats T_max as dynamic).
+    Batched steps (toolkit.infer.batch) treat the B rows as slots, each with its own positions."""
 
     def __init__(self, batch: int, n_kv: int, t_max: int, head_dim: int, dtype: torch.dtype, device: Any):
         shape = (batch, n_kv, t_max, head_dim)
@@ -205,11 +206,24 @@ class KVCache:
         self.v.index_copy_(2, pos, v.to(self.v.dtype))
         return self.k, self.v
 
+    def update_rows(self, slots: Tensor | int, pos: Tensor, k: Tensor, v: Tensor, kv_len: int
+                    ) -> tuple[Tensor, Tensor]:
+        """Per-row positions: row b of k/v [B, n_kv, T, hd] goes to slot slots[b] at positions pos[b] [B, T].
+        slots: cache rows [B], or an int: the B rows from that one on (then the result is a view, not a copy).
+        Returns the slots' first kv_len positions [B, n_kv, kv_len, hd]."""
+        B = pos.shape[0]
+        idx = (torch.arange(slots, slots + B, device=pos.device) if isinstance(slots, int) else slots)[:, None]
+        self.k[idx, :, pos] = k.transpose(1, 2).to(self.k.dtype)  # [B, T, n_kv, hd] at (slot, position)
+        self.v[idx, :, pos] = v.transpose(1, 2).to(self.v.dtype)
+        if isinstance(slots, int):
+            return self.k[slots:slots + B, :, :kv_len], self.v[slots:slots + B, :, :kv_len]
+        return self.k[:, :, :kv_len].index_select(0, slots), self.v[:, :, :kv_len].index_select(0, slots)
+
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, softcap: float, rep: int,
             causal: bool = True) -> Tensor:
     """Plain attention with GQA by reshaping the query heads (no copies of K/V): q [B, H, T, hd],
-    k/v [B, Hkv, S, hd], mask [T, S] bool (True = attend) or None for causal."""
+    k/v [B, Hkv, S, hd], mask [T, S] or per row [B, T, S] bool (True = attend), or None for causal."""
     B, H, T, hd = q.shape
     S = k.shape[2]
     qg = q.reshape(B, H // rep, rep * T, hd)  # heads of one group share K/V  -> [B, Hkv, rep*T, hd]
@@ -219,21 +233,25 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, 
     if mask is None and causal:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
     if mask is not None:
+        mask = mask[:, None, None] if mask.dim() == 3 else mask  # per row: [B, 1, 1, T, S]
         s = s.view(B, H // rep, rep, T, S).masked_fill(~mask, float("-inf")).view(B, H // rep, rep * T, S)
     y = s.softmax(-1) @ v.float()  # [B, Hkv, rep*T, hd_v]
     return y.view(B, H, T, -1).to(q.dtype)
 
 
-def _attend_one(q: Tensor, k: Tensor, v: Tensor, scale: float, softcap: float, rep: int) -> Tensor:
+def _attend_one(q: Tensor, k: Tensor, v: Tensor, scale: float, softcap: float, rep: int,
+                mask: Tensor | None = None) -> Tensor:
     """Attention of one new token over the whole filled cache, as products and sums: under torch.compile these
     fuse into a few small loops, where SDPA (which inductor also substitutes for a matmul-softmax-matmul chain) is
     one library call per layer with its own setup (measured: ~70 us of a CPU step's 30 such calls).
-    q [B, H, 1, hd], k/v [B, Hkv, S, hd]."""
+    q [B, H, 1, hd], k/v [B, Hkv, S, hd], mask [B, 1, S] (rows of a batched step: True = attend) or None."""
     B, H, _, hd = q.shape
     qg = q.reshape(B, H // rep, rep, 1, hd).float()  # heads of one group share K/V  -> [B, Hkv, rep, 1, hd]
     s = (qg * k.float()[:, :, None]).sum(-1) * scale  # [B, Hkv, rep, S]
     if softcap:
         s = softcap * torch.tanh(s / softcap)
+    if mask is not None:
+        s = s.masked_fill(~mask[:, None], float("-inf"))  # [B, 1, 1, S]
     y = (s.softmax(-1)[..., None] * v.float()[:, :, None]).sum(-2)  # [B, Hkv, rep, hd_v]
     return y.reshape(B, H, 1, -1).to(q.dtype)
 
@@ -252,18 +270,19 @@ class Block(nn.Module):
         drop_plans(self)
         return super()._apply(fn, recurse)
 
-    def _lin(self, name: str, x: Tensor) -> Tensor:
-        return group_forward(self, (name,), x)[0]  # a group of one: its adapters' scales live in the plan
+    def _lin(self, name: str, x: Tensor, rows: RowAdapters | None = None) -> Tensor:
+        return group_forward(self, (name,), x, rows)[0]  # a group of one: its adapters' scales live in the plan
 
     def attention(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None,
-                  cis: Tensor | None = None, kv_len: int = 0) -> Tensor:
+                  cis: Tensor | None = None, kv_len: int = 0, slots: Tensor | int | None = None,
+                  rows: RowAdapters | None = None) -> Tensor:
         a = self.args
         B, T, _ = x.shape
         if a.fused_qkv:
-            qkv = self._lin("attn_qkv", x)
+            qkv = self._lin("attn_qkv", x, rows)
             q, k, v = qkv.split([a.n_head * a.head_dim, a.n_kv_head * a.head_dim, a.n_kv_head * a.head_dim], -1)
         else:
-            q, k, v = group_forward(self, ("attn_q", "attn_k", "attn_v"), x)
+            q, k, v = group_forward(self, ("attn_q", "attn_k", "attn_v"), x, rows)
         q = q.view(B, T, a.n_head, a.head_dim)
         k = k.view(B, T, a.n_kv_head, a.head_dim)
         v = v.view(B, T, a.n_kv_head, -1)
@@ -276,6 +295,20 @@ class Block(nn.Module):
         else:
             q = apply_rope(q, cos, sin, a.neox, a.rope_dim, cis)
             k = apply_rope(k, cos, sin, a.neox, a.rope_dim, cis)
+        scale = a.attn_scale if a.attn_scale is not None else 1.0 / math.sqrt(a.head_dim)
+        rep = a.n_head // a.n_kv_head
+        if input_pos is not None and input_pos.dim() == 2:  # batched step: each row its own slot and positions
+            k, v = self.kv_cache.update_rows(slots if slots is not None else 0, input_pos, k, v, kv_len)
+            k_pos = torch.arange(kv_len, device=x.device)
+            # what a row's slot holds past its own position (stale or another sequence's) is never visible
+            mask = k_pos <= input_pos[..., None]  # [B, T, S]
+            if self.swa and a.sliding_window:
+                mask = mask & (input_pos[..., None] - k_pos < a.sliding_window)
+            if T == 1 and torch.compiler.is_compiling():
+                y = _attend_one(q, k, v, scale, a.attn_softcap, rep, mask)
+            else:
+                y = _attend(q, k, v, mask, scale, a.attn_softcap, rep)
+            return self._lin("attn_output", y.transpose(1, 2).reshape(B, T, -1), rows)
         if input_pos is not None and self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
             k, v = k[:, :, :kv_len], v[:, :, :kv_len]  # attend only over the filled part of the cache
@@ -292,8 +325,6 @@ class Block(nn.Module):
             mask = k_pos[None, :] <= q_pos[:, None]  # [T, S]
             if self.swa and a.sliding_window:
                 mask = mask & (q_pos[:, None] - k_pos[None, :] < a.sliding_window)
-        scale = a.attn_scale if a.attn_scale is not None else 1.0 / math.sqrt(a.head_dim)
-        rep = a.n_head // a.n_kv_head
         if all_visible and torch.compiler.is_compiling():  # all_visible: one new token
             y = _attend_one(q, k, v, scale, a.attn_softcap, rep)
         elif all_visible and not a.attn_softcap and q.dtype == k.dtype:  # one fused op for the decode step
@@ -307,26 +338,40 @@ class Block(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, -1)  # [B, T, H * hd_v]
         return self._lin("attn_output", y)
 
-    def ffn(self, x: Tensor) -> Tensor:
+    def ffn(self, x: Tensor, rows: RowAdapters | None = None) -> Tensor:
         a = self.args
         if a.fused_up:  # phi3: ffn_up holds [gate; up]
-            gate, up = self._lin("ffn_up", x).chunk(2, dim=-1)
+            gate, up = self._lin("ffn_up", x, rows).chunk(2, dim=-1)
         else:
-            gate, up = group_forward(self, ("ffn_gate", "ffn_up"), x)
+            gate, up = group_forward(self, ("ffn_gate", "ffn_up"), x, rows)
         act = F.gelu(gate, approximate="tanh") if a.gemma else F.silu(gate)
-        return self._lin("ffn_down", act * up)
+        return self._lin("ffn_down", act * up, rows)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None,
-                cis: Tensor | None = None, kv_len: int = 0) -> Tensor:
-        """kv_len: with a KV cache, the number of filled positions (max(input_pos) + 1)."""
-        h = self.attention(self.attn_norm(x), cos, sin, input_pos, cis, kv_len)
+                cis: Tensor | None = None, kv_len: int = 0, slots: Tensor | int | None = None,
+                rows: RowAdapters | None = None) -> Tensor:
+        """kv_len: with a KV cache, the number of filled positions (max(input_pos) + 1). Batched steps give
+        input_pos [B, T], slots (the cache rows) and rows (each row's adapters): see Transformer.forward."""
+        h = self.attention(self.attn_norm(x), cos, sin, input_pos, cis, kv_len, slots, rows)
         if self.args.post_norms:
             h = self.post_attention_norm(h)
         x = x + h
-        h = self.ffn(self.ffn_norm(x))
+        h = self.ffn(self.ffn_norm(x), rows)
         if self.args.post_norms:
             h = self.post_ffw_norm(h)
         return x + h
+
+
+def _slot_rows(slots: Tensor | list[int] | None, n_rows: int, device: torch.device) -> Tensor | int:
+    """A batched step's cache rows: an int when they are consecutive (the cache is then read as a view), else [B]."""
+    if slots is None:
+        return 0
+    rows = slots.tolist() if isinstance(slots, Tensor) else [int(s) for s in slots]
+    if len(rows) != n_rows:
+        raise ValueError(f"{len(rows)} slots for {n_rows} rows")
+    if rows == list(range(rows[0], rows[0] + n_rows)):
+        return rows[0]
+    return slots.to(device) if isinstance(slots, Tensor) else torch.tensor(rows, dtype=torch.long, device=device)
 
 
 _cache_epochs = itertools.count(1)  # a new number for every set of KV caches, unique across models
@@ -337,6 +382,8 @@ class Transformer(AdapterHost, nn.Module):
 
     input_pos None: no cache, full causal attention over the T tokens (training, scoring).
     input_pos [T] with setup_caches(): incremental decoding through the static KV cache.
+    input_pos [B, T] with slots [B]: a batched step (toolkit.infer.batch), row b at its own positions in cache
+    row slots[b]; adapters (linear_group.RowAdapters) then give each row its own adapter set.
     """
 
     _cache_epoch = 0  # which set of KV caches is current (setup_caches / clear_caches take a new number)
@@ -438,13 +485,20 @@ class Transformer(AdapterHost, nn.Module):
         drop_plans(self)
         return super()._apply(fn, recurse)
 
-    def forward(self, tokens: Tensor, input_pos: Tensor | None = None, last_only: bool = False) -> Tensor:
+    def forward(self, tokens: Tensor, input_pos: Tensor | None = None, last_only: bool = False,
+                slots: Tensor | list[int] | None = None, adapters: RowAdapters | None = None) -> Tensor:
         """last_only: logits of the last position only ([B, 1, V]); a prompt's prefill needs no more, and the
-        vocabulary head is the largest matmul of a small model."""
+        vocabulary head is the largest matmul of a small model.
+        Batched steps: input_pos [B, T] (each row's positions), slots [B] (each row's cache row; default the
+        rows 0..B-1), adapters (each row's adapter set, replacing the active one; None: the active set)."""
         T = tokens.shape[1]
         pos = input_pos if input_pos is not None else torch.arange(T, device=tokens.device)
+        if pos.dim() == 2:
+            slots = _slot_rows(slots, tokens.shape[0], tokens.device)
         n_pos = int(pos.max()) + 1  # the step's one host sync: rope table size, filled length of the KV cache
         ropes = {key: self._rope_for(key, tokens.device, n_pos) for key in self._rope_keys}
+        if pos.dim() == 2:
+            return self._forward(tokens, pos, input_pos, n_pos, ropes, last_only, slots, adapters)
         if self.__dict__.get("_compiled") is not None and T == 1 and input_pos is not None \
                 and self.blk[0].kv_cache is not None and not torch.is_grad_enabled():
             if self.__dict__.get("_decode_warm"):
@@ -487,10 +541,12 @@ class Transformer(AdapterHost, nn.Module):
         return blk.swa and self.args.gemma and self.args.arch == "gemma3"  # gemma3's local layers: own table
 
     def _forward(self, tokens: Tensor, pos: Tensor, input_pos: Tensor | None, n_pos: int,
-                 ropes: dict[bool, tuple[Tensor, Tensor]], last_only: bool) -> Tensor:
+                 ropes: dict[bool, tuple[Tensor, Tensor]], last_only: bool, slots: Tensor | int | None = None,
+                 rows: RowAdapters | None = None) -> Tensor:
         """forward's body, free of host syncs and Python-side caches so that torch.compile can trace it."""
         a = self.args
-        x = self.token_embd(tokens)  # [B, T, dim]
+        x = self.token_embd(tokens, rows) if rows is not None and isinstance(self.token_embd, LoRAEmbedding) \
+            else self.token_embd(tokens)  # [B, T, dim]
         if a.gemma:
             x = x * math.sqrt(a.dim)
         x = x.to(self.compute_dtype)
@@ -500,6 +556,8 @@ class Transformer(AdapterHost, nn.Module):
             if key not in tables:
                 cos, sin = ropes[key]
                 cos, sin = cos[pos], sin[pos]
+                if pos.dim() == 2:  # per-row positions [B, T, n_rot/2] -> [B, 1 (heads), T, n_rot/2]
+                    cos, sin = cos[:, None], sin[:, None]
                 tables[key] = (cos, sin, None if a.neox else torch.complex(cos, sin))
             cos, sin, cis = tables[key]
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -507,11 +565,11 @@ class Transformer(AdapterHost, nn.Module):
 
                 x = checkpoint(blk, x, cos, sin, input_pos, cis, n_pos, use_reentrant=False)
             else:
-                x = blk(x, cos, sin, input_pos, cis, n_pos)
+                x = blk(x, cos, sin, input_pos, cis, n_pos, slots, rows)
         if last_only:
             x = x[:, -1:]
         x = self.output_norm(x)
-        logits = group_forward(self, ("output",), x)[0].float()
+        logits = group_forward(self, ("output",), x, rows)[0].float()
         if a.final_softcap:
             logits = a.final_softcap * torch.tanh(logits / a.final_softcap)
         return logits
