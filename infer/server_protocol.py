@@ -1,9 +1,9 @@
 """The wire format of `toolkit serve`: OpenAI request bodies (validated), response bodies, SSE framing.
 
 Pure data in, pure data out: nothing here touches the model, so it is tested without one. Field names,
-defaults and error shapes follow the OpenAI API; sampling defaults and the `lora` field follow llama-server
-(so the same body gives the same text as `toolkit infer` with the same flags and seed); the engine gets them as
-toolkit.infer.sampling.SamplingParams, the one sampling type of the package.
+defaults and error shapes follow the OpenAI API; sampling defaults (toolkit.infer.sampling.DEFAULTS, their one
+home) and the `lora` field follow llama-server, so the same body gives the same text as `toolkit infer` with
+the same flags and seed; the engine gets a request as a SamplingParams.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .sampling import SamplingParams
+from .sampling import DEFAULTS, SamplingParams
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 
@@ -66,14 +66,14 @@ class SamplingFields(BaseModel):
     model: str | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None  # the newer OpenAI name for max_tokens
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    repeat_last_n: int = 64  # llama-server's name for penalty_last_n
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    temperature: float = DEFAULTS.temperature
+    top_k: int = DEFAULTS.top_k
+    top_p: float = DEFAULTS.top_p
+    min_p: float = DEFAULTS.min_p
+    repeat_penalty: float = DEFAULTS.repeat_penalty
+    repeat_last_n: int = DEFAULTS.penalty_last_n  # llama-server's name for penalty_last_n
+    presence_penalty: float = DEFAULTS.presence_penalty
+    frequency_penalty: float = DEFAULTS.frequency_penalty
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False

@@ -3,7 +3,6 @@ backend with a pure-Python batch engine whose every token depends on its own slo
 cross-talk between rows) and that fails a step running an unloaded adapter."""
 from __future__ import annotations
 
-import codecs
 import hashlib
 import os
 import re
@@ -47,8 +46,10 @@ class ScriptedBackend:
     def decode(self, ids: list[int]) -> str:
         return bytes(ids).decode(errors="replace")
 
-    def detokenizer(self) -> "ByteDetokenizer":
-        return ByteDetokenizer()
+    def detokenizer(self):
+        from toolkit.infer.sampling import IncrementalDetokenizer
+
+        return IncrementalDetokenizer(self.decode)
 
     def load_adapter(self, path: str, name: str) -> None:
         if not os.path.isfile(path) or Path(path).read_bytes()[:4] != b"LORA":
@@ -72,17 +73,6 @@ class ScriptedBackend:
     @classmethod
     def expected(cls, prompt: list[int], scales: dict[str, float], seed, n: int) -> str:
         return "".join(chr(cls.token(prompt, scales, seed, i)) for i in range(n))
-
-
-class ByteDetokenizer:
-    def __init__(self) -> None:
-        self.dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def add(self, tok: int) -> str:
-        return self.dec.decode(bytes([tok]))
-
-    def flush(self) -> str:
-        return self.dec.decode(b"", final=True)
 
 
 @dataclass
