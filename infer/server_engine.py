@@ -326,7 +326,7 @@ class Engine:
                 job.emit(("done", "length", len(job.prompt_ids), 0))
                 continue
             try:
-                slot = self.batch.add(job.prompt_ids, job.params, dict(job.adapters) or None)
+                slot = self.batch.add(job.prompt_ids, job.params, dict(job.adapters))  # {}: the base alone
             except Exception as e:  # noqa: BLE001 - one bad request must not stop the server
                 self.registry.release(job.adapters)
                 status = 400 if isinstance(e, ToolkitError) else 500
