@@ -163,6 +163,7 @@ def test_completion_and_chat_shapes_and_streaming(scripted):
     r = c.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 12, "seed": 5, "stop": stop}).json()
     assert r["choices"][0]["message"] == {"role": "assistant", "content": cut}
     assert r["choices"][0]["finish_reason"] == "stop"
+    assert len(backend.batches[0].cancelled) == 1  # the stop string freed the slot before max_tokens
     with c.stream("POST", "/v1/chat/completions", json={"messages": msgs, "max_tokens": 12, "seed": 5, "stream": True,
                                                         "stream_options": {"include_usage": True}}) as s:
         events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
