@@ -3,7 +3,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load", "generate"]
+__all__ = ["__version__", "load", "generate", "generate_batch"]
 
 
 def __getattr__(name: str):
@@ -16,4 +16,8 @@ def __getattr__(name: str):
         from .infer.generate import generate
 
         return generate
+    if name == "generate_batch":
+        from .infer.batch import generate_batch
+
+        return generate_batch
     raise AttributeError(name)

@@ -423,6 +423,12 @@ class Transformer(AdapterHost, nn.Module):
         self.max_seq_len = t_max
         self._cache_epoch = next(_cache_epochs)
 
+    def install_caches(self, caches: list[KVCache]) -> None:
+        """Put back caches made by an earlier setup_caches (a batch engine's, after another generation)."""
+        for b, c in zip(self.blk, caches):
+            b.kv_cache = c
+        self._cache_epoch = next(_cache_epochs)
+
     def clear_caches(self) -> None:
         for b in self.blk:
             b.kv_cache = None

@@ -1,0 +1,119 @@
+"""Batched decoding (toolkit.infer.batch) on the SmolLM2-135M Q4_1 GGUF: generated tokens/s with 1, 4 and 16
+rows decoding together, against one sequence on the single-sequence loop (toolkit.generate's), in one process.
+
+Each row has its own prompt (different lengths) and, with --adapters N, one of N random r=16 adapters on every
+linear (row i -> adapter i % N; rows without one when N is 0). Only decode steps are timed (every row past its
+prefill). Writes bench/results/batch.md.
+
+    python bench/batch.py [--threads 2] [--tokens 32] [--rows 1,4,16] [--adapters 0] [--compile] [--weights auto]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+WORDS = ("the lighthouse keeper found a message in a bottle that told of a ship lost in the storm and of a "
+         "sailor who waited on the rocks for morning").split()
+
+
+def prompts(n: int) -> list[str]:
+    return [" ".join(WORDS[i % 7: i % 7 + 6 + (i * 5) % 17]) for i in range(n)]
+
+
+def random_adapters(model, n: int, r: int = 16) -> list[str]:
+    from tiny import random_lora
+    from toolkit.adapter import Adapter
+
+    shapes = {t: (int(m.out_features), int(m.in_features)) for t, m in model.lora_targets().items()
+              if t.startswith("blk.")}
+    names = []
+    for i in range(n):
+        names.append(model.add_adapter(Adapter(random_lora(shapes, r, 100 + i, 0.02), float(r), "llama"),
+                                       f"r{i}", 0.0))
+    return names
+
+
+def decode_tps(model, tok, rows: int, n: int, names: list[str]) -> float:
+    import torch
+    from toolkit.infer.batch import BatchEngine
+    from toolkit.infer.sampling import SamplingParams
+
+    ids = [tok.encode(p) for p in prompts(rows)]
+    engine = BatchEngine(model, rows, max(map(len, ids)) + n + 1)
+    for i, p in enumerate(ids):
+        engine.add(p, SamplingParams(max_tokens=n, temperature=0.0),
+                   {names[i % len(names)]: 1.0} if names else None)
+    while any(s.next_token is None for s in engine._seqs if s is not None):  # prefill every row
+        engine.step()
+    made, t0 = 0, time.perf_counter()
+    while engine.active:
+        made += sum(tok_ is not None for _, tok_, _ in engine.step())
+    dt = time.perf_counter() - t0
+    engine.close()
+    return made / dt
+
+
+def single_tps(model, tok, n: int, names: list[str]) -> float:
+    from toolkit.infer.generate import GenStats, generate_tokens
+
+    if names:
+        model.set_adapters({names[0]: 1.0})
+    stats = GenStats()
+    for _ in generate_tokens(model, tok.encode(prompts(1)[0]), n, temperature=0.0, stats=stats):
+        pass
+    model.set_adapters({})
+    return (stats.gen_tokens - 1) / stats.gen_s
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--rows", default="1,4,16")
+    ap.add_argument("--adapters", type=int, default=0)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--weights", default="auto")
+    ap.add_argument("--repeat", type=int, default=2, help="rounds; each figure is the best")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "batch.md"))
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from toolkit.bundled import smollm2_gguf
+    from toolkit.model import load
+
+    model, tok = load(smollm2_gguf(), device="cpu", weights=args.weights, compile=args.compile)
+    names = random_adapters(model, args.adapters)
+    rows = [int(r) for r in args.rows.split(",")]
+    decode_tps(model, tok, max(rows), 4, names)  # warm-up: kernel weights, plans (and compiled graphs)
+    single_tps(model, tok, 4, names)
+    best: dict = {}
+    for _ in range(args.repeat):
+        best["single"] = max(best.get("single", 0.0), single_tps(model, tok, args.tokens, names))
+        for r in rows:
+            best[r] = max(best.get(r, 0.0), decode_tps(model, tok, r, args.tokens, names))
+    base = best[rows[0]]
+    mode = f"weights {args.weights}" + (", --compile" if args.compile else "")
+    lines = [f"SmolLM2-135M-Instruct Q4_1, {args.threads} threads, {mode}, {args.tokens} greedy tokens a row, "
+             f"adapters: {args.adapters or 'none'} (r=16 on every linear, row i -> adapter i % N); best of "
+             f"{args.repeat}; torch {torch.__version__}, {platform.machine()}, load average "
+             f"{os.getloadavg()[0]:.1f} at the end. `python bench/batch.py " + " ".join(sys.argv[1:]) + "`",
+             "", "| rows | generated tok/s | vs 1 row | per row tok/s |", "|---:|---:|---:|---:|",
+             f"| single-sequence loop | {best['single']:.1f} | {best['single'] / base:.2f}x | {best['single']:.1f} |"]
+    lines += [f"| {r} | {best[r]:.1f} | {best[r] / base:.2f}x | {best[r] / r:.1f} |" for r in rows]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "a") as f:
+        f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""Many sequences at once over one model (continuous batching): each in a slot of the KV cache with its own
+positions, sampling parameters, seed and adapter set.
+
+Every step() runs one forward pass for the decoding slots (one new token each, rows of different lengths
+together: toolkit.model masks each row to its own positions) and, between such passes, prefill chunks of at most
+prefill_chunk prompt tokens, so a long prompt never stalls the decoding slots for its whole length. Each row's
+adapters ride on the shared base product (toolkit.linear_group.RowAdapters). Slots free when a sequence ends and
+take the next one.
+
+    engine = BatchEngine(model, n_slots=8, n_ctx=2048)
+    slot = engine.add(tok.encode("Hello"), SamplingParams(temperature=0), adapters={"a": 1.0})
+    while engine.active:
+        for slot, token, finished in engine.step(): ...
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from toolkit.errors import ToolkitError
+from toolkit.linear_group import RowAdapters
+
+from .sampling import SamplingParams, seeded_generator
+
+
+@dataclass
+class _Seq:
+    prompt: list[int]
+    params: SamplingParams
+    adapters: dict[str, float]
+    gen: torch.Generator
+    max_new: int
+    order: int
+    history: list[int] = field(default_factory=list)  # prompt + generated (penalties look at it)
+    prefilled: int = 0  # prompt tokens in the cache
+    n_new: int = 0
+    next_token: int | None = None  # sampled, not yet in the cache: the next decode step feeds it
+
+
+_orders = itertools.count()
+
+
+class BatchEngine:
+    """n_slots sequences over one model; every step() advances all of them in one forward pass.
+
+    While it is in use the engine owns the model's KV caches (setup_caches(n_slots, n_ctx)); other generations on
+    the same model in between are fine (the engine puts its caches back), but not at the same time. The adapter
+    set of a sequence replaces the model's active set for that sequence only; adapters=None at add() takes the
+    active set as it is then."""
+
+    def __init__(self, model, n_slots: int, n_ctx: int, prefill_chunk: int = 256):
+        if n_slots < 1 or n_ctx < 2 or prefill_chunk < 1:
+            raise ToolkitError(f"a batch needs n_slots >= 1, n_ctx >= 2 and prefill_chunk >= 1 "
+                               f"(got {n_slots}, {n_ctx}, {prefill_chunk})")
+        self.model, self.n_slots, self.n_ctx, self.prefill_chunk = model, n_slots, n_ctx, prefill_chunk
+        self.device = model.output_norm.weight.device
+        model.setup_caches(n_slots, n_ctx)
+        self._caches = [b.kv_cache for b in model.blk]
+        self._seqs: list[_Seq | None] = [None] * n_slots
+        self._rows: tuple[tuple, RowAdapters] | None = None  # the decode rows' RowAdapters, while they stay
+
+    # -- slots
+    @property
+    def n_free(self) -> int:
+        return sum(s is None for s in self._seqs)
+
+    @property
+    def active(self) -> list[int]:
+        return [i for i, s in enumerate(self._seqs) if s is not None]
+
+    def add(self, prompt_ids: list[int], params: SamplingParams, adapters: dict[str, float] | None = None) -> int:
+        """Claim a free slot (ToolkitError if none is free or the prompt does not fit n_ctx); the prompt is
+        prefilled in chunks over the next step() calls. adapters: names already loaded in the model
+        (model.load_adapter) -> scale, for this sequence only."""
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ToolkitError("empty prompt: nothing to condition on (give some text, or a model that adds BOS)")
+        if len(prompt) >= self.n_ctx:
+            raise ToolkitError(f"the prompt has {len(prompt)} tokens, more than the context of {self.n_ctx}")
+        free = [i for i, s in enumerate(self._seqs) if s is None]
+        if not free:
+            raise ToolkitError(f"all {self.n_slots} slots are busy")
+        room = self.n_ctx - len(prompt)
+        max_new = min(params.max_tokens, room) if params.max_tokens >= 0 else room
+        slot = free[0]
+        self._seqs[slot] = _Seq(prompt, params, self._adapter_set(adapters), seeded_generator(params.seed),
+                                max_new, next(_orders), list(prompt))
+        return slot
+
+    def cancel(self, slot: int) -> None:
+        """Free the slot now (client went away)."""
+        self._seqs[slot] = None
+
+    def close(self) -> None:
+        """Give the model's KV caches back (the engine cannot step afterwards)."""
+        if self.model.blk[0].kv_cache is self._caches[0]:
+            self.model.clear_caches()
+        self._seqs = [None] * self.n_slots
+
+    def _adapter_set(self, adapters: dict[str, float] | None) -> dict[str, float]:
+        loaded = self.model.adapters
+        if adapters is None:
+            return {n: i.scale for n, i in loaded.items() if i.scale != 0.0 and not i.trainable}
+        unknown = [n for n in adapters if n not in loaded]
+        if unknown:
+            raise ToolkitError(f"no adapter named '{unknown[0]}' is loaded (loaded: {', '.join(loaded) or 'none'})")
+        norms = self.model.__dict__.get("_lora_norms", {})
+        for n, s in adapters.items():
+            if s != 0.0 and any(n in deltas for _, deltas in norms.values()):
+                raise ToolkitError(f"adapter '{n}' changes norm weights, which the whole batch shares: "
+                                   "it cannot be used per sequence")
+        return {n: float(s) for n, s in adapters.items() if s != 0.0}
+
+    # -- stepping
+    def _row_adapters(self, slots: list[int]) -> RowAdapters:
+        names = tuple(n for n, i in self.model.adapters.items() if not i.trainable)
+        key = (names, tuple((s, id(self._seqs[s])) for s in slots))
+        if self._rows is None or self._rows[0] != key:
+            self._rows = (key, RowAdapters.make(names, [self._seqs[s].adapters for s in slots], self.device))
+        return self._rows[1]
+
+    def _install(self) -> None:
+        if self.model.blk[0].kv_cache is not self._caches[0]:  # someone else used the model in between
+            self.model.install_caches(self._caches)
+
+    def _emit(self, slot: int, logits: torch.Tensor, out: list) -> None:
+        seq = self._seqs[slot]
+        tok = seq.params.pick(logits, seq.history, seq.gen)
+        if tok in seq.params.stop_ids:
+            self._seqs[slot] = None
+            out.append((slot, None, True))
+            return
+        seq.history.append(tok)
+        seq.n_new += 1
+        finished = seq.n_new >= seq.max_new
+        out.append((slot, tok, finished))
+        if finished:
+            self._seqs[slot] = None
+        else:
+            seq.next_token = tok
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[int, int | None, bool]]:
+        """One engine step: a prefill chunk for slots still prefilling and one decode token for every decoding
+        slot. Returns (slot, new token id or None, finished) for each slot that produced something or finished;
+        a finished slot is freed (EOS in stop_ids ends it without yielding the token, as does max_tokens)."""
+        self._install()
+        out: list[tuple[int, int | None, bool]] = []
+        dev = self.device
+        decoding = [i for i, s in enumerate(self._seqs) if s is not None and s.next_token is not None]
+        if decoding:
+            seqs = [self._seqs[i] for i in decoding]
+            tokens = torch.tensor([[s.next_token] for s in seqs], device=dev)
+            pos = torch.tensor([[len(s.history) - 1] for s in seqs], device=dev)
+            logits = self.model(tokens, input_pos=pos, slots=decoding, adapters=self._row_adapters(decoding))
+            for b, slot in enumerate(decoding):
+                self._emit(slot, logits[b, -1], out)
+        budget = self.prefill_chunk
+        waiting = sorted((s.order, i) for i, s in enumerate(self._seqs) if s is not None and s.next_token is None)
+        for _, slot in waiting:
+            seq = self._seqs[slot]
+            if seq.max_new <= 0:  # nothing to generate: no prefill either
+                self._seqs[slot] = None
+                out.append((slot, None, True))
+                continue
+            if budget <= 0:
+                break
+            n = min(budget, len(seq.prompt) - seq.prefilled)
+            chunk = seq.prompt[seq.prefilled:seq.prefilled + n]
+            pos = torch.arange(seq.prefilled, seq.prefilled + n, device=dev)[None]
+            logits = self.model(torch.tensor([chunk], device=dev), input_pos=pos, slots=[slot], last_only=True,
+                                adapters=RowAdapters.make(self._row_adapters([]).names, [seq.adapters], dev))
+            seq.prefilled += n
+            budget -= n
+            if seq.prefilled == len(seq.prompt):
+                self._emit(slot, logits[0, -1], out)
+        return out
+
+
+def generate_batch(model, tokenizer, prompts: Sequence[str | Sequence[int]],
+                   params: Sequence[SamplingParams] | SamplingParams,
+                   adapters: Sequence[dict[str, float] | None] | None = None, n_slots: int | None = None,
+                   *, ignore_eos: bool = False, prefill_chunk: int = 256) -> list[str]:
+    """The new text of every prompt (text, tokenized with the model's BOS rule, or ids), run together on a
+    BatchEngine of n_slots slots (default: one per prompt, at most 16). params: one for all or one per prompt;
+    the tokenizer's end-of-generation ids stop a sequence unless ignore_eos. adapters: per prompt, {name: scale}
+    of adapters loaded in the model (None: the model's active set). A sequence gives the same tokens as it would
+    alone (greedy, or sampled with the same seed) up to the float rounding of batched kernels."""
+    ids = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    if not ids:
+        return []
+    plist = list(params) if isinstance(params, Sequence) else [params] * len(ids)
+    alist = list(adapters) if adapters is not None else [None] * len(ids)
+    if len(plist) != len(ids) or len(alist) != len(ids):
+        raise ToolkitError(f"{len(ids)} prompts but {len(plist)} sampling params and {len(alist)} adapter sets")
+    stop = frozenset() if ignore_eos else frozenset(tokenizer.eot_ids)
+    plist = [p if not stop else SamplingParams(**{**p.__dict__, "stop_ids": p.stop_ids | stop}) for p in plist]
+    n_ctx = max(len(i) + (p.max_tokens if p.max_tokens >= 0 else model.args.ctx_len) for i, p in zip(ids, plist))
+    engine = BatchEngine(model, n_slots or min(len(ids), 16), n_ctx, prefill_chunk)
+    out: list[list[int]] = [[] for _ in ids]
+    owner: dict[int, int] = {}
+    pending = list(range(len(ids)))[::-1]
+    try:
+        while pending or owner:
+            while pending and engine.n_free:
+                i = pending.pop()
+                owner[engine.add(ids[i], plist[i], alist[i])] = i
+            for slot, tok, finished in engine.step():
+                if tok is not None:
+                    out[owner[slot]].append(tok)
+                if finished:
+                    del owner[slot]
+    finally:
+        engine.close()
+    return [tokenizer.decode(o) for o in out]
