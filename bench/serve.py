@@ -206,9 +206,10 @@ def main() -> int:
             startup = time.perf_counter() - t0
             if have_llama:
                 procs["llama-server"] = start_llama(llama_bin, base, adapters, a)
-            for name, (proc, url) in procs.items():  # warm-up: first passes, each adapter once
-                run_load(url, proc.pid, range(2 * k), argparse.Namespace(**{**vars(a), "max_tokens": 4}),
-                         loads[f"{k} adapters"])
+            warm = argparse.Namespace(**{**vars(a), "max_tokens": 4})
+            for name, (proc, url) in procs.items():  # warm-up: first passes of both loads at every batch size
+                for lora_of in loads.values():
+                    run_load(url, proc.pid, range(a.clients), warm, lora_of)
             per = a.requests // a.rounds
             for r in range(a.rounds):
                 for load, lora_of in loads.items():

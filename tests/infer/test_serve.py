@@ -589,7 +589,7 @@ def test_smollm2_chat_with_and_without_adapter(smollm2_path, tmp_path):
 
     adapter = make_random_adapter(smollm2_path, tmp_path / "smol-lora.gguf", rank=8, std=0.02, seed=5)
     with process_server(["-m", str(smollm2_path), "--lora", str(adapter), "--lora-init-without-apply",
-                         "--device", "cpu", "-t", "1"]) as url:
+                         "--device", "cpu", "-t", "1", "--no-compile"]) as url:
         c = httpx.Client(base_url=url, timeout=300)
         assert c.get("/lora-adapters").json()[0]["scale"] == 0.0
         msgs = [{"role": "user", "content": "What is the capital of France?"}]
