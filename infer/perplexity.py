@@ -24,7 +24,8 @@ class PerplexityConfig:
     file: str = arg(None, "-f", "--file", help="text file to score", required=True)
     ctx_size: int = arg(512, "-c", "--ctx-size", help="tokens per chunk")
     chunks: int = arg(-1, "--chunks", help="score at most this many chunks (-1: all)")
-    batch_size: int = arg(1, "-b", "--batch-size", help="chunks evaluated together")
+    batch_size: int = arg(0, "-b", "--batch-size",
+                          help="chunks evaluated together in one forward pass (0: as many as fit 1024 tokens)")
     threads: int = arg(0, "-t", "--threads", help="CPU threads (0: torch's default)")
     device: str = arg("auto", "--device", help="auto, cpu, cuda or mps", choices=["auto", "cpu", "cuda", "mps"])
     dtype: str = arg(None, "--dtype", help="compute dtype: f32, f16, bf16")
@@ -44,14 +45,17 @@ def chunk_nll(logits: torch.Tensor, targets: torch.Tensor, first: int) -> tuple[
 
 @torch.inference_mode()
 def perplexity(model, tokens: Sequence[int], n_ctx: int, bos_id: int | None = None, max_chunks: int = -1,
-               batch_size: int = 1, progress: bool = True, log=None) -> float:
-    """llama-perplexity's figure over `tokens` (already tokenized with BOS as the vocab wants)."""
+               batch_size: int = 0, progress: bool = True, log=None) -> float:
+    """llama-perplexity's figure over `tokens` (already tokenized with BOS as the vocab wants). batch_size: chunks
+    scored by one forward pass (a batch of windows; 0: as many as fit 1024 tokens, as llama-perplexity fills its
+    n_batch): one pass reads the weights once for all of them, and the figure is the same."""
     n_chunk = len(tokens) // n_ctx
     if max_chunks >= 0:
         n_chunk = min(n_chunk, max_chunks)
     if len(tokens) < 2 * n_ctx or n_chunk < 1:
         raise ToolkitError(f"need at least {2 * n_ctx} tokens for a context of {n_ctx}, the text has {len(tokens)}")
     device = model.output_norm.weight.device
+    batch_size = batch_size if batch_size > 0 else max(1, 1024 // n_ctx)
     first = n_ctx // 2
     all_tokens = torch.tensor(tokens[: n_chunk * n_ctx], dtype=torch.long).view(n_chunk, n_ctx)
     nll, count = 0.0, 0

@@ -54,6 +54,7 @@ class RowAdapters:
     names: tuple[str, ...]
     scales: Tensor
     used: tuple[int, ...]
+    any: bool = True  # some row uses an adapter (what a compiled step branches on: not which ones)
 
     @classmethod
     def make(cls, names: tuple[str, ...], per_row: list[dict[str, float] | None], device=None) -> "RowAdapters":
@@ -63,7 +64,7 @@ class RowAdapters:
             for n, sc in (sets or {}).items():
                 scales[b, index[n]] = float(sc)
         used = tuple(i for i in range(len(names)) if bool(scales[:, i].ne(0).any()))
-        return cls(tuple(names), scales.to(device) if device is not None else scales, used)
+        return cls(tuple(names), scales.to(device) if device is not None else scales, used, bool(used))
 
     def plan_scales(self, rl: "_RowLora") -> Tensor:
         """S [B, R] for one plan's row form."""
@@ -194,23 +195,36 @@ def _row_forward(plan: _Plan, mods: list[nn.Module], x: Tensor, rows: RowAdapter
         outs = list(y.split(plan.sizes, dim=-1))
     else:
         outs = [b(x) for b in plan.bases]
-    rl = _row_lora(plan, mods, rows.names) if rows.used else None
+    if not rows.any:
+        return outs
+    compiling = torch.compiler.is_compiling()
+    # compiled steps read the row form as it is (refresh_row_plans made it) and compute every adapter's columns,
+    # so which rows use which adapters stays data: no graph per combination
+    rl = plan.__dict__.get("_row_lora") if compiling else _row_lora(plan, mods, rows.names)
     if rl is None:
         return outs
     used = set(rows.used)
-    if not any(i in used for *_, i in rl.parts):
+    if not compiling and not any(i in used for *_, i in rl.parts):
         return outs
-    s = rows.plan_scales(rl)  # [B, R]
+    s = rows.scales[:, rl.col_adapter] if compiling else rows.plan_scales(rl)  # [B, R]
     h = thin_linear(x.to(rl.a.dtype), rl.a) * s[:, None, :]  # [B, T, R]: each row's h scaled by its own scales
     for (j, c0, r, i), bs in zip(rl.parts, rl.b):
-        if i not in used:  # no row uses this adapter: its columns of h are zeros
+        if not compiling and i not in used:  # no row uses this adapter: its columns of h are zeros
             continue
         delta = thin_linear(h[..., c0:c0 + r], bs)  # [B, T, out_j]
-        if torch.compiler.is_compiling():
+        if compiling:
             outs[j] = outs[j] + delta.to(outs[j].dtype)
         else:
             outs[j] += delta.to(outs[j].dtype)
     return outs
+
+
+def refresh_row_plans(owners: list[nn.Module], names: tuple[str, ...]) -> None:
+    """Before a compiled batched step, which reads the plans' row forms unchecked: (re)build them for `names`."""
+    for owner in owners:
+        for group, plan in owner.__dict__.get("_group_plans", {}).items():
+            if not plan.per_module_lora:
+                _row_lora(plan, [getattr(owner, n) for n in group], names)
 
 
 def group_forward(owner: nn.Module, names: tuple[str, ...], x: Tensor,

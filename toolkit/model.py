@@ -27,8 +27,8 @@ from gguf import GGMLQuantizationType as Q
 from .config import WEIGHT_MODES
 from .errors import ToolkitError
 from .gguf_io import GGUFFile, TensorInfo, open_gguf
-from .linear_group import RowAdapters, drop_plans, group_forward, pack_plans
-from .lora import AdapterHost, LoRAEmbedding, last_version
+from .linear_group import RowAdapters, drop_plans, group_forward
+from .lora import AdapterHost, LoRAEmbedding
 from .quants import QuantEmbedding, QuantLinear
 
 # llama.cpp's rope type per architecture (LLAMA_ROPE_TYPE_NORM = adjacent pairs, NEOX = two halves)
@@ -362,6 +362,12 @@ class Block(nn.Module):
         return x + h
 
 
+def _reset_decoder(model: nn.Module) -> None:
+    decoder = model.__dict__.get("_decoder")
+    if decoder is not None:  # weights changed form: the next cached step runs eager first (toolkit.compiled)
+        decoder.reset()
+
+
 def _slot_rows(slots: Tensor | list[int] | None, n_rows: int, device: torch.device) -> Tensor | int:
     """A batched step's cache rows: an int when they are consecutive (the cache is then read as a view), else [B]."""
     if slots is None:
@@ -416,7 +422,7 @@ class Transformer(AdapterHost, nn.Module):
         a = self.args
         ref = self.output_norm.weight
         dtype = dtype or self.compute_dtype
-        if self.__dict__.get("_compiled") is not None:
+        if self.__dict__.get("_decoder") is not None:
             t_max += 1  # a spare slot: the filled part is then always a strict slice (a full one compiles anew)
         for b in self.blk:
             b.kv_cache = KVCache(batch, a.n_kv_head, t_max, a.head_dim, dtype, ref.device)
@@ -452,42 +458,14 @@ class Transformer(AdapterHost, nn.Module):
         return cached
 
     def compile_decode(self, warmup: bool = True, **options: Any) -> None:
-        """Run decode steps (one token through the KV cache, no autograd) through torch.compile from now on.
+        """Run decode steps (one token a row through the KV cache, no autograd) through torch.compile from now
+        on: toolkit.compiled says how and why. options: passed to torch.compile; warmup: compile now."""
+        from .compiled import compile_decode
 
-        A CPU decode step of a small model is as much per-op overhead as weight reading (~50 small ops per layer
-        in eager mode); inductor fuses the elementwise work (norms, RoPE, SiLU, residuals) around the weight-only
-        kernels. The first compiled step takes seconds to a minute (inductor caches its output on disk, so later
-        processes take a few seconds). The cache length is dynamic, so a longer cache does not recompile, nor do new
-        adapter scales; loading or unloading adapters, or other ranks, compiles once per new adapter layout.
-        options: passed to torch.compile (e.g. mode="max-autotune-no-cudagraphs").
-        warmup: compile now, on a throwaway two-token decode, rather than in the first generation."""
-        import warnings
-
-        if "mode" not in options:  # torch.compile takes a mode or inductor options, not both
-            # inductor re-checks every input's sizes and strides in Python each step, ~800 of them here, which
-            # dynamo's guards have already checked: measured 0.5-0.7 ms of a 16 ms step (2 threads)
-            options["options"] = {"size_asserts": False, **options.get("options", {})}
-
-        # inductor's note on its own bf16/f16 mix (the Q8_0 embedding's f16 scales), not the user's concern
-        warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed in the scheduler node")
-        # every adapter layout (which adapters are active, their ranks) is a graph of its own, and dynamo's
-        # default of 8 graphs per function (shared by all models in the process) is soon reached by a server that
-        # switches adapters; past the limit steps run eagerly
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self._compiled = torch.compile(self._forward, dynamic=True, **options)
-        self.__dict__.pop("_steady_state", None)
-        if warmup:
-            dev = self.output_norm.weight.device
-            with torch.inference_mode():
-                self.setup_caches(1, 3)
-                try:
-                    for p in range(3):  # prefill, the eager step that makes the kernel weights, a compiled one
-                        self(torch.zeros(1, 1, dtype=torch.long, device=dev), input_pos=torch.tensor([p], device=dev))
-                finally:
-                    self.clear_caches()
+        compile_decode(self, warmup, **options)
 
     def _apply(self, fn, recurse=True):  # .to(device): the compiled step must see the rebuilt weight forms first
-        self.__dict__.pop("_decode_warm", None)
+        _reset_decoder(self)
         drop_plans(self)
         return super()._apply(fn, recurse)
 
@@ -503,45 +481,12 @@ class Transformer(AdapterHost, nn.Module):
             slots = _slot_rows(slots, tokens.shape[0], tokens.device)
         n_pos = int(pos.max()) + 1  # the step's one host sync: rope table size, filled length of the KV cache
         ropes = {key: self._rope_for(key, tokens.device, n_pos) for key in self._rope_keys}
-        if pos.dim() == 2:
-            return self._forward(tokens, pos, input_pos, n_pos, ropes, last_only, slots, adapters)
-        if self.__dict__.get("_compiled") is not None and T == 1 and input_pos is not None \
-                and self.blk[0].kv_cache is not None and not torch.is_grad_enabled():
-            if self.__dict__.get("_decode_warm"):
-                # adapters changed, or the eager step made new plans: the compiled step reads them unchecked
-                if self.__dict__.get("_plans_version") != last_version():
-                    pack_plans([self, *self.blk], self.compute_dtype)
-                    self.__dict__["_plans_version"] = last_version()
-                return self._compiled_step(tokens, pos, input_pos, n_pos, ropes, last_only)
-            # one eager step first makes every kernel weight and group plan the compiled step reads, and the next
-            # compiled step checks all its guards (whatever reset this state, .to() or a weights mode, is new to them)
-            self.__dict__["_decode_warm"] = True
-            self.__dict__.pop("_steady_state", None)
-            self.__dict__.pop("_plans_version", None)  # its plans are not packed yet
-        return self._forward(tokens, pos, input_pos, n_pos, ropes, last_only)
-
-    def _compiled_step(self, tokens: Tensor, pos: Tensor, input_pos: Tensor, n_pos: int,
-                       ropes: dict[bool, tuple[Tensor, Tensor]], last_only: bool) -> Tensor:
-        """One compiled decode step. dynamo checks ~5,000 guards over every weight, cache and plan before each call
-        (0.5-1 ms of a CPU step); within one generation nothing they check changes from step to step except the
-        position, which is dynamic. So once a step has passed the full check, the next steps with the same
-        caches, adapters, rope tables and grad mode skip it (torch's skip_guard_eval_unsafe stance, meant for
-        steady-state decoding; it still checks one guard per tensor read, which is why plans keep few tensors);
-        any change in that state runs the full check again. The stance is process-wide while the step runs: run
-        compiled functions from one thread at a time (toolkit serve's model thread does)."""
-        state = (self._cache_epoch, self.__dict__.get("_plans_version"), tuple(id(t) for cs in ropes.values()
-                 for t in cs), torch.is_inference_mode_enabled(), last_only, tokens.dtype, pos.dtype)
-        if state == self.__dict__.get("_steady_state") and state != self.__dict__.get("_skip_refused"):
-            try:
-                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                    return self._compiled(tokens, pos, input_pos, n_pos, ropes, last_only)
-            except RuntimeError as e:  # raised before the step runs: no compiled graph fits it (dynamo's
-                if "skip_guard_eval_unsafe" not in str(e):  # recompile limit was reached: it runs such steps eagerly)
-                    raise
-                self.__dict__["_skip_refused"] = state  # this state's steps take the full check
-        out = self._compiled(tokens, pos, input_pos, n_pos, ropes, last_only)
-        self.__dict__["_steady_state"] = state
-        return out
+        decoder = self.__dict__.get("_decoder")  # compile_decode: toolkit.compiled runs the steps it compiles
+        if decoder is not None:
+            out = decoder.step(tokens, pos, input_pos, n_pos, ropes, last_only, slots, adapters)
+            if out is not None:
+                return out
+        return self._forward(tokens, pos, input_pos, n_pos, ropes, last_only, slots, adapters)
 
     def _rope_key(self, blk: Block) -> bool:
         return blk.swa and self.args.gemma and self.args.arch == "gemma3"  # gemma3's local layers: own table
@@ -614,7 +559,7 @@ def set_weight_mode(model: nn.Module, mode: str, device: torch.device) -> None:
             m.cache_weights = not packed
             m.drop_cache()
         drop_plans(m)
-    model.__dict__.pop("_decode_warm", None)
+    _reset_decoder(model)
 
 
 def _linear(t: TensorInfo, dtype: torch.dtype, bias: TensorInfo | None = None) -> nn.Module:

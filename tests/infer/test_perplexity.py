@@ -60,6 +60,17 @@ def test_perplexity_matches_llama_cpp(which, smollm2_path, tiny_llama):
     assert abs(ours - ref) / ref < tol, (ours, ref)
 
 
+def test_windows_scored_together_give_the_same_figure(tiny_llama):
+    """Several windows in one forward pass (the default for short windows) against one window a pass."""
+    model, tok = load(tiny_llama, device="cpu", weights="float")
+    ids = tok.encode(TEXT * 2)
+    one = perplexity(model, ids, 64, None, max_chunks=5, batch_size=1, progress=False)
+    together = perplexity(model, ids, 64, None, max_chunks=5, progress=False)  # 16 a pass: all 5 at once
+    three = perplexity(model, ids, 64, None, max_chunks=5, batch_size=3, progress=False)  # 3 + 2
+    # float32 weights: batched matmuls only sum in another order
+    assert abs(together - one) / one < 1e-6 and abs(three - one) / one < 1e-6
+
+
 def test_cli_prints_ppl_last(text_file, tiny_llama, capsys):
     rc = cli_main(["perplexity", "-m", str(tiny_llama), "-f", str(text_file), "-c", "64", "--chunks", "2"])
     out = capsys.readouterr().out.strip().splitlines()
