@@ -85,7 +85,11 @@ def build(cfg: ServeConfig, backend: Any = None) -> tuple[Any, Any]:
         i, name = registry.reserve()
         backend.load_adapter(path, name)  # a bad file: ToolkitError naming it, before we listen
         registry.add(i, name, os.path.abspath(path), 0.0 if cfg.lora_init_without_apply else scale)
-    engine = Engine(backend, registry, n_slots=cfg.parallel, max_queue=cfg.max_queue).start()
+    engine = Engine(backend, registry, n_slots=cfg.parallel, max_queue=cfg.max_queue)
+    if cfg.compile:
+        print("toolkit serve: compiling the batched decode step (--no-compile skips it)", file=sys.stderr, flush=True)
+        engine.warmup()
+    engine.start()
     api_key = cfg.api_key or os.environ.get("TOOLKIT_API_KEY") or None
     return create_app(engine, api_key=api_key, adapter_dir=cfg.adapter_dir), engine
 

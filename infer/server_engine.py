@@ -154,6 +154,10 @@ class AdapterRegistry:
             self._doomed.add(entry.name)
             return entry
 
+    def names(self) -> list[str]:
+        with self._lock:
+            return [e.name for e in sorted(self._entries.values(), key=lambda e: e.id)]
+
     def paths(self) -> set[str]:
         with self._lock:
             return {e.path for e in self._entries.values()}
@@ -214,6 +218,18 @@ class Engine:
         self._running: dict[int, _Running] = {}  # slot -> request; the model thread's alone
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="toolkit-serve-model", daemon=True)
+
+    def warmup(self) -> None:
+        """Throwaway sequences through the batch before serving (call before start): with --compile, the batched
+        decode step compiles now, for one row and for several, with the adapters loaded at startup, rather than
+        in the first requests. Nothing is emitted or counted."""
+        prompt = self.backend.encode("Hello") or [0]
+        names = self.registry.names()
+        rows = [({}, 2), ({names[0]: 1.0} if names else {}, 4)][: self.n_slots]
+        for adapters, n in rows:  # different lengths: steps with 2 rows, then 1
+            self.batch.add(prompt, SamplingParams(max_tokens=n, temperature=0.0), adapters)
+        while self.batch.active:
+            self.batch.step()
 
     def start(self) -> "Engine":
         self._thread.start()
