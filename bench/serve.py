@@ -129,7 +129,8 @@ def one_request(client: httpx.Client, url: str, i: int, max_tokens: int, lora: l
             "temperature": 0.8, "lora": lora, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     ttft, pieces, used = None, 0, None
-    with client.stream("POST", url + "/v1/completions", json=body) as r:
+    # a fresh connection each (llama-server closes idle keep-alive connections, which a pooled client then hits)
+    with client.stream("POST", url + "/v1/completions", json=body, headers={"Connection": "close"}) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
