@@ -47,9 +47,10 @@ class ServeConfig:
     device: str = arg("auto", help="auto|cpu|cuda|mps")
     dtype: str | None = arg(None, help="compute dtype (float32, float16, bfloat16); default per device")
     weights: str = weights_arg()
-    compile: bool = arg(True, "--compile", help="compile the decode step with torch.compile at startup (a minute "
-                                               "the first time, seconds once inductor's disk cache is warm); "
-                                               "--no-compile starts at once and decodes slower")
+    compile: bool = arg(True, "--compile", help="compile the batched decode step with torch.compile at startup "
+                                               "(minutes on a small CPU the first time, and again for each new "
+                                               "adapter layout; faster once inductor's disk cache is warm); "
+                                               "--no-compile starts at once with eager steps")
     alias: str | None = arg(None, help="model id reported by /v1/models and in responses (default: file name)")
     max_queue: int = arg(64, help="requests that may wait for a free slot; more get HTTP 503 at once")
 
