@@ -15,7 +15,7 @@ take the next one.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import torch
@@ -197,7 +197,7 @@ def generate_batch(model, tokenizer, prompts: Sequence[str | Sequence[int]],
     if len(plist) != len(ids) or len(alist) != len(ids):
         raise ToolkitError(f"{len(ids)} prompts but {len(plist)} sampling params and {len(alist)} adapter sets")
     stop = frozenset() if ignore_eos else frozenset(tokenizer.eot_ids)
-    plist = [p if not stop else SamplingParams(**{**p.__dict__, "stop_ids": p.stop_ids | stop}) for p in plist]
+    plist = [replace(p, stop_ids=p.stop_ids | stop) for p in plist]
     n_ctx = max(len(i) + (p.max_tokens if p.max_tokens >= 0 else model.args.ctx_len) for i, p in zip(ids, plist))
     engine = BatchEngine(model, n_slots or min(len(ids), 16), n_ctx, prefill_chunk)
     out: list[list[int]] = [[] for _ in ids]

@@ -69,10 +69,10 @@ class RowAdapters:
     def plan_scales(self, rl: "_RowLora") -> Tensor:
         """S [B, R] for one plan's row form."""
         cache = self.__dict__.setdefault("_s", {})
-        s = cache.get(id(rl))
-        if s is None:
-            s = cache[id(rl)] = self.scales.index_select(1, rl.col_adapter)
-        return s
+        hit = cache.get(id(rl))
+        if hit is None or hit[0] is not rl:  # (the row form is kept alive with its S: its id is not reused)
+            hit = cache[id(rl)] = (rl, self.scales.index_select(1, rl.col_adapter))
+        return hit[1]
 
 
 @dataclass
@@ -161,17 +161,22 @@ def _factor_views(lora: Tensor, a_shape: tuple[int, int], b_parts: list) -> tupl
             [lora[offset:offset + out * r].view(out, r) for _, _, offset, out, r in b_parts])
 
 
-def _row_lora(plan: _Plan, mods: list[nn.Module], names: tuple[str, ...]) -> _RowLora | None:
+def _row_lora(plan: _Plan, mods: list[nn.Module], names: tuple[str, ...],
+              used: tuple[int, ...] | None = None) -> _RowLora | None:
+    """The plan's row form over the adapters `used` (indices into names; None: all of them, as compiled steps
+    read it from plan._row_lora). Eager steps take the adapters some row uses, so the A product computes no
+    columns that every row would zero."""
     key = (names, tuple((id(m), getattr(m, "layout", 0)) for m in mods))
-    rl = plan.__dict__.get("_row_lora")
-    if rl is not None and rl.key == key:
-        return rl
+    forms = plan.__dict__.setdefault("_row_forms", {})
+    hit = forms.get(used)
+    if hit is not None and hit[0] == key:
+        return hit[1]
     parts, a_list, b_list, cols = [], [], [], []
     for j, m in enumerate(mods):
         if not isinstance(m, LoRALinear):
             continue
         for i, n in enumerate(names):
-            if n in m._keys:
+            if n in m._keys and (used is None or i in used):
                 a, b = m.pair(n)
                 r = a.shape[0]
                 parts.append((j, sum(t.shape[0] for t in a_list), r, i))
@@ -182,8 +187,12 @@ def _row_lora(plan: _Plan, mods: list[nn.Module], names: tuple[str, ...]) -> _Ro
     if parts:
         rl = _RowLora(key, torch.cat(a_list), parts, b_list,
                       torch.tensor(cols, dtype=torch.long, device=a_list[0].device))
-    plan.__dict__["_row_lora"] = rl
-    return rl if rl is not None else None
+    if len(forms) > 32:  # sets of adapters in use come and go with the batch
+        forms.clear()
+    forms[used] = (key, rl)
+    if used is None:
+        plan.__dict__["_row_lora"] = rl
+    return rl
 
 
 def _row_forward(plan: _Plan, mods: list[nn.Module], x: Tensor, rows: RowAdapters) -> list[Tensor]:
@@ -200,22 +209,19 @@ def _row_forward(plan: _Plan, mods: list[nn.Module], x: Tensor, rows: RowAdapter
     compiling = torch.compiler.is_compiling()
     # compiled steps read the row form as it is (refresh_row_plans made it) and compute every adapter's columns,
     # so which rows use which adapters stays data: no graph per combination
-    rl = plan.__dict__.get("_row_lora") if compiling else _row_lora(plan, mods, rows.names)
+    rl = plan.__dict__.get("_row_lora") if compiling else _row_lora(plan, mods, rows.names, rows.used)
     if rl is None:
-        return outs
-    used = set(rows.used)
-    if not compiling and not any(i in used for *_, i in rl.parts):
         return outs
     s = rows.scales[:, rl.col_adapter] if compiling else rows.plan_scales(rl)  # [B, R]
     h = thin_linear(x.to(rl.a.dtype), rl.a) * s[:, None, :]  # [B, T, R]: each row's h scaled by its own scales
     for (j, c0, r, i), bs in zip(rl.parts, rl.b):
-        if not compiling and i not in used:  # no row uses this adapter: its columns of h are zeros
-            continue
-        delta = thin_linear(h[..., c0:c0 + r], bs)  # [B, T, out_j]
+        part = h[..., c0:c0 + r]  # [B, T, r]
         if compiling:
-            outs[j] = outs[j] + delta.to(outs[j].dtype)
+            outs[j] = outs[j] + thin_linear(part, bs).to(outs[j].dtype)
+        elif outs[j].dtype == bs.dtype:  # one op: y_j += part @ B.T
+            outs[j].view(-1, bs.shape[0]).addmm_(part.reshape(-1, r), bs.t())
         else:
-            outs[j] += delta.to(outs[j].dtype)
+            outs[j] += F.linear(part, bs).to(outs[j].dtype)
     return outs
 
 
@@ -224,7 +230,7 @@ def refresh_row_plans(owners: list[nn.Module], names: tuple[str, ...]) -> None:
     for owner in owners:
         for group, plan in owner.__dict__.get("_group_plans", {}).items():
             if not plan.per_module_lora:
-                _row_lora(plan, [getattr(owner, n) for n in group], names)
+                _row_lora(plan, [getattr(owner, n) for n in group], names, None)
 
 
 def group_forward(owner: nn.Module, names: tuple[str, ...], x: Tensor,

@@ -17,7 +17,7 @@ import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -206,18 +206,25 @@ class KVCache:
         self.v.index_copy_(2, pos, v.to(self.v.dtype))
         return self.k, self.v
 
-    def update_rows(self, slots: Tensor | int, pos: Tensor, k: Tensor, v: Tensor, kv_len: int
-                    ) -> tuple[Tensor, Tensor]:
-        """Per-row positions: row b of k/v [B, n_kv, T, hd] goes to slot slots[b] at positions pos[b] [B, T].
-        slots: cache rows [B], or an int: the B rows from that one on (then the result is a view, not a copy).
-        Returns the slots' first kv_len positions [B, n_kv, kv_len, hd]."""
-        B = pos.shape[0]
-        idx = (torch.arange(slots, slots + B, device=pos.device) if isinstance(slots, int) else slots)[:, None]
-        self.k[idx, :, pos] = k.transpose(1, 2).to(self.k.dtype)  # [B, T, n_kv, hd] at (slot, position)
-        self.v[idx, :, pos] = v.transpose(1, 2).to(self.v.dtype)
-        if isinstance(slots, int):
-            return self.k[slots:slots + B, :, :kv_len], self.v[slots:slots + B, :, :kv_len]
-        return self.k[:, :, :kv_len].index_select(0, slots), self.v[:, :, :kv_len].index_select(0, slots)
+    def update_rows(self, rows: "SlotRows", pos: Tensor, k: Tensor, v: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
+        """Per-row positions: row b of k/v [B, n_kv, T, hd] goes to cache row rows.index[b] at positions pos[b]
+        [B, T]. Returns those rows' first kv_len positions [B, n_kv, kv_len, hd] (a view when they are
+        consecutive, else a copy)."""
+        self.k[rows.index, :, pos] = k.transpose(1, 2).to(self.k.dtype)  # [B, T, n_kv, hd] at (slot, position)
+        self.v[rows.index, :, pos] = v.transpose(1, 2).to(self.v.dtype)
+        if rows.first is not None:
+            B = pos.shape[0]
+            return self.k[rows.first:rows.first + B, :, :kv_len], self.v[rows.first:rows.first + B, :, :kv_len]
+        index = rows.index[:, 0]
+        return self.k[:, :, :kv_len].index_select(0, index), self.v[:, :, :kv_len].index_select(0, index)
+
+
+class SlotRows(NamedTuple):
+    """A batched step's cache rows and masks, made once per step for every layer (Transformer._forward)."""
+    index: Tensor  # [B, 1]: the cache row of each batch row
+    first: int | None  # the first of them when they are consecutive (the cache is then read as a view)
+    mask: Tensor  # [B, T, S] key k visible to the query at p: k <= p
+    mask_swa: Tensor | None  # the same inside the sliding window: 0 <= p - k < window
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, softcap: float, rep: int,
@@ -274,7 +281,7 @@ class Block(nn.Module):
         return group_forward(self, (name,), x, rows)[0]  # a group of one: its adapters' scales live in the plan
 
     def attention(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None,
-                  cis: Tensor | None = None, kv_len: int = 0, slots: Tensor | int | None = None,
+                  cis: Tensor | None = None, kv_len: int = 0, slots: SlotRows | None = None,
                   rows: RowAdapters | None = None) -> Tensor:
         a = self.args
         B, T, _ = x.shape
@@ -298,15 +305,13 @@ class Block(nn.Module):
         scale = a.attn_scale if a.attn_scale is not None else 1.0 / math.sqrt(a.head_dim)
         rep = a.n_head // a.n_kv_head
         if input_pos is not None and input_pos.dim() == 2:  # batched step: each row its own slot and positions
-            k, v = self.kv_cache.update_rows(slots if slots is not None else 0, input_pos, k, v, kv_len)
-            k_pos = torch.arange(kv_len, device=x.device)
-            # what a row's slot holds past its own position (stale or another sequence's) is never visible
-            mask = k_pos <= input_pos[..., None]  # [B, T, S]
-            if self.swa and a.sliding_window:
-                mask = mask & (input_pos[..., None] - k_pos < a.sliding_window)
+            k, v = self.kv_cache.update_rows(slots, input_pos, k, v, kv_len)
+            mask = slots.mask_swa if self.swa and a.sliding_window else slots.mask
             if T == 1 and torch.compiler.is_compiling():
                 y = _attend_one(q, k, v, scale, a.attn_softcap, rep, mask)
-            else:
+            elif T > 1 and not a.attn_softcap and q.dtype == k.dtype:  # a prefill chunk: one fused op
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=rep > 1)
+            else:  # one token a row: CPU SDPA with a mask was ~10x slower here (1 ms a layer for 16 rows)
                 y = _attend(q, k, v, mask, scale, a.attn_softcap, rep)
             return self._lin("attn_output", y.transpose(1, 2).reshape(B, T, -1), rows)
         if input_pos is not None and self.kv_cache is not None:
@@ -348,7 +353,7 @@ class Block(nn.Module):
         return self._lin("ffn_down", act * up, rows)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None,
-                cis: Tensor | None = None, kv_len: int = 0, slots: Tensor | int | None = None,
+                cis: Tensor | None = None, kv_len: int = 0, slots: SlotRows | None = None,
                 rows: RowAdapters | None = None) -> Tensor:
         """kv_len: with a KV cache, the number of filled positions (max(input_pos) + 1). Batched steps give
         input_pos [B, T], slots (the cache rows) and rows (each row's adapters): see Transformer.forward."""
@@ -496,11 +501,20 @@ class Transformer(AdapterHost, nn.Module):
                  rows: RowAdapters | None = None) -> Tensor:
         """forward's body, free of host syncs and Python-side caches so that torch.compile can trace it."""
         a = self.args
+        B = tokens.shape[0]
         x = self.token_embd(tokens, rows) if rows is not None and isinstance(self.token_embd, LoRAEmbedding) \
             else self.token_embd(tokens)  # [B, T, dim]
         if a.gemma:
             x = x * math.sqrt(a.dim)
         x = x.to(self.compute_dtype)
+        if pos.dim() == 2:  # a batched step: each row's cache row and what it may see, once for every layer
+            first = slots if isinstance(slots, int) else None
+            index = torch.arange(first, first + B, device=pos.device) if first is not None else slots
+            # what a row's slot holds past its own position (stale, or an earlier sequence's) is never visible
+            behind = pos[..., None] - torch.arange(n_pos, device=pos.device)  # [B, T, S]: p - k
+            mask = behind >= 0
+            swa = mask & (behind < a.sliding_window) if a.sliding_window else None
+            slots = SlotRows(index[:, None], first, mask, swa)
         tables = {}
         for blk in self.blk:
             key = self._rope_key(blk)

@@ -63,7 +63,7 @@ def batched(model, prompts, sets, forced, slots, n_slots=4, chunk=4) -> list[tor
     """The same logits with every row in its own cache slot: prompts prefilled in chunks of `chunk`, one slot at a
     time, then the forced tokens decoded for all rows in one forward pass a step."""
     names = tuple(model.adapters)
-    model.setup_caches(n_slots, 32)
+    model.setup_caches(n_slots, 48)
     # a stale cache: anything a row attends past its own positions would change its logits
     for b in model.blk:
         b.kv_cache.k.normal_(0, 10.0)
@@ -254,22 +254,29 @@ def test_incremental_detokenizer_forms_agree(smollm2_path):
 
 
 def test_smollm2_packed_rows_agree_with_alone(smollm2_path):
-    """The real model on the default CPU weights (int4 / bf16 kernels): one row alone runs the kernels with M=1,
-    the batch with M=3 (and the 11-token prefill chunk dequantizes blocks where the solo 11-token prefill does
-    too), so logits differ by bf16 rounding. Measured: teacher-forced top-1 agreement 100% (18 of 18 positions),
-    0.7-1.1e-2 relative logit difference per row (the adapters move rows 2 and 3 by 2e-2 and 4e-2 from the base);
-    asserted: >= 99% top-1 and < 2e-2 relative."""
+    """The real model on the default CPU weights (int4 / bf16 kernels, bf16 activations): 4 rows with their own
+    adapter sets, each teacher-forced along its own greedy continuation alone (24 tokens: 100 positions in all).
+    Rows without adapters match alone exactly; with adapters the per-row path sums the adapter products in another
+    order (~1e-5 of the adapter's delta), and the bf16 rounding of every layer's input amplifies that to ~1e-2 of
+    the logits over 30 layers (float weights: ~3e-6), up to ~0.5 in absolute terms. Measured: 95-96 of 96 argmaxes
+    equal; each one that differed was a tie, or one bf16 step apart, in alone's logits (which the bf16 head rounds),
+    so counted as agreeing: 96 of 96; logits within 0.8-1.4e-2. Asserted: >= 99% top-1, < 3e-2 relative."""
     model, tok = with_adapters(smollm2_path, weights="auto", blocks_only=True, std=0.02)
     prompts = [tok.encode(t) for t in ("The capital of France is", "Once upon a time, in a small village",
-                                       "def add(a, b):")]
-    forced = [tok.encode(t, add_bos=False)[:5] for t in (" Paris, and the city of", " there lived a kind old man",
-                                                          " return a + b # the sum")]
-    assert {len(f) for f in forced} == {5}
-    got = batched(model, prompts, SETS, forced, [1, 2, 0], chunk=16)
+                                       "def add(a, b):", "List three colors:")]
+    sets = SETS + [{"b": 1.0}]
+    forced = [solo_greedy(model, p, 24, s) for p, s in zip(prompts, sets)]
+    forced = [f + [f[-1]] * (24 - len(f)) for f in forced]  # (a continuation that hit end of text: pad it)
+    got = batched(model, prompts, sets, [f[:24] for f in forced], [1, 2, 0, 3], chunk=16)
     agree = total = 0
-    for p, s, f, g in zip(prompts, SETS, forced, got):
-        want = alone(model, p, s, f)
-        agree += int((g.argmax(-1) == want.argmax(-1)).sum())
-        total += want.shape[0]
-        assert rel(g, want) < 2e-2
-    assert agree / total >= 0.99
+    for p, s, f, g in zip(prompts, sets, forced, got):
+        want = alone(model, p, s, f[:24])
+        # agreement: the batch's top-1 is a top-1 of alone, up to one bf16 step of the head's output (the head runs
+        # in bf16, so alone's logits tie, or differ by one such step, now and then)
+        picked = want[:-1].gather(1, g[:-1].argmax(-1, keepdim=True))[:, 0]
+        best = want[:-1].max(-1).values
+        ulp = torch.exp2(torch.floor(torch.log2(best.abs())) - 7)  # bf16: 8 significant bits
+        agree += int((picked >= best - ulp).sum())
+        total += want.shape[0] - 1
+        assert rel(g, want) < 3e-2
+    assert agree / total >= 0.99, f"{agree} of {total}"
