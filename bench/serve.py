@@ -1,22 +1,29 @@
-"""`toolkit serve` under load: 16 concurrent clients over 4 LoRA adapters vs the same load with no adapters.
+"""`toolkit serve` against llama.cpp's llama-server under the same load: 16 concurrent clients, 4 LoRA adapters.
 
-One `toolkit serve` process on the SmolLM2 GGUF (loopback only) with 4 random r=16 adapters on every linear,
-loaded with --lora-init-without-apply. Load A: request i asks for adapter i % 4 through its `lora` field.
-Load B (the peer, same server, same run): the same requests with `"lora": []`. Every request generates exactly
---max-tokens tokens (ignore_eos), so both loads do the same token work. Writes bench/results/serve.md.
+Both servers run on loopback (127.0.0.1) with the same GGUF (the bundled SmolLM2-135M-Instruct Q4_1), the same
+CPU threads, 16 slots of the same context, and the same 4 random r=16 adapters on every linear (GGUF adapter
+files made here), loaded without applying them. Two loads per server, each --requests streaming
+`/v1/completions` from --clients concurrent clients, every request generating exactly --max-tokens tokens
+(ignore_eos):
+  no adapters   "lora": []
+  4 adapters    request i: "lora": [{"id": i % 4, "scale": 1.0}] (llama-server's per-request field; ours too)
+The servers run one at a time; the loads interleave (toolkit, llama-server, toolkit, ...) so a change in the
+machine's background load hits both alike. Writes bench/results/serve.md.
 
-    python bench/serve.py [--requests 64] [--clients 16] [--max-tokens 16] [--threads 1] [--rounds 2]
+    python bench/serve.py [--quick] [--requests 64] [--clients 16] [--max-tokens 64] [--threads 2]
 
-The two loads alternate in --rounds rounds (each round: requests/rounds of each), so a change in the machine's
-background load during the run hits both loads alike.
+llama-server is found as $TOOLKIT_LLAMA_BIN/llama-server (default /opt/llama-tools/bin); when missing, its rows
+are skipped with one line saying so.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import concurrent.futures as cf
+import json
+import os
 import platform
 import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -32,9 +39,12 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["The capital of France is", "Once upon a time, a small robot", "Three tips for learning Python:",
            "The best way to make tea is", "In 1969, the first humans", "A good name for a cat is",
            "The ocean is blue because", "My favourite season is autumn because"]
+LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
 def make_adapters(base: Path, folder: Path, n: int, rank: int) -> list[Path]:
+    """n random GGUF LoRA adapters (llama.cpp's format: both servers load the same files), r=rank on every
+    linear of every block."""
     from toolkit.adapter import Adapter, LoraPair, write_gguf_adapter
     from toolkit.gguf_io import open_gguf
 
@@ -44,33 +54,69 @@ def make_adapters(base: Path, folder: Path, n: int, rank: int) -> list[Path]:
         gen = torch.Generator().manual_seed(k)
         tensors = {name: LoraPair(torch.randn(rank, info.shape[1], generator=gen) * 0.02,
                                   torch.randn(info.shape[0], rank, generator=gen) * 0.02)
-                   for name, info in g.tensors.items() if name.startswith("blk.") and name.endswith(
-                       ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
-                        "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"))}
+                   for name, info in g.tensors.items()
+                   if name.startswith("blk.") and name.split(".")[2] in LINEARS and name.endswith(".weight")}
         path = folder / f"adapter{k}.gguf"
         write_gguf_adapter(Adapter(tensors, alpha=float(rank), arch=g.arch), path)
         out.append(path)
     return out
 
 
-def start_server(base: Path, adapters: list[Path], threads: int) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "toolkit.cli", "serve", "-m", str(base), "--port", "0", "--host", "127.0.0.1",
-           "-t", str(threads), "--lora-init-without-apply", "--max-queue", "256"]
-    for a in adapters:
-        cmd += ["--lora", str(a)]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{url}: the server exited ({proc.returncode})")
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"{url}: not healthy after {timeout:.0f} s")
+
+
+def start_toolkit(base: Path, adapters: list[Path], a: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "toolkit.cli", "serve", "-m", str(base), "--host", "127.0.0.1", "--port", "0",
+           "-t", str(a.threads), "--parallel", str(a.clients), "--ctx-size", str(a.ctx), "--max-queue", "256",
+           "--lora-init-without-apply", *(["--no-compile"] if a.no_compile else [])]
+    for p in adapters:
+        cmd += ["--lora", str(p)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     assert proc.stderr is not None
     for line in proc.stderr:
         m = re.search(r"listening on (http://\S+)", line)
         if m:
             threading.Thread(target=proc.stderr.read, daemon=True).start()
+            wait_healthy(m.group(1), proc, 60)
             return proc, m.group(1)
     raise SystemExit(f"toolkit serve did not start (exit {proc.wait()})")
 
 
+def start_llama(binary: Path, base: Path, adapters: list[Path], a: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [str(binary), "-m", str(base), "--host", "127.0.0.1", "--port", str(port), "-t", str(a.threads),
+           "-tb", str(a.threads), "-np", str(a.clients), "-c", str(a.clients * a.ctx), "-ngl", "0",
+           "--lora-init-without-apply"]
+    for p in adapters:
+        cmd += ["--lora", str(p)]
+    log = open(Path(tempfile.gettempdir()) / f"bench-llama-server-{port}.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, proc, 120)
+    return proc, url
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (Linux /proc; 0 elsewhere). Robust to other jobs on the machine,
-    unlike wall time: a busy shared machine stretches wall time but not the work done per token."""
+    """User + system CPU time of a process (Linux /proc; 0 elsewhere): the work done, robust to other jobs on
+    the machine, unlike wall time."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -78,121 +124,145 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
 
 
-def run_load(url: str, n_req: int, clients: int, max_tokens: int, lora_of, first: int = 0, pid: int = 0) -> dict:
-    """n_req requests through `clients` concurrent connections; raw latencies, wall and server CPU time, tokens,
-    adapter-set groups."""
-
-    def one(i: int) -> tuple[float, int]:
-        body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "seed": i, "ignore_eos": True,
-                "lora": lora_of(i)}
-        t0 = time.perf_counter()
-        r = client.post(url + "/v1/completions", json=body)
+def one_request(client: httpx.Client, url: str, i: int, max_tokens: int, lora: list[dict]) -> dict:
+    body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "seed": i, "ignore_eos": True,
+            "temperature": 0.8, "lora": lora, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    ttft, pieces, used = None, 0, None
+    # a fresh connection each (llama-server closes idle keep-alive connections, which a pooled client then hits)
+    with client.stream("POST", url + "/v1/completions", json=body, headers={"Connection": "close"}) as r:
         r.raise_for_status()
-        return time.perf_counter() - t0, r.json()["usage"]["completion_tokens"]
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            ev = json.loads(line[6:])
+            if ev.get("usage"):
+                used = ev["usage"].get("completion_tokens")
+            for ch in ev.get("choices") or []:
+                if ch.get("text"):
+                    pieces += 1
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
+    return {"lat": time.perf_counter() - t0, "ttft": ttft or 0.0, "tokens": used if used is not None else pieces}
 
-    with httpx.Client(timeout=600, limits=httpx.Limits(max_connections=clients)) as client:
-        switches0 = client.get(url + "/health").json()["adapter_switches"]
+
+def run_load(url: str, pid: int, ids: range, a: argparse.Namespace, lora_of) -> dict:
+    with httpx.Client(timeout=900, limits=httpx.Limits(max_connections=a.clients)) as client:
         cpu0, t0 = cpu_seconds(pid), time.perf_counter()
-        with cf.ThreadPoolExecutor(clients) as pool:
-            res = list(pool.map(one, range(first, first + n_req)))
+        with cf.ThreadPoolExecutor(a.clients) as pool:
+            res = list(pool.map(lambda i: one_request(client, url, i, a.max_tokens, lora_of(i)), ids))
         wall, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
-        switches = client.get(url + "/health").json()["adapter_switches"] - switches0
-    return {"lat": [r[0] for r in res], "wall": wall, "cpu": cpu, "tokens": sum(r[1] for r in res),
-            "switches": switches}
+    return {"lat": [r["lat"] for r in res], "ttft": [r["ttft"] for r in res], "tokens": sum(r["tokens"] for r in res),
+            "wall": wall, "cpu": cpu}
 
 
 def summary(parts: list[dict]) -> dict:
     lat = sorted(x for p in parts for x in p["lat"])
-    wall = sum(p["wall"] for p in parts)
-    q = statistics.quantiles(lat, n=100, method="inclusive")
-    tokens = sum(p["tokens"] for p in parts)
-    return {"rps": len(lat) / wall, "tok_s": tokens / wall, "p50": q[49], "p99": q[98], "wall": wall,
-            "cpu_ms_tok": 1000 * sum(p["cpu"] for p in parts) / tokens, "switches": sum(p["switches"] for p in parts),
-            "n": len(lat)}
+    ttft = sorted(x for p in parts for x in p["ttft"])
+    wall, tokens = sum(p["wall"] for p in parts), sum(p["tokens"] for p in parts)
+
+    def q(xs: list[float], pct: int) -> float:
+        return statistics.quantiles(xs, n=100, method="inclusive")[pct - 1] if len(xs) > 1 else xs[0]
+
+    return {"n": len(lat), "rps": len(lat) / wall, "tok_s": tokens / wall, "tokens": tokens,
+            "ttft50": q(ttft, 50), "p50": q(lat, 50), "p99": q(lat, 99),
+            "cpu_ms_tok": 1000 * sum(p["cpu"] for p in parts) / max(tokens, 1)}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=64)
-    ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--clients", type=int, default=16, help="concurrent clients = slots of both servers")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--ctx", type=int, default=256, help="context per slot (llama-server: -c clients*ctx)")
     ap.add_argument("--adapters", type=int, default=4)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads in the server (1: on a busy 2-core machine 2 threads oversubscribe)")
-    ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.md"))
-    args = ap.parse_args()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1, help="split each load into this many interleaved rounds")
+    ap.add_argument("--quick", action="store_true", help="a short run: 16 requests of 16 tokens, one round")
+    ap.add_argument("--no-compile", action="store_true", help="start toolkit serve with --no-compile")
+    ap.add_argument("--out", default=None, help="default: bench/results/serve.md (serve-quick.md with --quick)")
+    a = ap.parse_args()
+    if a.quick:
+        a.requests, a.max_tokens, a.rounds = 16, 16, 1
+    out = Path(a.out or ROOT / "bench" / "results" / ("serve-quick.md" if a.quick else "serve.md"))
 
     from toolkit.bundled import smollm2_gguf
 
-    base = smollm2_gguf()
+    base = Path(smollm2_gguf())
+    llama_bin = Path(os.environ.get("TOOLKIT_LLAMA_BIN", "/opt/llama-tools/bin")) / "llama-server"
+    have_llama = llama_bin.is_file() and os.access(llama_bin, os.X_OK)
+    if not have_llama:
+        print(f"llama-server not found at {llama_bin} (set TOOLKIT_LLAMA_BIN): its rows are skipped", file=sys.stderr)
+    k = a.adapters
+    loads = {"no adapters": lambda i: [], f"{k} adapters": lambda i: [{"id": i % k, "scale": 1.0}]}
     load_before = os.getloadavg()[0]
+    results: dict[tuple[str, str], list[dict]] = {}
+    procs: dict[str, tuple[subprocess.Popen, str]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        adapters = make_adapters(base, Path(tmp), args.adapters, args.rank)
-        proc, url = start_server(base, adapters, args.threads)
+        adapters = make_adapters(base, Path(tmp), k, a.rank)
         try:
-            for _ in range(100):
-                try:
-                    httpx.get(url + "/health", timeout=5)
-                    break
-                except httpx.TransportError:
-                    time.sleep(0.1)
-            k = args.adapters
-
-            def with_lora(i: int) -> list[dict]:
-                return [{"id": i % k, "scale": 1.0}]
-
-            def no_lora(i: int) -> list[dict]:
-                return []
-
-            run_load(url, 4, 4, 4, with_lora)  # warm-up: first forward passes, adapter paths
-            per = args.requests // args.rounds
-            parts: dict[str, list[dict]] = {"base": [], "lora": []}
-            for r in range(args.rounds):
-                parts["base"].append(run_load(url, per, args.clients, args.max_tokens, no_lora, r * per, proc.pid))
-                parts["lora"].append(run_load(url, per, args.clients, args.max_tokens, with_lora, r * per, proc.pid))
-                print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
-            base_load, lora_load = summary(parts["base"]), summary(parts["lora"])
-            load_after = os.getloadavg()[0]
+            t0 = time.perf_counter()
+            procs["toolkit serve"] = start_toolkit(base, adapters, a)
+            startup = time.perf_counter() - t0
+            if have_llama:
+                procs["llama-server"] = start_llama(llama_bin, base, adapters, a)
+            warm = argparse.Namespace(**{**vars(a), "max_tokens": 4})
+            for name, (proc, url) in procs.items():  # warm-up: first passes of both loads at every batch size
+                for lora_of in loads.values():
+                    run_load(url, proc.pid, range(a.clients), warm, lora_of)
+            per = a.requests // a.rounds
+            for r in range(a.rounds):
+                for load, lora_of in loads.items():
+                    for name, (proc, url) in procs.items():
+                        part = run_load(url, proc.pid, range(r * per, (r + 1) * per), a, lora_of)
+                        results.setdefault((name, load), []).append(part)
+                        print(f"round {r + 1}/{a.rounds} {name:13s} {load}: {part['wall']:.1f} s", file=sys.stderr)
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            for proc, _ in procs.values():
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    load_after = os.getloadavg()[0]
+    rows = {key: summary(parts) for key, parts in results.items()}
 
-    rows = [("no adapters", base_load), (f"{k} adapters (request i -> adapter i % {k})", lora_load)]
     lines = [
-        f"# toolkit serve: {args.clients} concurrent clients, per-request LoRA vs no adapters",
+        f"# toolkit serve vs llama-server: {a.clients} concurrent clients, per-request LoRA",
         "",
-        (f"SmolLM2-135M-Instruct Q4_1 GGUF, CPU ({platform.processor() or platform.machine()}, "
-         f"{args.threads} server thread(s), torch {torch.__version__}), loopback HTTP, one `toolkit serve` process "
-         f"for both loads. {base_load['n']} requests per load (in {args.rounds} alternating rounds) from "
-         f"{args.clients} concurrent clients, each `/v1/completions` with {args.max_tokens} generated tokens "
-         f"(ignore_eos), {k} random adapters r={args.rank} on every linear."),
+        (f"SmolLM2-135M-Instruct Q4_1 GGUF, CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} "
+         f"cores, torch {torch.__version__}), both servers on loopback with {a.threads} threads, {a.clients} slots "
+         f"of {a.ctx} tokens (llama-server `-np {a.clients} -c {a.clients * a.ctx}`), {k} random GGUF adapters "
+         f"r={a.rank} on every linear loaded without applying them. Per server and load: {a.requests} streaming "
+         f"`/v1/completions` from {a.clients} concurrent clients, {a.max_tokens} generated tokens each "
+         f"(ignore_eos, temperature 0.8); the loads interleave across the servers ({a.rounds} round(s)). "
+         f"toolkit serve {'without' if a.no_compile else 'with'} torch.compile (startup {startup:.0f} s). "
+         f"1-minute load average {load_before:.1f} before, {load_after:.1f} after (other jobs shared the machine)."),
         "",
-        f"The machine was shared (1-minute load average {load_before:.1f} before, {load_after:.1f} after, on "
-        f"{os.cpu_count()} cores), so wall-clock figures carry that noise; the server's own CPU time per generated "
-        "token (prefill included) does not, and is the fairer comparison of the two loads.",
-        "",
-        "| load | requests/s | generated tok/s | p50 latency (s) | p99 latency (s) | server CPU ms / token | "
-        "adapter-set groups |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| server | load | requests/s | generated tok/s | TTFT p50 (s) | latency p50 (s) | latency p99 (s) | "
+        "server CPU ms / token |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, r in rows:
-        lines.append(f"| {name} | {r['rps']:.2f} | {r['tok_s']:.1f} | {r['p50']:.2f} | {r['p99']:.2f} | "
-                     f"{r['cpu_ms_tok']:.0f} | {r['switches']} |")
-    ratio = lora_load["rps"] / base_load["rps"]
-    cpu_ratio = lora_load["cpu_ms_tok"] / base_load["cpu_ms_tok"]
-    lines += ["", (f"Throughput with {k} adapters: **{ratio:.2f}x** the no-adapter load "
-              f"(p50 latency {lora_load['p50'] / base_load['p50']:.2f}x); server CPU per token "
-              f"**{cpu_ratio:.2f}x**. Requests run on one model thread, "
-              "grouped by adapter set (one `set_adapters` per group, counted above), one after another inside a "
-              f"group so each response equals the request run alone. Latency is queueing-dominated: {args.clients} "
-              "clients share one model."), ""]
+    for (name, load), r in rows.items():
+        lines.append(f"| {name} | {load} | {r['rps']:.2f} | {r['tok_s']:.1f} | {r['ttft50']:.2f} | {r['p50']:.2f} | "
+                     f"{r['p99']:.2f} | {r['cpu_ms_tok']:.1f} |")
+    lines.append("")
+    if not have_llama:
+        lines += [f"llama-server was not found at {llama_bin}: its rows are missing.", ""]
+    else:
+        for load, goal in ((f"{k} adapters", 2.0), ("no adapters", 1.0)):
+            ours, theirs = rows[("toolkit serve", load)], rows[("llama-server", load)]
+            ratio = ours["tok_s"] / theirs["tok_s"]
+            lines.append(f"- {load}: toolkit serve **{ratio:.2f}x** llama-server's throughput (goal >= {goal:g}x: "
+                         f"{'met' if ratio >= goal else 'not met'}); p50 latency {ours['p50'] / theirs['p50']:.2f}x, "
+                         f"TTFT p50 {ours['ttft50'] / max(theirs['ttft50'], 1e-9):.2f}x.")
+        lines.append("")
     text = "\n".join(lines)
     from toolkit.fileutil import atomic_path
 
-    with atomic_path(args.out) as tmp:
-        tmp.write_text(text)
+    with atomic_path(out) as tmp_out:
+        Path(tmp_out).write_text(text)
     print(text)
     return 0
 

@@ -2,10 +2,11 @@
 adapter routes, plus load/unload from a folder).
 
     toolkit serve -m base.gguf --lora a.gguf --lora-scaled b.gguf 0.5 [--lora-init-without-apply]
-                  [--host 127.0.0.1] [--port 8080] [--adapter-dir DIR] [--api-key KEY]
+                  [--host 127.0.0.1] [--port 8080] [-np 4] [-c 4096] [--adapter-dir DIR] [--api-key KEY]
 
-The base loads once. Each request runs with its own adapter set (its `lora` field, else the global scales
-set by POST /lora-adapters); see server_engine.py for why one model thread and grouping by adapter set.
+The base loads once. Requests share one continuously batched engine (--parallel slots, as llama-server's -np;
+--ctx-size tokens per slot), each with its own adapter set (its `lora` field, else the global scales set by
+POST /lora-adapters); see server_engine.py for the scheduler.
 Layout: server_protocol.py (wire format), server_engine.py (adapters + model thread), server_app.py
 (FastAPI routes), server_backend.py (the GGUF model behind it); this file is the command.
 """
@@ -18,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from toolkit.config import arg, compile_arg, parse_config, parse_lora_flags, weights_arg
+from toolkit.config import arg, parse_config, parse_lora_flags, weights_arg
 from toolkit.errors import ToolkitError
 
 
@@ -37,15 +38,21 @@ class ServeConfig:
                                              "file name (off when not given)")
     api_key: str | None = arg(None, help="require 'Authorization: Bearer KEY' on every endpoint (or set "
                                          "TOOLKIT_API_KEY)")
-    ctx_size: int = arg(4096, "-c", "--ctx-size", help="context size per request (prompt + generation), at "
-                                                        "most the model's; 0: the model's")
+    parallel: int = arg(4, "-np", "--parallel", help="requests decoded together (batch slots); more wait in the "
+                                                     "queue")
+    ctx_size: int = arg(4096, "-c", "--ctx-size", help="context size per slot (prompt + generation), at most the "
+                                                        "model's; 0: the model's. Unlike llama-server's -c, not "
+                                                        "divided among the slots")
     threads: int = arg(0, "-t", "--threads", help="CPU threads (0: torch's default)")
     device: str = arg("auto", help="auto|cpu|cuda|mps")
     dtype: str | None = arg(None, help="compute dtype (float32, float16, bfloat16); default per device")
     weights: str = weights_arg()
-    compile: bool = compile_arg()
+    compile: bool = arg(True, "--compile", help="compile the batched decode step with torch.compile at startup "
+                                               "(minutes on a small CPU the first time, and again for each new "
+                                               "adapter layout; faster once inductor's disk cache is warm); "
+                                               "--no-compile starts at once with eager steps")
     alias: str | None = arg(None, help="model id reported by /v1/models and in responses (default: file name)")
-    max_queue: int = arg(64, help="requests that may wait for the model; more get HTTP 503")
+    max_queue: int = arg(64, help="requests that may wait for a free slot; more get HTTP 503 at once")
 
 
 def is_loopback(host: str) -> bool:
@@ -62,6 +69,10 @@ def build(cfg: ServeConfig, backend: Any = None) -> tuple[Any, Any]:
     from .server_app import create_app
     from .server_engine import AdapterRegistry, Engine
 
+    if cfg.parallel < 1:
+        raise ToolkitError(f"--parallel must be >= 1 (got {cfg.parallel})")
+    if cfg.max_queue < 0:
+        raise ToolkitError(f"--max-queue must be >= 0 (got {cfg.max_queue})")
     if cfg.adapter_dir is not None and not os.path.isdir(cfg.adapter_dir):
         raise ToolkitError("--adapter-dir is not a folder", cfg.adapter_dir)
     if backend is None:
@@ -75,7 +86,11 @@ def build(cfg: ServeConfig, backend: Any = None) -> tuple[Any, Any]:
         i, name = registry.reserve()
         backend.load_adapter(path, name)  # a bad file: ToolkitError naming it, before we listen
         registry.add(i, name, os.path.abspath(path), 0.0 if cfg.lora_init_without_apply else scale)
-    engine = Engine(backend, registry, max_queue=cfg.max_queue).start()
+    engine = Engine(backend, registry, n_slots=cfg.parallel, max_queue=cfg.max_queue)
+    if cfg.compile:
+        print("toolkit serve: compiling the batched decode step (--no-compile skips it)", file=sys.stderr, flush=True)
+        engine.warmup()
+    engine.start()
     api_key = cfg.api_key or os.environ.get("TOOLKIT_API_KEY") or None
     return create_app(engine, api_key=api_key, adapter_dir=cfg.adapter_dir), engine
 
@@ -115,7 +130,7 @@ def serve(cfg: ServeConfig) -> int:
         raise
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    print(f"toolkit serve: {engine.backend.model_id} (n_ctx {engine.backend.n_ctx}, "
+    print(f"toolkit serve: {engine.backend.model_id} ({engine.n_slots} slots of n_ctx {engine.backend.n_ctx}, "
           f"{len(engine.registry.infos())} adapters) listening on http://{shown}:{port}", file=sys.stderr,
           flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))

@@ -1,5 +1,6 @@
 """The HTTP side of `toolkit serve` (FastAPI): routes, auth, errors, SSE. It never touches the model: it
-validates, resolves the adapter set, submits a Job to the Engine and relays the Job's events."""
+validates, resolves the adapter set, submits a Job to the Engine (a 503 when its queue is full) and relays the
+Job's events; a client that hangs up marks the Job cancelled, which frees its batch slot at the next step."""
 from __future__ import annotations
 
 import asyncio
@@ -145,7 +146,9 @@ def create_app(engine: Engine, api_key: str | None = None, adapter_dir: str | No
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "queued": engine.pending(), "adapter_switches": engine.groups_run}
+        st = engine.stats
+        return {"status": "ok", "slots": engine.n_slots, "slots_busy": engine.busy(), "queued": engine.pending(),
+                "steps": st.steps, "generated_tokens": st.tokens, "cancelled": st.cancelled, "rejected": st.rejected}
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -192,12 +195,12 @@ def create_app(engine: Engine, api_key: str | None = None, adapter_dir: str | No
 
     def admit(req: SamplingFields, prompt_ids: list[int]) -> JobStream:
         # `model` is not checked: OpenAI clients insist on sending one, and there is one model to serve
-        sampling = sampling_of(req, len(prompt_ids), backend.n_ctx)
+        params = sampling_of(req, len(prompt_ids), backend.n_ctx, backend.eot_ids)
         if any(t >= backend.vocab_size for t in prompt_ids):
             raise APIError(400, f"a token id is outside the vocabulary (size {backend.vocab_size})", param="prompt")
         stream = JobStream()
         aset = registry.acquire(req.lora)
-        job = Job(prompt_ids, sampling, aset, stream.emit, stream.cancelled)
+        job = Job(prompt_ids, params, list(req.stop or []), aset, stream.emit, stream.cancelled)  # type: ignore[arg-type]
         try:
             engine.submit(job)
         except APIError:

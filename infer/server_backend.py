@@ -1,16 +1,15 @@
-"""The GGUF model behind `toolkit serve`: toolkit.load + toolkit.lora adapters + infer.generate's sampler.
+"""The GGUF model behind `toolkit serve`: toolkit.load + toolkit.lora adapters + toolkit.infer.batch's engine.
 
-Only the engine's model thread calls these methods (see server_engine.py), so none of them lock.
+Only the engine's model thread calls the model's methods (see server_engine.py), so none of them lock.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from toolkit.errors import ToolkitError
 
-from .server_protocol import Sampling
 
 
 class ModelBackend:
@@ -18,6 +17,7 @@ class ModelBackend:
         self.model, self.tok = model, tokenizer
         self.n_ctx, self.model_id = n_ctx, model_id
         self.vocab_size = int(tokenizer.vocab_size)
+        self.eot_ids = frozenset(tokenizer.eot_ids)
 
     @classmethod
     def load(cls, path: str, device: str = "auto", dtype: str | None = None, weights: str = "auto", ctx_size: int = 4096,
@@ -60,18 +60,15 @@ class ModelBackend:
     def unload_adapter(self, name: str) -> None:
         self.model.unload_adapter(name)
 
-    def set_adapters(self, scales: dict[str, float]) -> None:
-        self.model.set_adapters(scales)
-
     # -- generation
-    def generate(self, prompt_ids: list[int], s: Sampling) -> Iterator[int]:
-        """The same token loop `toolkit.generate` / `toolkit infer` run (same sampler chain, seed handling and
-        end-of-generation ids), so a request's text equals theirs for the same adapter set and seed."""
-        from .generate import generate_tokens
+    def detokenizer(self) -> Any:
+        from .sampling import IncrementalDetokenizer
 
-        if s.max_tokens == 0:  # nothing to generate: skip the prefill too
-            return iter(())
-        stop = frozenset() if s.ignore_eos else frozenset(self.tok.eot_ids)
-        return generate_tokens(self.model, prompt_ids, s.max_tokens, s.temperature, s.top_k, s.top_p, s.min_p,
-                               s.repeat_penalty, s.presence_penalty, s.frequency_penalty, seed=s.seed,
-                               stop_ids=stop, n_ctx=self.n_ctx)
+        return IncrementalDetokenizer(self.tok)
+
+    def new_batch(self, n_slots: int) -> Any:
+        """The same sampler chain, seed handling and end-of-generation ids as `toolkit.generate`, over n_slots
+        rows, so a request's text equals `toolkit infer`'s for the same adapter set and seed."""
+        from .batch import BatchEngine
+
+        return BatchEngine(self.model, n_slots, self.n_ctx)

@@ -1,52 +1,77 @@
-"""The model side of `toolkit serve`: an adapter registry and one worker thread that owns the model.
+"""The model side of `toolkit serve`: an adapter registry and a continuous-batching scheduler on one model thread.
 
-Why one worker. The model (and its LoRA layers) is a single mutable object: the active adapter set is state
-inside it. Exactly one thread touches it, so a request's adapter set can never leak into another request's
-forward pass (no cross-talk by construction, no locks inside the model), and loading/unloading adapters runs
-on that same thread between generations. HTTP handlers only enqueue work and await events.
+One model thread. The model, its adapters and the batch's KV cache are mutable state; exactly one thread touches
+them, so there are no locks inside the model, and adapter loads/unloads (`call`) run on that same thread between
+two engine steps, never inside one. HTTP handlers only submit Jobs and await their events.
 
-Why grouping, not padded batches. Waiting requests are taken in groups that share an adapter set (the oldest
-request's set first, then every waiting request with the same set), so a burst over 4 adapters costs 4
-`set_adapters` calls, not one per request, and each group runs back to back. Inside a group requests run one
-after another rather than as one padded batch: a [B, ...] matmul computes each row with other kernels and
-reduction orders than the same row alone (torch CPU, a [8, 576] x [576, 1536] linear: every row differs from
-its solo result, by up to 3e-5), so sampled tokens could drift from what the request gives on its own, and the
-model's KV cache takes one position vector for the whole batch (prompts of different lengths would need
-padding masks it does not have). Running them one by one makes every response bit-identical to `toolkit
-infer` with that set and seed, which the issue requires; bench/serve.py measures what it costs.
+Continuous batching. The thread drives one toolkit.infer.batch.BatchEngine with --parallel slots of --ctx-size
+tokens each. Every tick: run queued adapter calls, free the slots of requests whose client went away
+(BatchEngine.cancel), free unloaded adapters nobody uses any more, move waiting requests into free slots (FIFO;
+the prompt is prefilled in chunks over the following steps), then one `step()`: a prefill chunk for new slots and
+one token for every decoding slot, all in one forward pass. A request joins at the next step and leaves the
+batch the step it finishes, so a short request never waits for a long one, and 16 clients cost one batched
+forward per token rather than 16.
+
+Adapters per row. Each slot carries its own adapter set (its `lora` field, else the global scales when it was
+admitted), applied by the engine to that row only, so requests with different sets share a step and no set leaks
+into another request. The engine computes a row in a batch with the same math as alone (greedy tokens equal
+`toolkit.generate` with that set; float logits within 1e-4 relative: a [B, ...] matmul may reduce in another
+order than [1, ...]), and seeded sampling uses one generator per slot.
+
+Back-pressure. At most --max-queue requests wait for a slot; more get HTTP 503 (a JSON error) at once, so a burst
+cannot grow memory without bound. A client that hangs up while waiting is dropped from the queue; one that hangs
+up while generating frees its slot at the next step.
 
 Unloading while requests still use an adapter: the id leaves the registry at once (new requests cannot name
-it), and the worker frees the weights only when the last request that resolved it has finished.
+it), and the thread frees the weights only when the last request that resolved it has finished.
 """
 from __future__ import annotations
 
 import collections
 import concurrent.futures
 import threading
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
 
-from .server_protocol import APIError, LoraRef, Sampling, StopMatcher
+from toolkit.errors import ToolkitError
+
+from .sampling import SamplingParams
+from .server_protocol import APIError, LoraRef, StopMatcher
 
 AdapterSet = tuple[tuple[str, float], ...]  # (model adapter name, scale), sorted, zero scales dropped
+
+
+class Detokenizer(Protocol):
+    def add(self, token_id: int) -> str: ...
+    def flush(self) -> str: ...
+
+
+class Batch(Protocol):
+    """toolkit.infer.batch.BatchEngine's interface (what the scheduler uses of it)."""
+
+    n_free: int
+    active: list[int]
+
+    def add(self, prompt_ids: list[int], params: SamplingParams, adapters: dict[str, float] | None = None) -> int: ...
+    def step(self) -> list[tuple[int, int | None, bool]]: ...
+    def cancel(self, slot: int) -> None: ...
 
 
 class Backend(Protocol):
     """What the engine needs from a model. `ModelBackend` (server_backend.py) is the real one."""
 
-    n_ctx: int
+    n_ctx: int  # per slot
     vocab_size: int
     model_id: str
+    eot_ids: frozenset[int]
 
     def encode(self, text: str) -> list[int]: ...
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]: ...
     def decode(self, ids: list[int]) -> str: ...
+    def detokenizer(self) -> Detokenizer: ...
     def load_adapter(self, path: str, name: str) -> None: ...
     def unload_adapter(self, name: str) -> None: ...
-    def set_adapters(self, scales: dict[str, float]) -> None: ...
-    def generate(self, prompt_ids: list[int], sampling: Sampling) -> Iterator[int]:
-        """Token ids after the prompt, end-of-generation tokens excluded; stops at max_tokens or EOS."""
-        ...
+    def new_batch(self, n_slots: int) -> Batch: ...
 
 
 # ---- adapters -------------------------------------------------------------------------------------------
@@ -129,6 +154,10 @@ class AdapterRegistry:
             self._doomed.add(entry.name)
             return entry
 
+    def names(self) -> list[str]:
+        with self._lock:
+            return [e.name for e in sorted(self._entries.values(), key=lambda e: e.id)]
+
     def paths(self) -> set[str]:
         with self._lock:
             return {e.path for e in self._entries.values()}
@@ -148,48 +177,59 @@ class AdapterRegistry:
 
 @dataclass
 class Job:
-    """One generation. `emit` is called from the worker thread with ("text", str), then exactly one of
+    """One generation. `emit` is called from the model thread with ("text", str), then exactly one of
     ("done", finish_reason, n_prompt, n_completion) or ("error", status, message)."""
 
     prompt_ids: list[int]
-    sampling: Sampling
+    params: SamplingParams
+    stops: list[str]
     adapters: AdapterSet
     emit: Callable[[tuple], None]
     cancelled: threading.Event
 
 
-class IncrementalDecoder:
-    """Token ids -> text pieces. A token may end inside a UTF-8 character (byte-level BPE); such text decodes
-    to U+FFFD, so it is held back until the following tokens complete it."""
+@dataclass
+class _Running:
+    job: Job
+    text: Detokenizer
+    stops: StopMatcher
+    n: int = 0  # tokens generated
 
-    def __init__(self, decode: Callable[[list[int]], str]):
-        self.decode, self.ids, self.sent = decode, [], 0
 
-    def add(self, tok: int) -> str:
-        self.ids.append(tok)
-        text = self.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        piece, self.sent = text[self.sent:], len(text)
-        return piece
-
-    def flush(self) -> str:
-        text = self.decode(self.ids)
-        piece, self.sent = text[self.sent:], len(text)
-        return piece
+@dataclass
+class Stats:
+    steps: int = 0  # engine steps that decoded at least one token
+    tokens: int = 0  # generated tokens
+    cancelled: int = 0  # slots freed because the client went away
+    rejected: int = 0  # 503s for a full queue
 
 
 class Engine:
-    """Owns the backend on one worker thread; `submit` from any thread; `call` runs a function there."""
+    """Owns the backend and its batch on one model thread; `submit` from any thread; `call` runs a function
+    there between steps."""
 
-    def __init__(self, backend: Backend, registry: AdapterRegistry, max_queue: int = 64):
-        self.backend, self.registry, self.max_queue = backend, registry, max_queue
+    def __init__(self, backend: Backend, registry: AdapterRegistry, n_slots: int = 4, max_queue: int = 64):
+        self.backend, self.registry, self.max_queue, self.n_slots = backend, registry, max_queue, n_slots
+        self.batch = backend.new_batch(n_slots)
+        self.stats = Stats()
         self._cv = threading.Condition()
-        self._jobs: list[Job] = []
+        self._waiting: collections.deque[Job] = collections.deque()
         self._calls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
+        self._running: dict[int, _Running] = {}  # slot -> request; the model thread's alone
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="toolkit-serve-model", daemon=True)
-        self.groups_run = 0  # how many set_adapters switches happened (for tests and the bench)
+
+    def warmup(self) -> None:
+        """Throwaway sequences through the batch before serving (call before start): with --compile, the batched
+        decode step compiles now, for one row and for several, with the adapters loaded at startup, rather than
+        in the first requests. Nothing is emitted or counted."""
+        prompt = self.backend.encode("Hello") or [0]
+        names = self.registry.names()
+        rows = [({}, 2), ({names[0]: 1.0} if names else {}, 4)][: self.n_slots]
+        for adapters, n in rows:  # different lengths: steps with 2 rows, then 1
+            self.batch.add(prompt, SamplingParams(max_tokens=n, temperature=0.0), adapters)
+        while self.batch.active:
+            self.batch.step()
 
     def start(self) -> "Engine":
         self._thread.start()
@@ -205,14 +245,16 @@ class Engine:
         with self._cv:
             if self._stopping:
                 raise APIError(503, "the server is shutting down", type="server_error")
-            if len(self._jobs) >= self.max_queue:
-                raise APIError(503, f"the server is busy ({self.max_queue} requests waiting); retry later",
-                               type="server_error")
-            self._jobs.append(job)
+            # slots in use + waiting (len of a dict the model thread owns: one atomic read)
+            if len(self._running) + len(self._waiting) >= self.n_slots + self.max_queue:
+                self.stats.rejected += 1
+                raise APIError(503, f"the server is busy ({self.n_slots} slots in use, {len(self._waiting)} "
+                                    "requests waiting); retry later", type="server_error")
+            self._waiting.append(job)
             self._cv.notify()
 
     def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
-        """Run `fn` on the model thread between generations (adapter load/unload)."""
+        """Run `fn` on the model thread between two steps (adapter load/unload)."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._cv:
             if self._stopping:
@@ -227,91 +269,126 @@ class Engine:
 
     def pending(self) -> int:
         with self._cv:
-            return len(self._jobs)
+            return len(self._waiting)
+
+    def busy(self) -> int:
+        return len(self._running)
 
     # -- the model thread --
 
-    def _take(self) -> tuple[list, list[Job]] | None:
+    def _loop(self) -> None:
+        try:
+            while self._tick():
+                pass
+        finally:
+            with self._cv:
+                left, self._waiting = list(self._waiting), collections.deque()
+            left += [r.job for r in self._running.values()]
+            self._running.clear()
+            for job in left:
+                self.registry.release(job.adapters)
+                job.emit(("error", 503, "the server is shutting down"))
+
+    def _tick(self) -> bool:
         with self._cv:
-            while not (self._jobs or self._calls or self._stopping):
+            while not (self._waiting or self._calls or self._running or self._stopping):
                 self._cv.wait()
             if self._stopping:
-                return None
+                return False
             calls = list(self._calls)
             self._calls.clear()
-            group: list[Job] = []
-            if self._jobs:
-                key = self._jobs[0].adapters
-                group = [j for j in self._jobs if j.adapters == key]
-                self._jobs = [j for j in self._jobs if j.adapters != key]
-            return calls, group
-
-    def _loop(self) -> None:
-        while (work := self._take()) is not None:
-            calls, group = work
-            for fn, fut in calls:
-                if fut.set_running_or_notify_cancel():
-                    try:
-                        fut.set_result(fn())
-                    except BaseException as e:  # handed to the awaiting handler
-                        fut.set_exception(e)
-            self._reap()
-            if group:
-                self._run_group(group)
-                self._reap()
-        with self._cv:
-            left, self._jobs = self._jobs, []
-        for job in left:
-            self.registry.release(job.adapters)
-            job.emit(("error", 503, "the server is shutting down"))
+        for fn, fut in calls:
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except BaseException as e:  # handed to the awaiting handler
+                    fut.set_exception(e)
+        self._drop_cancelled()
+        self._reap()
+        self._admit()
+        if self._running:
+            self._step()
+            self._reap()  # an adapter whose last request just ended is freed before the thread may go idle
+        return True
 
     def _reap(self) -> None:
         for name in self.registry.reap():
             self.backend.unload_adapter(name)
 
-    def _run_group(self, group: list[Job]) -> None:
-        self.groups_run += 1
-        try:
-            self.backend.set_adapters(dict(group[0].adapters))
-        except Exception as e:  # noqa: BLE001 - report to every request of the group, keep serving
-            for job in group:
-                self.registry.release(job.adapters)
-                job.emit(("error", 500, f"could not apply adapters: {e}"))
-            return
-        for job in group:
-            try:
-                if not job.cancelled.is_set():
-                    self._run_job(job)
-            except Exception as e:  # noqa: BLE001 - one failed request must not stop the server
-                job.emit(("error", 500, f"generation failed: {type(e).__name__}: {e}"))
-            finally:
-                self.registry.release(job.adapters)
-
-    def _run_job(self, job: Job) -> None:
-        s = job.sampling
-        stops = StopMatcher(s.stop)
-        text = IncrementalDecoder(self.backend.decode)
-        n, finish = 0, "stop"  # the generator ending early means EOS
-        tokens = self.backend.generate(job.prompt_ids, s)
-        try:
-            for tok in tokens:
-                n += 1
-                out, stopped = stops.feed(text.add(tok))
-                if out:
-                    job.emit(("text", out))
-                if stopped:
-                    break
-                if job.cancelled.is_set():  # client went away: stop spending compute on it
-                    return
+    def _drop_cancelled(self) -> None:
+        for slot, r in list(self._running.items()):
+            if r.job.cancelled.is_set():
+                self.batch.cancel(slot)
+                del self._running[slot]
+                self.registry.release(r.job.adapters)
+                self.stats.cancelled += 1
+        with self._cv:
+            if any(j.cancelled.is_set() for j in self._waiting):
+                gone = [j for j in self._waiting if j.cancelled.is_set()]
+                self._waiting = collections.deque(j for j in self._waiting if not j.cancelled.is_set())
             else:
-                if n >= s.max_tokens:
-                    finish = "length"
-                out, stopped = stops.feed(text.flush())
-                out += "" if stopped else stops.flush()
+                gone = []
+        for job in gone:
+            self.registry.release(job.adapters)
+
+    def _admit(self) -> None:
+        while self.batch.n_free > 0:
+            with self._cv:
+                if not self._waiting:
+                    return
+                job = self._waiting.popleft()
+            if job.params.max_tokens == 0:  # nothing to generate: no slot, no prefill
+                self.registry.release(job.adapters)
+                job.emit(("done", "length", len(job.prompt_ids), 0))
+                continue
+            try:
+                slot = self.batch.add(job.prompt_ids, job.params, dict(job.adapters))  # {}: the base alone
+            except Exception as e:  # noqa: BLE001 - one bad request must not stop the server
+                self.registry.release(job.adapters)
+                status = 400 if isinstance(e, ToolkitError) else 500
+                job.emit(("error", status, f"could not start the generation: {e}"))
+                continue
+            self._running[slot] = _Running(job, self.backend.detokenizer(), StopMatcher(job.stops))
+
+    def _step(self) -> None:
+        try:
+            events = self.batch.step()
+        except Exception as e:  # noqa: BLE001 - fail the requests of this batch, keep serving
+            for slot, r in list(self._running.items()):
+                try:
+                    self.batch.cancel(slot)
+                except Exception:  # noqa: BLE001,S110 - already freed by the failed step
+                    pass
+                self._finish(slot, error=(500, f"generation failed: {type(e).__name__}: {e}"))
+            return
+        if any(tok is not None for _, tok, _ in events):
+            self.stats.steps += 1
+        for slot, tok, finished in events:
+            r = self._running.get(slot)
+            if r is None:
+                continue
+            stopped = False
+            if tok is not None:
+                r.n += 1
+                self.stats.tokens += 1
+                out, stopped = r.stops.feed(r.text.add(tok))
                 if out:
-                    job.emit(("text", out))
-        finally:
-            close = getattr(tokens, "close", None)
-            if close is not None:
-                close()
-        job.emit(("done", finish, len(job.prompt_ids), n))
+                    r.job.emit(("text", out))
+                if stopped and not finished:
+                    self.batch.cancel(slot)  # a stop string: the slot is free for the next request now
+            if finished and not stopped:
+                out, stopped = r.stops.feed(r.text.flush())
+                out += "" if stopped else r.stops.flush()
+                if out:
+                    r.job.emit(("text", out))
+            if stopped or finished:
+                limit = not stopped and r.n >= r.job.params.max_tokens
+                self._finish(slot, "length" if limit else "stop")
+
+    def _finish(self, slot: int, reason: str = "stop", error: tuple[int, str] | None = None) -> None:
+        r = self._running.pop(slot)
+        self.registry.release(r.job.adapters)
+        if error is not None:
+            r.job.emit(("error", *error))
+        else:
+            r.job.emit(("done", reason, len(r.job.prompt_ids), r.n))

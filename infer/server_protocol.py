@@ -1,8 +1,9 @@
 """The wire format of `toolkit serve`: OpenAI request bodies (validated), response bodies, SSE framing.
 
 Pure data in, pure data out: nothing here touches the model, so it is tested without one. Field names,
-defaults and error shapes follow the OpenAI API; sampling defaults and the `lora` field follow llama-server
-(so the same body gives the same text as `toolkit infer` with the same flags and seed).
+defaults and error shapes follow the OpenAI API; sampling defaults (toolkit.infer.sampling.DEFAULTS, their one
+home) and the `lora` field follow llama-server, so the same body gives the same text as `toolkit infer` with
+the same flags and seed; the engine gets a request as a SamplingParams.
 """
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import json
 import math
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .sampling import DEFAULTS, SamplingParams
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 
@@ -64,13 +66,14 @@ class SamplingFields(BaseModel):
     model: str | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None  # the newer OpenAI name for max_tokens
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    temperature: float = DEFAULTS.temperature
+    top_k: int = DEFAULTS.top_k
+    top_p: float = DEFAULTS.top_p
+    min_p: float = DEFAULTS.min_p
+    repeat_penalty: float = DEFAULTS.repeat_penalty
+    repeat_last_n: int = DEFAULTS.penalty_last_n  # llama-server's name for penalty_last_n
+    presence_penalty: float = DEFAULTS.presence_penalty
+    frequency_penalty: float = DEFAULTS.frequency_penalty
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
@@ -117,6 +120,8 @@ class SamplingFields(BaseModel):
             raise ValueError("top_p and min_p must be in [0, 1]")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
+        if self.repeat_last_n < 0:
+            raise ValueError("repeat_last_n must be >= 0")
         if self.repeat_penalty <= 0:
             raise ValueError("repeat_penalty must be > 0")
         if self.n != 1:
@@ -202,26 +207,9 @@ class UnloadRequest(BaseModel):
     id: int
 
 
-@dataclass
-class Sampling:
-    """What the engine needs from a request: validated, resolved against the context size (the defaults live
-    on the request model above, once)."""
-
-    max_tokens: int
-    temperature: float
-    top_k: int
-    top_p: float
-    min_p: float
-    repeat_penalty: float
-    presence_penalty: float
-    frequency_penalty: float
-    seed: int | None
-    ignore_eos: bool
-    stop: list[str]
-
-
-def sampling_of(req: SamplingFields, n_prompt: int, n_ctx: int) -> Sampling:
-    """Bound the generation by the context: a prompt that leaves no room is refused (400)."""
+def sampling_of(req: SamplingFields, n_prompt: int, n_ctx: int, eot_ids: frozenset[int]) -> SamplingParams:
+    """The request's SamplingParams, its generation bounded by the context (a slot's n_ctx): a prompt that
+    leaves no room is refused (400). `eot_ids` end the generation unless the request sets ignore_eos."""
     if n_prompt == 0:
         raise APIError(400, "the prompt is empty", param="prompt")
     room = n_ctx - n_prompt
@@ -229,12 +217,12 @@ def sampling_of(req: SamplingFields, n_prompt: int, n_ctx: int) -> Sampling:
         raise APIError(400, f"the prompt has {n_prompt} tokens; the context size is {n_ctx}",
                        type="context_length_exceeded", param="prompt")
     limit = req.limit()
-    return Sampling(
+    return SamplingParams(
         max_tokens=room if limit is None else min(limit, room),
         temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, min_p=req.min_p,
         repeat_penalty=req.repeat_penalty, presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty, seed=req.seed, ignore_eos=req.ignore_eos,
-        stop=list(req.stop or []),  # type: ignore[arg-type]
+        frequency_penalty=req.frequency_penalty, penalty_last_n=req.repeat_last_n, seed=req.seed,
+        stop_ids=frozenset() if req.ignore_eos else frozenset(eot_ids),
     )
 
 

@@ -1,5 +1,6 @@
 """Helpers for the serve tests: start the real server (in a thread or as `toolkit serve`), and a scripted
-backend whose output depends on the adapter set active *while it generates* (to catch cross-talk)."""
+backend with a pure-Python batch engine whose every token depends on its own slot's adapter set (to catch
+cross-talk between rows) and that fails a step running an unloaded adapter."""
 from __future__ import annotations
 
 import hashlib
@@ -10,6 +11,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -17,20 +19,23 @@ import httpx
 
 
 class ScriptedBackend:
-    """Bytes tokenizer; token i of a generation is a letter chosen by hashing (prompt, active adapters, seed,
-    i), read from the adapter state *at each step*, so a set switched mid-generation shows in the text."""
+    """Bytes tokenizer and a FakeBatch whose token i of a sequence is a letter chosen by hashing (prompt, that
+    slot's adapter set, seed, i). Every step checks that each running slot's adapters are still loaded, so an
+    adapter freed while a request uses it fails the step (and the test)."""
 
     n_ctx = 64
     vocab_size = 256
     model_id = "scripted"
+    eot_ids: frozenset[int] = frozenset()
 
-    def __init__(self, delay: float = 0.002):
-        self.delay = delay
-        self.active: dict[str, float] = {}
+    def __init__(self, delay: float = 0.002, prefill_chunk: int = 16):
+        self.delay, self.prefill_chunk = delay, prefill_chunk
         self.loaded: set[str] = set()
-        self.set_calls = 0
         self.unloaded: list[str] = []
         self.threads: set[str] = set()
+        self.batch_sizes: list[int] = []  # decoding rows per step
+        self.tokens = 0
+        self.batches: list[FakeBatch] = []
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode())
@@ -41,6 +46,11 @@ class ScriptedBackend:
     def decode(self, ids: list[int]) -> str:
         return bytes(ids).decode(errors="replace")
 
+    def detokenizer(self):
+        from toolkit.infer.sampling import IncrementalDetokenizer
+
+        return IncrementalDetokenizer(self.decode)
+
     def load_adapter(self, path: str, name: str) -> None:
         if not os.path.isfile(path) or Path(path).read_bytes()[:4] != b"LORA":
             raise ValueError(f"{path}: not an adapter")
@@ -50,22 +60,89 @@ class ScriptedBackend:
         self.loaded.discard(name)
         self.unloaded.append(name)
 
-    def set_adapters(self, scales: dict[str, float]) -> None:
-        assert set(scales) <= self.loaded, (scales, self.loaded)
-        self.set_calls += 1
-        self.active = dict(scales)
+    def new_batch(self, n_slots: int) -> "FakeBatch":
+        b = FakeBatch(self, n_slots)
+        self.batches.append(b)
+        return b
 
     @staticmethod
-    def expected(prompt: list[int], scales: dict[str, float], seed, n: int) -> str:
-        key = repr((prompt, sorted(scales.items()), seed))
-        return "".join(chr(97 + hashlib.sha256(f"{key}/{i}".encode()).digest()[0] % 26) for i in range(n))
+    def token(prompt: list[int], scales: dict[str, float], seed, i: int) -> int:
+        key = repr((list(prompt), sorted(scales.items()), seed))
+        return 97 + hashlib.sha256(f"{key}/{i}".encode()).digest()[0] % 26
 
-    def generate(self, prompt_ids, sampling) -> Iterator[int]:
-        self.threads.add(threading.current_thread().name)
-        for i in range(sampling.max_tokens):
-            time.sleep(self.delay)
-            key = repr((list(prompt_ids), sorted(self.active.items()), sampling.seed))
-            yield 97 + hashlib.sha256(f"{key}/{i}".encode()).digest()[0] % 26
+    @classmethod
+    def expected(cls, prompt: list[int], scales: dict[str, float], seed, n: int) -> str:
+        return "".join(chr(cls.token(prompt, scales, seed, i)) for i in range(n))
+
+
+@dataclass
+class _Seq:
+    prompt: list[int]
+    params: object
+    adapters: dict[str, float]
+    prefilled: int = 0
+    n: int = 0
+
+
+class FakeBatch:
+    """BatchEngine's contract (BATCH_API.md) in pure Python, for the scheduler's tests: slots, prompts prefilled
+    in chunks over steps, one token per decoding slot per step, max_tokens and stop ids end a slot, cancel."""
+
+    def __init__(self, backend: ScriptedBackend, n_slots: int):
+        self.backend, self.n_slots = backend, n_slots
+        self.seqs: dict[int, _Seq] = {}
+        self.cancelled: list[int] = []
+
+    @property
+    def n_free(self) -> int:
+        return self.n_slots - len(self.seqs)
+
+    @property
+    def active(self) -> list[int]:
+        return sorted(self.seqs)
+
+    def add(self, prompt_ids, params, adapters=None) -> int:
+        from toolkit.errors import ToolkitError
+
+        if not self.n_free:
+            raise ToolkitError("no free slot")
+        if len(prompt_ids) + params.max_tokens > self.backend.n_ctx:
+            raise ToolkitError("the prompt does not fit")
+        assert set(adapters or {}) <= self.backend.loaded, (adapters, self.backend.loaded)
+        slot = min(set(range(self.n_slots)) - set(self.seqs))
+        self.seqs[slot] = _Seq(list(prompt_ids), params, dict(adapters or {}))
+        return slot
+
+    def cancel(self, slot: int) -> None:
+        del self.seqs[slot]
+        self.cancelled.append(slot)
+
+    def step(self) -> list[tuple[int, int | None, bool]]:
+        b = self.backend
+        b.threads.add(threading.current_thread().name)
+        time.sleep(b.delay)
+        out, decoding = [], 0
+        for slot, s in list(self.seqs.items()):
+            assert set(s.adapters) <= b.loaded, f"slot {slot} runs with an unloaded adapter: {s.adapters}"
+            if s.prefilled < len(s.prompt):
+                s.prefilled = min(len(s.prompt), s.prefilled + b.prefill_chunk)
+                if s.prefilled < len(s.prompt):
+                    continue  # the last prefill chunk gives the first token's logits
+            decoding += 1
+            tok = b.token(s.prompt, s.adapters, s.params.seed, s.n)
+            if tok in s.params.stop_ids:
+                out.append((slot, None, True))
+                del self.seqs[slot]
+                continue
+            s.n += 1
+            b.tokens += 1
+            done = s.n >= s.params.max_tokens
+            out.append((slot, tok, done))
+            if done:
+                del self.seqs[slot]
+        if decoding:
+            b.batch_sizes.append(decoding)
+        return out
 
 
 @contextmanager
