@@ -12,7 +12,7 @@ machine's background load hits both alike. Writes bench/results/serve.md.
 
     python bench/serve.py [--quick] [--requests 64] [--clients 16] [--max-tokens 64] [--threads 2]
 
-llama-server is found as $TOOLKIT_LLAMA_BIN/llama-server (default /opt/llama-tools/bin); when missing, its rows
+llama-server is found by bench/peers.py ($TOOLKIT_LLAMA_BIN, ~/.cache/toolkit/llama.cpp/bin, PATH); when missing, its rows
 are skipped with one line saying so.
 """
 from __future__ import annotations
@@ -190,10 +190,11 @@ def main() -> int:
     from toolkit.bundled import smollm2_gguf
 
     base = Path(smollm2_gguf())
-    llama_bin = Path(os.environ.get("TOOLKIT_LLAMA_BIN", "/opt/llama-tools/bin")) / "llama-server"
-    have_llama = llama_bin.is_file() and os.access(llama_bin, os.X_OK)
-    if not have_llama:
-        print(f"llama-server not found at {llama_bin} (set TOOLKIT_LLAMA_BIN): its rows are skipped", file=sys.stderr)
+    from peers import llama_tool
+
+    found = llama_tool("llama-server")  # one line on stderr when missing
+    have_llama = found is not None
+    llama_bin = Path(found or "llama-server")
     k = a.adapters
     loads = {"no adapters": lambda i: [], f"{k} adapters": lambda i: [{"id": i % k, "scale": 1.0}]}
     load_before = os.getloadavg()[0]
@@ -249,7 +250,7 @@ def main() -> int:
                      f"{r['p99']:.2f} | {r['cpu_ms_tok']:.1f} |")
     lines.append("")
     if not have_llama:
-        lines += [f"llama-server was not found at {llama_bin}: its rows are missing.", ""]
+        lines += ["llama-server was not found (bench/build_llama_tools.sh builds it): its rows are missing.", ""]
     else:
         for load, goal in ((f"{k} adapters", 2.0), ("no adapters", 1.0)):
             ours, theirs = rows[("toolkit serve", load)], rows[("llama-server", load)]
