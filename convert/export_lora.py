@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import LlamaFileType as FT
@@ -24,7 +23,8 @@ from gguf import LlamaFileType as FT
 from toolkit.adapter import Adapter, read_adapter
 from toolkit.config import arg, parse_config, parse_lora_flags
 from toolkit.errors import ToolkitError
-from toolkit.gguf_io import GGUFFile, TensorInfo, TensorSpec, as_qtype, copy_metadata, open_gguf, write_gguf
+from toolkit.gguf_io import GGUFFile, TensorSpec, as_qtype, copy_metadata, open_gguf, write_gguf
+from toolkit.quants import encode, tensor_float
 
 from .quantize import ALIASES, FTYPES, fallback, parse_ftype
 
@@ -65,34 +65,16 @@ def forced_type(outtype: str) -> Q:
     return as_qtype(outtype)
 
 
-def dequantize_tensor(ti: TensorInfo) -> torch.Tensor:
-    """float32 values of a GGUF tensor (torch shape), identical to ggml's to_float."""
-    from toolkit.quants import dequantize
-
-    return dequantize(ti.raw(), ti.qtype, ti.shape or (1,)).reshape(ti.shape)
-
-
 def merged_weight(g: GGUFFile, name: str, adapters: Sequence[tuple[Adapter, float]]) -> torch.Tensor:
     """float32 weight (torch shape) of base tensor `name` with every adapter's scaled delta added."""
     ti = g.tensors[name]
-    w = dequantize_tensor(ti).clone()  # the mmap view is copy-on-write; own it anyway
+    w = tensor_float(ti, copy=True)  # the mmap view is copy-on-write; own it anyway
     for ad, user_scale in adapters:
         if name in ad.norms:
             w = ad.norms[name].float().reshape(ti.shape).clone()
         if name in ad.tensors:
             w += ad.delta(name).reshape(ti.shape) * user_scale
     return w
-
-
-def encode(w: torch.Tensor, qtype: Q) -> torch.Tensor | np.ndarray:
-    """float32 weight -> data write_gguf stores as `qtype` (floats for F32/F16, raw blocks otherwise)."""
-    from toolkit.quants import quantize
-
-    if qtype == Q.F32:
-        return w
-    if qtype == Q.F16:
-        return w.numpy().astype(np.float16)
-    return quantize(w.reshape(-1, w.shape[-1]), qtype)
 
 
 def file_type(types: dict[str, Q], g: GGUFFile) -> int:

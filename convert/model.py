@@ -29,8 +29,9 @@ from toolkit.config import arg, parse_config
 from toolkit.errors import ToolkitError
 from toolkit.fileutil import atomic_path
 from toolkit.gguf_io import GGUFFile, TensorSpec, as_qtype, open_gguf, write_gguf
+from toolkit.quants import encode, tensor_float
 
-from .export_lora import FILE_TYPE_OF, encode
+from .export_lora import FILE_TYPE_OF
 from .quantize import QNT_VERSION, allows_quantization, fallback
 
 HF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
@@ -478,11 +479,9 @@ def write_hf_dir(g: GGUFFile, out: str | Path, weight: Callable[[str], torch.Ten
                  dtype: str = "F32", progress: bool = True) -> None:
     """A transformers folder from a GGUF model: config.json, model.safetensors (dequantized, `dtype` F32/F16/BF16),
     tokenizer. `weight(name)` gives each GGUF tensor as float32 (default: dequantized); export-lora merges there."""
-    from .export_lora import dequantize_tensor
-
     if weight is None:
         def weight(name: str) -> torch.Tensor:
-            return dequantize_tensor(g.tensors[name])
+            return tensor_float(g.tensors[name])
 
     cfg = hf_config(g)
     entries = []
@@ -528,9 +527,7 @@ def export_lora_hf(base: str | Path, out: str | Path, loras: Sequence[tuple[str,
     touched = {n for ad, _ in adapters for n in (*ad.tensors, *ad.norms)}
 
     def weight(name: str) -> torch.Tensor:
-        from .export_lora import dequantize_tensor
-
-        return merged_weight(g, name, adapters) if name in touched else dequantize_tensor(g.tensors[name])
+        return merged_weight(g, name, adapters) if name in touched else tensor_float(g.tensors[name])
 
     write_hf_dir(g, out, weight, dtype=dtype, progress=progress)
 

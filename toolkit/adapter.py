@@ -34,6 +34,7 @@ from . import names as N
 from .errors import ToolkitError
 from .fileutil import atomic_path
 from .gguf_io import GGUFFile, TensorInfo, TensorSpec, open_gguf, write_gguf
+from .quants import block_size, encode, tensor_float
 
 Tensor = torch.Tensor
 EMBD = "token_embd.weight"
@@ -218,17 +219,6 @@ def read_adapter(path: str | Path, base: BaseInfo | GGUFFile | str | Path | None
     return adapter
 
 
-def _to_f32(t: TensorInfo) -> Tensor:
-    """Any GGUF tensor as float32 torch (F32/F16 straight, others through gguf-py's dequantize)."""
-    if t.qtype in (Q.F32, Q.F16):
-        arr = np.asarray(t.data, dtype=np.float32)
-    else:
-        from gguf.quants import dequantize
-
-        arr = dequantize(t.raw().numpy(), t.qtype)
-    return torch.from_numpy(np.array(arr, dtype=np.float32)).reshape(t.shape)
-
-
 def _old_layout(a: Tensor, b: Tensor, name: str) -> LoraPair:
     """Old finetune / GGLA layout (ggml a ne [r, in], b ne [r, out] -> torch a (in, r), b (out, r)) -> canonical.
 
@@ -279,9 +269,9 @@ def read_gguf_adapter(path: str | Path, base: BaseInfo | None = None) -> Adapter
         if len(ta.shape) != 2 or len(tb.shape) != 2:
             raise ToolkitError(f"tensor '{name}': lora_a and lora_b must be 2-D", p)
         _check_gguf_shapes(name, ta.shape, tb.shape, base, p)
-        a, b = _to_f32(ta), _to_f32(tb)
+        a, b = tensor_float(ta, copy=True), tensor_float(tb, copy=True)
         tensors[name] = LoraPair(a.T.contiguous(), b) if is_embedding(name) else LoraPair(a, b)
-    norms = {n: _to_f32(t).reshape(-1) for n, t in norm_infos.items()}
+    norms = {n: tensor_float(t, copy=True).reshape(-1) for n, t in norm_infos.items()}
     if norms or any(is_norm(n) for n in tensors):
         _warn_norms(p)
     meta = {k: v for k, v in g.types.items() if k not in _OWN_KEYS}
@@ -324,7 +314,7 @@ def _read_finetune_checkpoint(g: GGUFFile, base: BaseInfo | None) -> Adapter:
             tb = g.tensors.get(name[:-1] + "b")
             if tb is None:
                 raise ToolkitError(f"LoRA tensor pair for '{name[:-7]}' is missing one component (lora_b)", g.path)
-            tensors[name[:-7]] = _old_layout(_to_f32(t), _to_f32(tb), name[:-7])
+            tensors[name[:-7]] = _old_layout(tensor_float(t, copy=True), tensor_float(tb, copy=True), name[:-7])
     if not tensors:
         raise ToolkitError("finetune checkpoint holds no LoRA tensors", g.path)
     if any(is_norm(n) for n in tensors):
@@ -556,15 +546,11 @@ def _fold_scales(tensors: dict[str, LoraPair], scales: dict[str, float]) -> tupl
 
 def _quantized(name: str, t: Tensor, qtype: Q) -> tuple[Q, Any]:
     """(type, data) for one tensor; like llama.cpp's converter, Q8_0 falls back to F16 where rows don't fit."""
-    if qtype in (Q.F32, Q.F16) or t.ndim < 2:
-        return (qtype if t.ndim >= 2 else Q.F32), t.float().contiguous()
-    from gguf.quants import QuantError, quantize
-
-    arr = t.float().contiguous().numpy()
-    try:
-        return qtype, quantize(arr, qtype)
-    except QuantError:
-        return Q.F16, t.float().contiguous()
+    if t.ndim < 2:
+        qtype = Q.F32
+    elif t.shape[-1] % block_size(qtype)[0]:
+        qtype = Q.F16
+    return qtype, encode(t.detach().float().contiguous(), qtype)
 
 
 def write_gguf_adapter(adapter: Adapter, path: str | Path, outtype: str = "f32",

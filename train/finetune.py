@@ -322,7 +322,7 @@ def _lora_tensors(model: torch.nn.Module, ranks: dict[str, int]) -> dict[str, to
 def _setup_packed_base(model: torch.nn.Module, cache: bool) -> None:
     """The quantized linears stay packed (unless --cache-base) and dequantize block rows on every use, forward
     and backward, in chunks small enough that transients do not dominate."""
-    from toolkit.quants import QuantLinear
+    from toolkit.qlinear import QuantLinear
 
     for mod in model.modules():
         if isinstance(mod, QuantLinear):
@@ -353,7 +353,7 @@ def make_optimizer(params: dict[str, torch.Tensor], cfg: FinetuneConfig) -> torc
 def _head_weight(head: torch.nn.Module) -> Callable[[int, int], torch.Tensor] | None:
     """Rows [r0, r1) of the output head's weight as float32, or None when the head is not a plain frozen linear
     (a LoRA on the output, an unknown module): then the loss goes through the model's own logits."""
-    from toolkit.quants import QuantLinear
+    from toolkit.qlinear import QuantLinear
 
     if isinstance(head, QuantLinear):
         if head.cache_weights:
