@@ -34,6 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from toolkit.config import arg, parse_config
 from toolkit.errors import ToolkitError
+from toolkit.headloss import head_loss
 
 from . import checkpoint as ck
 from .data import (Batch, RecordTokenizer, SampleOrder, Samples, eval_batches, process_escapes, read_records,
@@ -365,44 +366,6 @@ def _head_weight(head: torch.nn.Module) -> Callable[[int, int], torch.Tensor] | 
     return None
 
 
-class _ChunkedHeadLoss(torch.autograd.Function):
-    """sum_i w_i * CE(h_i @ W.T, y_i) over vocabulary chunks: the [N, V] logits (and their softmax and
-    gradient) never exist at once; backward recomputes each chunk's logits. W is frozen (packed or not)."""
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, y: torch.Tensor, w: torch.Tensor, rows, n_vocab: int, step: int):  # noqa: ANN001
-        n = h.shape[0]
-        mx = torch.full((n,), float("-inf"), device=h.device)
-        se = torch.zeros(n, device=h.device)
-        tgt = torch.zeros(n, device=h.device)
-        for r0 in range(0, n_vocab, step):
-            r1 = min(r0 + step, n_vocab)
-            z = h @ rows(r0, r1).t()  # [N, Vc]
-            cm = torch.maximum(mx, z.amax(1))
-            se = se * torch.exp(mx - cm) + torch.exp(z - cm[:, None]).sum(1)
-            mx = cm
-            inside = (y >= r0) & (y < r1)
-            tgt = torch.where(inside, z.gather(1, (y - r0).clamp(0, r1 - r0 - 1)[:, None])[:, 0], tgt)
-        lse = mx + torch.log(se)
-        ctx.save_for_backward(h, y, w, lse)
-        ctx.rows, ctx.n_vocab, ctx.step = rows, n_vocab, step
-        return ((lse - tgt) * w).sum()
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):  # noqa: ANN001
-        h, y, w, lse = ctx.saved_tensors
-        gh = torch.zeros_like(h)
-        scale = (w * g)[:, None]  # [N, 1]
-        for r0 in range(0, ctx.n_vocab, ctx.step):
-            r1 = min(r0 + ctx.step, ctx.n_vocab)
-            wc = ctx.rows(r0, r1)
-            p = torch.exp(h @ wc.t() - lse[:, None])  # softmax rows of this chunk [N, Vc]
-            inside = ((y >= r0) & (y < r1)).nonzero()[:, 0]
-            p[inside, y[inside] - r0] -= 1.0
-            gh += (p * scale) @ wc
-        return gh, None, None, None, None, None
-
-
 def _chunked_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
     """Sum of weighted token losses through the chunked head, or None if the model's head does not allow it."""
     head = getattr(model, "output", None)
@@ -418,7 +381,7 @@ def _chunked_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, w: t
     n_vocab = int(model.args.vocab_size)
     # chunks of ~16 MiB of logits and of dequantized head rows (the head is the largest matrix of small models)
     step = max(256, min((1 << 22) // max(h.shape[0], 1), (1 << 22) // h.shape[1]))
-    return _ChunkedHeadLoss.apply(h, y.flatten(), w.flatten().float(), rows, n_vocab, step)
+    return head_loss(h, y.flatten(), w.flatten().float(), rows, n_vocab, step)
 
 
 def batch_loss(model: torch.nn.Module, b: Batch, device: torch.device) -> tuple[torch.Tensor, int]:
