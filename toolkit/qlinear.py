@@ -47,11 +47,14 @@ class QuantLinear(torch.nn.Module):
     * `use_kernels`: on CPU, inputs of up to qkernels.MAX_ROWS rows go through torch's weight-only int4 kernel
       (Q4_0/Q4_1/Q4_K, repacked losslessly apart from bf16 scales) or a bf16 copy (other types); larger inputs
       dequantize blocks as usual. Inference turns it on for CPU decoding (toolkit.qkernels says why).
-    Finetune leaves both off so a quantized base stays packed in memory.
+    Finetune leaves both off so a quantized base stays packed in memory. It may give the layers a shared
+    `weight_pool` (toolkit.wpool.WeightPool): whole-weight dequantizations then go through that byte-budgeted
+    pool of recently used copies (exact values; finetune's --base-cache-mb).
     """
 
     cache_weights = False
     use_kernels = False
+    weight_pool = None
 
     def __init__(self, raw: torch.Tensor, qtype: QType, in_features: int, out_features: int,
                  bias: torch.Tensor | None = None):
@@ -87,6 +90,12 @@ class QuantLinear(torch.nn.Module):
         return w if dtype == torch.float32 else w.to(dtype)
 
     def _chunk(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+        pool = self.weight_pool
+        if pool is not None and r0 == 0 and r1 == self.out_features:
+            return pool.get((self, dtype), lambda: self._dequantize(r0, r1, dtype))
+        return self._dequantize(r0, r1, dtype)
+
+    def _dequantize(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
         w = dequantize_rows(self.qweight[r0:r1], self.qtype, self.in_features)
         return w if dtype == torch.float32 else w.to(dtype)
 
@@ -124,6 +133,8 @@ class QuantLinear(torch.nn.Module):
     def drop_cache(self) -> None:
         self.__dict__.pop("_wcache", None)
         self.__dict__.pop("_kcache", None)
+        if self.weight_pool is not None:
+            self.weight_pool.discard(self)
 
     def _use_kernels(self, x: torch.Tensor) -> bool:
         return (self.use_kernels and x.device.type == "cpu" and x.numel() <= qkernels.MAX_ROWS * self.in_features

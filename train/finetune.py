@@ -34,6 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from toolkit.config import arg, parse_config
 from toolkit.errors import ToolkitError
+from toolkit import wpool
 from toolkit.headloss import head_loss
 
 from . import checkpoint as ck
@@ -158,6 +159,8 @@ class FinetuneConfig:
     use_checkpointing: bool = toggle(True, "--use-checkpointing", "--no-checkpointing", "gradient checkpointing")
     cache_base: bool = arg(False, help="keep a dequantized float copy of a quantized base: faster on CPU, but the base "
                                        "then takes float memory (default: it stays packed in its GGUF blocks)")
+    base_cache_mb: float = arg(0.0, help="MiB of recently dequantized base weights to reuse (forward -> backward, "
+                                         "recompute -> backward; exact values); 0: dequantize on every use")
     use_flash: bool = toggle(True, "--use-flash", "--no-flash", "fused attention (PyTorch SDPA picks the kernel)")
     device: str = arg("auto", help="auto | cpu | cuda | mps")
     dtype: str | None = arg(None, help="compute dtype of the base (f32 | bf16 | f16; default f32 on CPU)")
@@ -578,6 +581,7 @@ def finetune(cfg: FinetuneConfig, on_iteration: Callable[[int, float], None] | N
     torch.manual_seed(seed)
     model = build(g, dtype, rope_base=cfg.rope_freq_base, rope_scale=cfg.rope_freq_scale, norm_eps=cfg.norm_rms_eps)
     _setup_packed_base(model, cfg.cache_base)
+    wpool.attach(model, cfg.base_cache_mb)
     if device.type != "cpu":
         model = model.to(device)
     model.add_trainable_adapter(ADAPTER, ranks, alpha, cfg.lora_dropout)
