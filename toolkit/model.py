@@ -31,6 +31,7 @@ from .linear_group import drop_plans, group_forward, pack_plans
 from .lora import AdapterHost, last_version
 from .qlinear import QuantEmbedding, QuantLinear
 from .quants import tensor_float
+from .trainops import swiglu
 
 # llama.cpp's rope type per architecture (LLAMA_ROPE_TYPE_NORM = adjacent pairs, NEOX = two halves)
 ARCHS: dict[str, dict[str, Any]] = {
@@ -314,8 +315,9 @@ class Block(nn.Module):
             gate, up = self._lin("ffn_up", x).chunk(2, dim=-1)
         else:
             gate, up = group_forward(self, ("ffn_gate", "ffn_up"), x)
-        act = F.gelu(gate, approximate="tanh") if a.gemma else F.silu(gate)
-        return self._lin("ffn_down", act * up)
+        if a.gemma:
+            return self._lin("ffn_down", F.gelu(gate, approximate="tanh") * up)
+        return self._lin("ffn_down", swiglu(gate, up))
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None,
                 cis: Tensor | None = None, kv_len: int = 0) -> Tensor:
