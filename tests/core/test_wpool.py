@@ -29,15 +29,21 @@ def test_pool_keeps_the_most_recent_within_its_budget():
     assert pool.used == 0
 
 
-@pytest.mark.parametrize("ckpt", [False, True])
-def test_pooled_training_step_is_exact(tmp_path, ckpt):
-    """Loss and LoRA gradients with the pool equal those without it, bit for bit (the pool hands out the same
-    dequantized values), and with gradient checkpointing every backward reuses its recompute's weights."""
+@pytest.fixture(scope="module")
+def tiny_q4_0(tmp_path_factory):
     from tiny import make_tiny_gguf
 
-    from toolkit.model import load
+    return make_tiny_gguf(tmp_path_factory.mktemp("wpool") / "m.gguf", qtype="Q4_0", dim=64, ffn=128)
 
-    model, _ = load(make_tiny_gguf(tmp_path / "m.gguf", qtype="Q4_0", dim=64, ffn=128), device="cpu")
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_pooled_training_step_is_exact(tiny_q4_0, ckpt):
+    """Loss and LoRA gradients with the pool equal those without it, bit for bit (the pool hands out the same
+    dequantized values), and with gradient checkpointing every backward reuses its recompute's weights."""
+    from toolkit.gguf_io import open_gguf
+    from toolkit.model import build
+
+    model = build(open_gguf(tiny_q4_0))  # no tokenizer needed
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.cache_weights = m.use_kernels = False
