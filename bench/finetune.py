@@ -1,10 +1,12 @@
 """Finetune throughput and peak memory: toolkit vs PEFT + transformers, same base, same settings, one run.
 
-    python bench/finetune.py [--steps 6] [--threads 2] [--skip-3b]
+    python bench/finetune.py [--steps 5] [--steps-batched 3] [--batches 1,8] [--base-cache-mb 16] [--threads 2]
+                             [--skip-3b]
 
-1. SmolLM2-135M-Instruct Q4_1 GGUF, ctx 256, batch 1, LoRA r 8 (alpha 16) on every linear of every block,
+1. SmolLM2-135M-Instruct Q4_1 GGUF, ctx 256, batch 1 and 8, LoRA r 8 (alpha 16) on every linear of every block,
    AdamW, with and without gradient checkpointing:
-   - toolkit: `finetune()` with the base packed in its GGUF blocks (default) and with --cache-base;
+   - toolkit: `finetune()` with the base packed in its GGUF blocks (default), packed with a --base-cache-mb pool
+     of reused dequantized weights, and with --cache-base;
    - PEFT: transformers loads the same GGUF (dequantized to float32), PEFT LoRA on q/k/v/o/gate/up/down,
      torch AdamW, the same token batches.
    Each configuration runs in its own process (peak RSS = that process's ru_maxrss); tokens/s is measured
@@ -40,14 +42,15 @@ def _peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
-def _token_batches(steps: int, vocab: int) -> list[list[int]]:
+def _token_batches(steps: int, vocab: int, batch: int) -> list[list[list[int]]]:
     import random
 
     rng = random.Random(0)
-    return [[rng.randrange(100, vocab) for _ in range(CTX + 1)] for _ in range(steps)]
+    return [[[rng.randrange(100, vocab) for _ in range(CTX + 1)] for _ in range(batch)] for _ in range(steps)]
 
 
-def worker_toolkit(model: str, steps: int, ckpt: bool, cache: bool, rank: int, out: dict) -> None:
+def worker_toolkit(model: str, steps: int, ckpt: bool, cache: bool, rank: int, out: dict, batch: int = 1,
+                   pool_mb: float = 0.0) -> None:
     """Through the public finetune() with a random-token text file, so the whole loop is measured."""
     from toolkit.train.finetune import FinetuneConfig, finetune
 
@@ -68,17 +71,18 @@ def worker_toolkit(model: str, steps: int, ckpt: bool, cache: bool, rank: int, o
             cpu.append(now_cpu - last[1])
             last[0], last[1] = now, now_cpu
 
-        cfg = FinetuneConfig(model_base=model, train_data=str(Path(d, "t.txt")), ctx=CTX, batch=1, lora_r=rank,
-                             lora_alpha=2 * rank, rank_tok_embd=0, rank_out=0, adam_iter=steps, warmup=1,
-                             use_checkpointing=ckpt, cache_base=cache, save_every=0, checkpoint_out="", lora_out="",
+        cfg = FinetuneConfig(model_base=model, train_data=str(Path(d, "t.txt")), ctx=CTX, batch=batch,
+                             lora_r=rank, lora_alpha=2 * rank, rank_tok_embd=0, rank_out=0, adam_iter=steps, warmup=1,
+                             use_checkpointing=ckpt, cache_base=cache, base_cache_mb=pool_mb, save_every=0, checkpoint_out="", lora_out="",
                              log_file="", checkpoint_in=str(Path(d, "none.gguf")), quiet=True, seed=0)
         finetune(cfg, on_iteration=tick)
     steady, steady_cpu = times[1:] or times, cpu[1:] or cpu
-    out.update(tok_s=CTX / (sum(steady) / len(steady)), tok_cpu_s=CTX / (sum(steady_cpu) / len(steady_cpu)),
+    n = CTX * batch
+    out.update(tok_s=n / (sum(steady) / len(steady)), tok_cpu_s=n / (sum(steady_cpu) / len(steady_cpu)),
                peak_gb=_peak_gb())
 
 
-def worker_peft(model: str, steps: int, ckpt: bool, out: dict) -> None:
+def worker_peft(model: str, steps: int, ckpt: bool, out: dict, batch: int = 1) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -98,9 +102,9 @@ def worker_peft(model: str, steps: int, ckpt: bool, out: dict) -> None:
     m.train()
     opt = torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-3, weight_decay=0.1)
     times, cpu = [], []
-    for seq in _token_batches(steps, m.config.vocab_size):
+    for seqs in _token_batches(steps, m.config.vocab_size, batch):
         t0, c0 = time.perf_counter(), time.process_time()
-        x = torch.tensor([seq])
+        x = torch.tensor(seqs)
         loss = m(input_ids=x[:, :-1], labels=x[:, :-1]).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_([q for q in m.parameters() if q.requires_grad], 1.0)
@@ -109,7 +113,8 @@ def worker_peft(model: str, steps: int, ckpt: bool, out: dict) -> None:
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     steady, steady_cpu = times[1:] or times, cpu[1:] or cpu
-    out.update(tok_s=CTX / (sum(steady) / len(steady)), tok_cpu_s=CTX / (sum(steady_cpu) / len(steady_cpu)),
+    n = CTX * batch
+    out.update(tok_s=n / (sum(steady) / len(steady)), tok_cpu_s=n / (sum(steady_cpu) / len(steady_cpu)),
                peak_gb=_peak_gb())
 
 
@@ -209,6 +214,11 @@ def main() -> int:
     ap.add_argument("--worker", default=None)
     ap.add_argument("--ckpt", type=int, default=0)
     ap.add_argument("--cache", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=1, help="(worker) samples per step")
+    ap.add_argument("--batches", default="1,8", help="batch sizes to compare")
+    ap.add_argument("--steps-batched", type=int, default=3, help="steps for batch sizes above 1")
+    ap.add_argument("--base-cache-mb", type=float, default=16.0,
+                    help="toolkit's --base-cache-mb for the pooled column (0: leave that column out)")
     a = ap.parse_args()
     if a.worker:
         import torch
@@ -218,9 +228,10 @@ def main() -> int:
 
         out: dict = {}
         if a.worker == "toolkit":
-            worker_toolkit(str(smollm2_gguf()), a.steps, bool(a.ckpt), bool(a.cache), RANK, out)
+            worker_toolkit(str(smollm2_gguf()), a.steps, bool(a.ckpt), bool(a.cache), RANK, out, a.batch,
+                           a.base_cache_mb)
         elif a.worker == "peft":
-            worker_peft(str(smollm2_gguf()), a.steps, bool(a.ckpt), out)
+            worker_peft(str(smollm2_gguf()), a.steps, bool(a.ckpt), out, a.batch)
         elif a.worker == "3b":
             worker_3b(a.steps, out)
         print("RESULT " + json.dumps(out))
@@ -230,13 +241,17 @@ def main() -> int:
 
     load_before = os.getloadavg()[0]
     rows = []
-    for ckpt in (False, True):
-        peft = run_worker("peft", ["--steps", str(a.steps), "--ckpt", str(int(ckpt))], a.threads, 1800)
-        ours = run_worker("toolkit", ["--steps", str(a.steps), "--ckpt", str(int(ckpt))], a.threads, 1800)
-        cached = run_worker("toolkit", ["--steps", str(a.steps), "--ckpt", str(int(ckpt)), "--cache", "1"],
-                            a.threads, 1800)
-        rows.append((ckpt, peft, ours, cached))
-        print(ckpt, peft, ours, cached, flush=True)
+    for batch in [int(b) for b in a.batches.split(",")]:
+        for ckpt in (False, True):
+            common = ["--steps", str(a.steps if batch == 1 else a.steps_batched), "--ckpt", str(int(ckpt)),
+                      "--batch", str(batch)]
+            peft = run_worker("peft", common, a.threads, 3600)
+            ours = run_worker("toolkit", [*common, "--base-cache-mb", "0"], a.threads, 3600)
+            pooled = (run_worker("toolkit", [*common, "--base-cache-mb", str(a.base_cache_mb)], a.threads, 3600)
+                      if a.base_cache_mb > 0 else None)
+            cached = run_worker("toolkit", [*common, "--cache", "1", "--base-cache-mb", "0"], a.threads, 3600)
+            rows.append((batch, ckpt, peft, ours, pooled, cached))
+            print(batch, ckpt, peft, ours, pooled, cached, flush=True)
     big = None
     saved = RESULTS.with_name("finetune-3b.json")  # the 3B part has no peer to run beside: reusable on its own
     if not a.skip_3b:
@@ -255,8 +270,9 @@ def main() -> int:
     lines = [
         "# toolkit finetune vs PEFT + transformers",
         "",
-        f"SmolLM2-135M-Instruct Q4_1 GGUF, ctx {CTX}, batch 1, LoRA r {RANK} / alpha {ALPHA} on q, k, v, o, gate, up, "
-        f"down of every block, AdamW; {a.steps} steps per configuration (tokens/s over steps 2..{a.steps}), each in "
+        f"SmolLM2-135M-Instruct Q4_1 GGUF, ctx {CTX}, batch {' and '.join(a.batches.split(','))}, LoRA r {RANK} / "
+        f"alpha {ALPHA} on q, k, v, o, gate, up, down of every block, AdamW; {a.steps} steps per configuration at "
+        f"batch 1, {a.steps_batched} above (tokens/s over the steps after the first), each in "
         f"its own process; peak = the process's peak RSS. {a.threads} threads, {cpu}. PEFT side: transformers' GGUF "
         "loader (dequantized to float32) + PEFT LoRA + torch AdamW, same token count per step. Measured in one run "
         f"of `python bench/finetune.py`; the machine was shared (1-minute load average {load_before:.1f} at the start, "
@@ -266,18 +282,27 @@ def main() -> int:
         "tok/s: wall clock; tok/CPU-s: tokens per second of the process's CPU time (all threads), which a busy "
         "machine disturbs far less, so the speed ratios use it.",
         "",
-        "| gradient checkpointing | PEFT tok/s | PEFT tok/CPU-s | PEFT peak GB | toolkit (packed base) tok/s | "
-        "tok/CPU-s | peak GB | speed vs PEFT | memory vs PEFT | --cache-base tok/CPU-s | peak GB | speed vs PEFT |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "Columns: PEFT; toolkit with the base packed (default); packed with `--base-cache-mb "
+        f"{a.base_cache_mb:g}` (a pool of recently dequantized weights reused by the next pass, exact); "
+        "`--cache-base` (a float copy of the whole base). Speed and memory ratios are against PEFT.",
+        "",
+        "| batch | grad. ckpt | PEFT tok/s | PEFT tok/CPU-s | PEFT peak GB | packed tok/s | tok/CPU-s | peak GB | "
+        "speed | memory | pooled tok/CPU-s | peak GB | speed | memory | --cache-base tok/CPU-s | peak GB | speed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for ckpt, peft, ours, cached in rows:
-        lines.append(f"| {'on' if ckpt else 'off'} | {peft['tok_s']:.1f} | {peft['tok_cpu_s']:.1f} | "
+
+    def ratio(r: dict | None, key: str, ref: dict) -> str:
+        return "n/a" if r is None else f"{r[key] / ref[key]:.2f}x"
+
+    for batch, ckpt, peft, ours, pooled, cached in rows:
+        pool_cols = ("n/a | n/a" if pooled is None else f"{pooled['tok_cpu_s']:.1f} | {pooled['peak_gb']:.2f}")
+        lines.append(f"| {batch} | {'on' if ckpt else 'off'} | {peft['tok_s']:.1f} | {peft['tok_cpu_s']:.1f} | "
                      f"{peft['peak_gb']:.2f} | {ours['tok_s']:.1f} | {ours['tok_cpu_s']:.1f} | {ours['peak_gb']:.2f} | "
-                     f"{ours['tok_cpu_s'] / peft['tok_cpu_s']:.2f}x | {ours['peak_gb'] / peft['peak_gb']:.2f}x | "
-                     f"{cached['tok_cpu_s']:.1f} | {cached['peak_gb']:.2f} | "
-                     f"{cached['tok_cpu_s'] / peft['tok_cpu_s']:.2f}x |")
-    lines += ["", "Goal: >= 2x PEFT's tokens/s at <= 0.6x its peak memory. Earlier PEFT figures on another machine: "
-              "167 tok/s / 1.90 GB (no checkpointing), 117 tok/s / 1.43 GB (checkpointing)."]
+                     f"{ratio(ours, 'tok_cpu_s', peft)} | {ratio(ours, 'peak_gb', peft)} | {pool_cols} | "
+                     f"{ratio(pooled, 'tok_cpu_s', peft)} | {ratio(pooled, 'peak_gb', peft)} | "
+                     f"{cached['tok_cpu_s']:.1f} | {cached['peak_gb']:.2f} | {ratio(cached, 'tok_cpu_s', peft)} |")
+    lines += ["", "Goal (issue 19): >= 1.0x PEFT's tokens per CPU-second with the base packed, at <= 0.6x its peak "
+              "memory (issue 7 asked 2x)."]
     if big is not None:
         lines += ["", "## 3B-shaped Q8_0 base (llama.cpp finetune guide's setting)", "",
                   "open_llama 3B v2 shapes (26 blocks, 3200 wide, ffn 8640, untied) with SmolLM2's 49152-token "

@@ -30,7 +30,8 @@ import gguf
 import oracle_ggml
 from gguf import GGMLQuantizationType
 
-from toolkit.quants import QuantLinear, dequantize, quantize
+from toolkit.qlinear import QuantLinear
+from toolkit.quants import dequantize, quantize
 
 
 def best(fn, repeat: int) -> tuple[float, object]:

@@ -29,15 +29,13 @@ from toolkit.errors import ToolkitError
 from toolkit.gguf_io import GGUFFile, TensorSpec, as_qtype, copy_metadata, open_gguf, write_gguf
 from toolkit.merge import (
     base_tensor_name,
-    dequantize_tensor,
-    encode,
     file_type,
     load_adapters,
     merged_shape,
     merged_weight,
     touched,
 )
-from toolkit.quants import DEQUANT_TYPES
+from toolkit.quants import DEQUANT_TYPES, encode, tensor_float
 
 from .quantize import ALIASES, FTYPES, fallback, parse_ftype
 
@@ -146,7 +144,7 @@ def export_lora_hf(base: str | Path, out: str | Path, loras: Sequence[tuple[str,
     changed = touched(adapters)
 
     def weight(name: str) -> torch.Tensor:
-        return merged_weight(g, name, adapters) if name in changed else dequantize_tensor(g.tensors[name])
+        return merged_weight(g, name, adapters) if name in changed else tensor_float(g.tensors[name], copy=True)
 
     write_hf_dir(g, out, weight, dtype=dtype, progress=progress)
 

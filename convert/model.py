@@ -29,7 +29,8 @@ from toolkit.errors import ToolkitError
 from toolkit.gguf_io import TensorSpec, as_qtype, open_gguf, write_gguf
 from toolkit.hf_dir import GEMMA, PRE_HINT, save_hf_tokenizer, write_hf_dir  # noqa: F401 (re-exported)
 from toolkit.hf_dir import ST_DTYPES as _ST_DTYPES
-from toolkit.merge import FILE_TYPE_OF, encode
+from toolkit.merge import FILE_TYPE_OF
+from toolkit.quants import encode
 
 from .quantize import QNT_VERSION, allows_quantization, fallback
 

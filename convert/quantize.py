@@ -21,6 +21,7 @@ from gguf import LlamaFileType as FT
 from toolkit.config import arg, parse_config
 from toolkit.errors import ToolkitError
 from toolkit.gguf_io import GGUFFile, TensorInfo, TensorSpec, copy_metadata, open_gguf, write_gguf
+from toolkit.quants import encode, tensor_float
 
 # llama.cpp's type names (llama-quantize's list) -> (file type, default tensor type)
 FTYPES: dict[str, tuple[FT, Q]] = {
@@ -236,16 +237,9 @@ def llama_order(names) -> list[str]:
 
 def requantize(ti: TensorInfo, qtype: Q) -> torch.Tensor | np.ndarray:
     """One tensor in `qtype`: raw bytes copied when the type is unchanged, else dequantize -> quantize."""
-    from toolkit.quants import dequantize, quantize
-
     if ti.qtype == qtype:
         return ti.raw()
-    x = dequantize(ti.raw(), ti.qtype, (ti.raw().shape[0], ti.shape[-1]))  # [rows, cols], ggml's to_float values
-    if qtype == Q.F32:
-        return x
-    if qtype == Q.F16:
-        return x.numpy().astype(np.float16)  # round to nearest even, like ggml_fp32_to_fp16_row
-    return quantize(x, qtype)
+    return encode(tensor_float(ti), qtype)  # ggml's to_float values, then quantize_row_*_ref / fp32_to_fp16
 
 
 def quantize_model(src: str | Path, out: str | Path, qtype: str, pure: bool = False,

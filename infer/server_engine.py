@@ -30,7 +30,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from toolkit.errors import ToolkitError

@@ -41,6 +41,7 @@ from . import names as N
 from .errors import ToolkitError
 from .fileutil import atomic_path
 from .gguf_io import GGUFFile, TensorInfo, TensorSpec, open_gguf, write_gguf
+from .quants import DEQUANT_TYPES, FLOAT_TYPES, block_size, encode, tensor_float
 
 Tensor = torch.Tensor
 EMBD = "token_embd.weight"
@@ -266,18 +267,10 @@ def read_adapter(path: str | Path, base: BaseInfo | GGUFFile | str | Path | None
 
 
 def _to_f32(t: TensorInfo, path: str = "") -> Tensor:
-    """Any GGUF tensor as float32 torch (F32/F16 straight, others through gguf-py's dequantize)."""
-    if t.qtype in (Q.F32, Q.F16):
-        arr = np.asarray(t.data, dtype=np.float32)
-    else:
-        from gguf.quants import dequantize
-
-        try:
-            arr = dequantize(t.raw().numpy(), t.qtype)
-        except NotImplementedError:  # integer types (I8..I64) and the few gguf-py cannot read
-            raise ToolkitError(f"tensor '{t.name}' has type {t.qtype.name}, which a LoRA adapter cannot hold",
-                               path or None) from None
-    return torch.from_numpy(np.array(arr, dtype=np.float32)).reshape(t.shape)
+    """An adapter tensor's float32 values (quants.tensor_float, memory of its own); integer types are refused."""
+    if t.qtype not in FLOAT_TYPES and t.qtype not in DEQUANT_TYPES:  # I8..I64
+        raise ToolkitError(f"tensor '{t.name}' has type {t.qtype.name}, which a LoRA adapter cannot hold", path or None)
+    return tensor_float(t, copy=True)
 
 
 def _old_layout(a: Tensor, b: Tensor, name: str) -> LoraPair:
@@ -740,15 +733,11 @@ def _fold_scales(tensors: dict[str, LoraPair], scales: dict[str, float]) -> tupl
 
 def _quantized(name: str, t: Tensor, qtype: Q) -> tuple[Q, Any]:
     """(type, data) for one tensor; like llama.cpp's converter, Q8_0 falls back to F16 where rows don't fit."""
-    if qtype in (Q.F32, Q.F16) or t.ndim < 2:
-        return (qtype if t.ndim >= 2 else Q.F32), t.float().contiguous()
-    from gguf.quants import QuantError, quantize
-
-    arr = t.float().contiguous().numpy()
-    try:
-        return qtype, quantize(arr, qtype)
-    except QuantError:
-        return Q.F16, t.float().contiguous()
+    if t.ndim < 2:
+        qtype = Q.F32
+    elif t.shape[-1] % block_size(qtype)[0]:
+        qtype = Q.F16
+    return qtype, encode(t.detach().float().contiguous(), qtype)
 
 
 def write_gguf_adapter(adapter: Adapter, path: str | Path, outtype: str = "f32",

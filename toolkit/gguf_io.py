@@ -253,8 +253,8 @@ TensorData = Union[np.ndarray, torch.Tensor, Callable[[], Union[np.ndarray, torc
 
 @dataclass
 class TensorSpec:
-    """One tensor to write. `data` is float values of `shape` (for F32/F16/BF16 converted as needed), or uint8
-    raw blocks [rows, row_bytes] for any type, or a zero-argument callable producing either (streaming: called
+    """One tensor to write. `data` is float values of `shape` for F32/F16 (converted as needed), a torch.bfloat16
+    tensor for BF16, or uint8 raw blocks [rows, row_bytes] for any type (toolkit.quants.encode makes them), or a zero-argument callable producing either (streaming: called
     only when that tensor is written, so a whole model never sits in memory)."""
 
     name: str
@@ -304,9 +304,8 @@ def _to_numpy(spec: TensorSpec) -> np.ndarray:
     elif q == GGMLQuantizationType.F16:
         raw = arr.astype(np.float16, copy=False)
     elif q == GGMLQuantizationType.BF16:
-        from .quants import quantize
-
-        raw = quantize(torch.from_numpy(arr.astype(np.float32).reshape(-1, spec.shape[-1])), q).numpy()
+        raise ToolkitError(f"tensor '{spec.name}': BF16 data must be a torch.bfloat16 tensor or raw uint8 "
+                           f"(toolkit.quants.encode converts float values)")
     else:
         raise ToolkitError(f"tensor '{spec.name}': {q.name} data must be raw uint8 blocks (quantize it first)")
     if raw.nbytes != spec.nbytes:

@@ -157,11 +157,11 @@ def write_hf_dir(g: GGUFFile, out: str | Path, weight: Callable[[str], torch.Ten
                  dtype: str = "F32", progress: bool = True) -> None:
     """A transformers folder from a GGUF model: config.json, model.safetensors (dequantized, `dtype` F32/F16/BF16),
     tokenizer. `weight(name)` gives each GGUF tensor as float32 (default: dequantized); export-lora merges there."""
-    from .merge import dequantize_tensor
+    from .quants import tensor_float
 
     if weight is None:
         def weight(name: str) -> torch.Tensor:
-            return dequantize_tensor(g.tensors[name])
+            return tensor_float(g.tensors[name], copy=True)
 
     cfg = hf_config(g)
     entries = []

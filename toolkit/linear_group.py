@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from . import qkernels
 from .lora import LoRALinear, thin_linear
-from .quants import QuantLinear
+from .qlinear import QuantLinear
 
 
 @dataclass

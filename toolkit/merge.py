@@ -13,14 +13,14 @@ from __future__ import annotations
 from collections import Counter
 from typing import Sequence
 
-import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import LlamaFileType as FT
 
 from .adapter import Adapter, read_adapter
 from .errors import ToolkitError
-from .gguf_io import GGUFFile, TensorInfo
+from .gguf_io import GGUFFile
+from .quants import tensor_float
 
 # the file type llama.cpp's loader would guess from a file's most common weight type
 FILE_TYPE_OF: dict[Q, FT] = {
@@ -40,13 +40,6 @@ def check_conflicts(adapters: Sequence[tuple[Adapter, float]]) -> None:
                 raise ToolkitError(f"adapters {seen[name][0]} and {ad.path} both replace '{name}' with different "
                                    f"values: merge them one at a time", ad.path)
             seen[name] = (ad.path, w)
-
-
-def dequantize_tensor(ti: TensorInfo) -> torch.Tensor:
-    """float32 values of a GGUF tensor (torch shape), identical to ggml's to_float."""
-    from .quants import dequantize
-
-    return dequantize(ti.raw(), ti.qtype, ti.shape or (1,)).reshape(ti.shape)
 
 
 def touched(adapters: Sequence[tuple[Adapter, float]]) -> set[str]:
@@ -70,7 +63,7 @@ def base_tensor_name(g: GGUFFile, name: str) -> str:
 def merged_weight(g: GGUFFile, name: str, adapters: Sequence[tuple[Adapter, float]]) -> torch.Tensor:
     """float32 weight (torch shape) of base tensor `name` with every adapter's scaled part applied."""
     ti = g.tensors[base_tensor_name(g, name)]
-    w0 = dequantize_tensor(ti)
+    w0 = tensor_float(ti, copy=True)
     w = w0.clone()  # the mmap view is copy-on-write; own it anyway
     for ad, user_scale in adapters:
         if name in ad.replaced:
@@ -79,17 +72,6 @@ def merged_weight(g: GGUFFile, name: str, adapters: Sequence[tuple[Adapter, floa
         if name in ad.tensors:
             w += ad.delta(name, w0).reshape(ti.shape) * user_scale
     return w
-
-
-def encode(w: torch.Tensor, qtype: Q) -> torch.Tensor | np.ndarray:
-    """float32 weight -> data write_gguf stores as `qtype` (floats for F32/F16, raw blocks otherwise)."""
-    from .quants import quantize
-
-    if qtype == Q.F32:
-        return w
-    if qtype == Q.F16:
-        return w.numpy().astype(np.float16)
-    return quantize(w.reshape(-1, w.shape[-1]), qtype)
 
 
 def file_type(types: dict[str, Q], g: GGUFFile) -> int:

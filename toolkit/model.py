@@ -1,7 +1,7 @@
 """A GGUF-native transformer (gpt-fast style): hyper-parameters from GGUF metadata, modules named as GGUF tensors.
 
 `model.get_submodule("blk.3.attn_q")` is the linear that the GGUF tensor `blk.3.attn_q.weight` fills, so GGUF
-LoRA adapters map without renaming. Quantized weights stay packed (toolkit.quants.QuantLinear; set_weight_mode
+LoRA adapters map without renaming. Quantized weights stay packed (toolkit.qlinear.QuantLinear; set_weight_mode
 picks how they compute); F32/F16/BF16 weights are zero-copy views on the memory-mapped file where the dtype allows.
 
 Semantics follow llama.cpp's graph for each architecture (llama-model.cpp), not transformers':
@@ -28,7 +28,9 @@ from .errors import ToolkitError
 from .gguf_io import GGUFFile, TensorInfo, open_gguf
 from .linear_group import RowAdapters, drop_plans, group_forward
 from .lora import AdapterHost, LoRAEmbedding
-from .quants import DEQUANT_TYPES, QuantEmbedding, QuantLinear
+from .qlinear import QuantEmbedding, QuantLinear
+from .quants import DEQUANT_TYPES, tensor_float
+from .trainops import swiglu
 
 # llama.cpp's rope type per architecture (LLAMA_ROPE_TYPE_NORM = adjacent pairs, NEOX = two halves)
 ARCHS: dict[str, dict[str, Any]] = {
@@ -357,8 +359,9 @@ class Block(nn.Module):
             gate, up = self._lin("ffn_up", x, rows).chunk(2, dim=-1)
         else:
             gate, up = group_forward(self, ("ffn_gate", "ffn_up"), x, rows)
-        act = F.gelu(gate, approximate="tanh") if a.gemma else F.silu(gate)
-        return self._lin("ffn_down", act * up, rows)
+        if a.gemma:
+            return self._lin("ffn_down", F.gelu(gate, approximate="tanh") * up, rows)
+        return self._lin("ffn_down", swiglu(gate, up), rows)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None,
                 cis: Tensor | None = None, kv_len: int = 0, slots: SlotRows | None = None,
@@ -564,13 +567,6 @@ class Transformer(AdapterHost, nn.Module):
 
 # --- loading -----------------------------------------------------------------------------------------------
 
-def _float_tensor(t: TensorInfo, dtype: torch.dtype | None) -> Tensor:
-    """F32/F16/BF16 tensor data as torch, zero-copy when no conversion is needed."""
-    if t.qtype == Q.BF16:
-        w = torch.from_numpy(t.data.reshape(-1).view("<i2")).view(torch.bfloat16).reshape(t.shape)
-    else:
-        w = torch.from_numpy(t.data).reshape(t.shape)
-    return w if dtype is None or w.dtype == dtype else w.to(dtype)
 
 
 def set_weight_mode(model: nn.Module, mode: str, device: torch.device) -> None:
@@ -597,10 +593,10 @@ def set_weight_mode(model: nn.Module, mode: str, device: torch.device) -> None:
 
 def _linear(t: TensorInfo, dtype: torch.dtype, bias: TensorInfo | None = None) -> nn.Module:
     out_f, in_f = t.shape
-    b = _float_tensor(bias, torch.float32).reshape(-1) if bias is not None else None
+    b = tensor_float(bias, torch.float32).reshape(-1) if bias is not None else None
     if t.qtype in FLOAT_TYPES:
         lin = nn.Linear(in_f, out_f, bias=b is not None, device="meta")
-        lin.weight = nn.Parameter(_float_tensor(t, dtype), requires_grad=False)
+        lin.weight = nn.Parameter(tensor_float(t, dtype), requires_grad=False)
         if b is not None:
             lin.bias = nn.Parameter(b.to(dtype), requires_grad=False)
         return lin
@@ -611,7 +607,7 @@ def _embedding(t: TensorInfo, dtype: torch.dtype) -> nn.Module:
     n, d = t.shape
     if t.qtype in FLOAT_TYPES:
         # _weight: no init of a throwaway (on meta its normal_ imports torch._dynamo, longer than the whole load)
-        return nn.Embedding(n, d, _weight=_float_tensor(t, dtype), _freeze=True)
+        return nn.Embedding(n, d, _weight=tensor_float(t, dtype), _freeze=True)
     return QuantEmbedding(t.raw(), t.qtype, n, d)
 
 
@@ -627,7 +623,7 @@ def _tied_output(emb: nn.Module, t: TensorInfo) -> nn.Module:
 
 def _norm(g: GGUFFile, name: str, dim: int, eps: float) -> RMSNorm:
     n = RMSNorm(dim, eps)
-    n.weight = nn.Parameter(_float_tensor(g.tensor(name), torch.float32).reshape(-1), requires_grad=False)
+    n.weight = nn.Parameter(tensor_float(g.tensor(name), torch.float32).reshape(-1), requires_grad=False)
     if n.weight.numel() != dim:
         raise ToolkitError(f"tensor '{name}' has {n.weight.numel()} values, expected {dim}", g.path)
     return n
@@ -693,7 +689,7 @@ def build(g: GGUFFile, dtype: torch.dtype = torch.float32, **overrides: Any) -> 
     model.output = _linear(out, dtype) if out is not None else _tied_output(model.token_embd, te)
     model.tied = out is None
     if "rope_freqs.weight" in g.tensors:  # Llama 3 rope scaling: per-frequency divisors
-        model.freq_factors = _float_tensor(g.tensor("rope_freqs.weight"), torch.float32).reshape(-1).clone()
+        model.freq_factors = tensor_float(g.tensor("rope_freqs.weight"), torch.float32).reshape(-1).clone()
     return model
 
 

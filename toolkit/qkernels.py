@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
-from .quants import GGML_QUANT_SIZES, _dequantize_rows, _f16, _scale_min_k4
+from .quants import dequantize_rows, f16_at, scale_min_k4
 
 # Above this many activation rows the float matmul on dequantized blocks is faster than the int4 kernel
 # (measured on AVX2 with 2 threads: int4 wins below ~16 rows, ties at 16-32, loses 2.5x at 512).
@@ -49,17 +50,17 @@ def int4_groups(qweight: torch.Tensor, qtype: Q, in_features: int) -> tuple[torc
     bv, bb = GGML_QUANT_SIZES[qtype]
     b = qweight.reshape(-1, bb)
     if qtype == Q.Q4_K:
-        sc, mn = _scale_min_k4(b[:, 4:16])
-        scale = _f16(b, 0)[:, None] * sc  # [nb, 8]: one group per 32 values
-        minus = _f16(b, 2)[:, None] * mn
+        sc, mn = scale_min_k4(b[:, 4:16])
+        scale = f16_at(b, 0)[:, None] * sc  # [nb, 8]: one group per 32 values
+        minus = f16_at(b, 2)[:, None] * mn
         qs = b[:, 16:144].reshape(-1, 4, 32)
         levels = torch.stack((qs & 0xF, qs >> 4), dim=2)  # [nb, 4, 2, 32]: sub-blocks 2c (low), 2c+1 (high)
         zero = 8 * scale - minus
     else:
         qs = b[:, bb - 16:]  # both keep 16 bytes of nibbles last: values 0..15 low, 16..31 high
         levels = torch.stack((qs & 0xF, qs >> 4), dim=1)  # [nb, 2, 16]
-        scale = _f16(b, 0)[:, None]
-        zero = torch.zeros_like(scale) if qtype == Q.Q4_0 else _f16(b, 2)[:, None] + 8 * scale
+        scale = f16_at(b, 0)[:, None]
+        zero = torch.zeros_like(scale) if qtype == Q.Q4_0 else f16_at(b, 2)[:, None] + 8 * scale
     groups = in_features // GROUP
     return (levels.reshape(out_f, in_features).to(torch.int32), scale.reshape(out_f, groups),
             zero.reshape(out_f, groups))
@@ -78,7 +79,7 @@ def pack(qweight: torch.Tensor, qtype: Q, in_features: int) -> PackedWeight:
         packed = _int4_pack(levels, 1)
         scale_zero = torch.stack((scale.t(), zero.t()), dim=-1).to(torch.bfloat16).contiguous()  # [in/32, out, 2]
         return PackedWeight("int4", packed, scale_zero, out_f)
-    w = _dequantize_rows(qweight, qtype, in_features).to(torch.bfloat16)
+    w = dequantize_rows(qweight, qtype, in_features).to(torch.bfloat16)
     return PackedWeight("bf16", w, None, out_f)
 
 

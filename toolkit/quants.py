@@ -4,7 +4,10 @@
   `dequantize_row_*` functions of ggml-quants.c), vectorised over blocks, CPU or CUDA.
 - `quantize(x, qtype)`: float rows -> uint8 [rows, row_bytes], identical to `ggml_quantize_chunk` without an
   importance matrix (the `quantize_row_*_ref` reference quantizers), K-quants' iterative searches included.
-- `QuantLinear` / `QuantEmbedding`: frozen layers that keep the GGUF blocks packed and dequantize on the fly.
+- `tensor_float(t)`: any GGUF tensor (TensorInfo) as torch values; `encode(w, qtype)`: float values -> the data
+  `write_gguf` stores for `qtype`. Every reader and writer of GGUF tensor values goes through these two.
+
+The packed layers built on this codec (QuantLinear / QuantEmbedding) live in toolkit.qlinear.
 
 Exactness notes: every float32 operation is done in the order the C code does it, one rounding per C
 operation (torch runs each elementwise op as its own kernel, so nothing is fused into an FMA; the
@@ -18,11 +21,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .errors import ToolkitError
-from .gguf_io import QType, as_qtype, row_bytes
+from .gguf_io import QType, TensorInfo, as_qtype, row_bytes
 
 Q = GGMLQuantizationType
 QK_K = 256
@@ -30,12 +32,15 @@ QK_K = 256
 __all__ = [
     "DEQUANT_TYPES",
     "QUANT_TYPES",
-    "QuantEmbedding",
-    "QuantLinear",
     "block_size",
     "dequantize",
+    "dequantize_rows",
+    "encode",
+    "f16_at",
     "quantize",
     "row_bytes",
+    "scale_min_k4",
+    "tensor_float",
 ]
 
 KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
@@ -48,7 +53,7 @@ def block_size(qtype: QType) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------------------------- helpers
 
-def _f16(b: torch.Tensor, off: int) -> torch.Tensor:
+def f16_at(b: torch.Tensor, off: int) -> torch.Tensor:
     """The fp16 stored at byte `off` of every block -> float32 [nb] (exact)."""
     return b[:, off:off + 2].contiguous().view(torch.float16).to(torch.float32).squeeze(-1)
 
@@ -70,8 +75,17 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
     return torch.stack((qs & 0x0F, qs >> 4), dim=-2)
 
 
-def _scale_min_k4(sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """get_scale_min_k4 for j = 0..7: the 12 packed bytes [nb, 12] -> (scales, mins) uint8 [nb, 8]."""
+def _nibbles_2d(qs: torch.Tensor) -> torch.Tensor:
+    """uint8 [nb, n] -> uint8 [nb, 2, n] like _nibbles, written in place (no temporaries; measured faster for
+    2-D inputs, slower for the K-quants' 3-D ones)."""
+    q = torch.empty((qs.shape[0], 2, qs.shape[1]), dtype=torch.uint8, device=qs.device)
+    torch.bitwise_and(qs, 0x0F, out=q[:, 0])
+    torch.bitwise_right_shift(qs, 4, out=q[:, 1])
+    return q
+
+
+def scale_min_k4(sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """getscale_min_k4 for j = 0..7: the 12 packed bytes [nb, 12] -> (scales, mins) uint8 [nb, 8]."""
     q0, q4, q8 = sc[:, 0:4], sc[:, 4:8], sc[:, 8:12]
     d = torch.cat((q0 & 63, (q8 & 0xF) | ((q0 >> 6) << 4)), dim=-1)
     m = torch.cat((q4 & 63, (q8 >> 4) | ((q4 >> 6) << 4)), dim=-1)
@@ -100,21 +114,21 @@ def _new_out(nb: int, *shape: int, like: torch.Tensor, out: torch.Tensor | None 
     return torch.empty((nb, *shape), dtype=torch.float32, device=like.device)
 
 
+# The integer part is built in bytes (cheap passes), converted to float in one contiguous pass, then scaled in
+# place: the float output is written as few times as eager torch allows.
+
 def _dq_q4_0(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    # The integer part is built in bytes (cheap), converted to float once, then scaled in place.
-    nb, qs = b.shape[0], b[:, 2:18]
-    out = _new_out(nb, 2, 16, like=b, out=out)
-    out[:, 0] = (qs & 0x0F).view(torch.int8) - 8
-    out[:, 1] = (qs >> 4).view(torch.int8) - 8
-    return out.view(nb, 32).mul_(_f16(b, 0)[:, None])
+    nb = b.shape[0]
+    q = _nibbles_2d(b[:, 2:18]).view(torch.int8).sub_(8)  # [nb, 2, 16]
+    out = _new_out(nb, 32, like=b, out=out)
+    return out.copy_(q.view(nb, 32)).mul_(f16_at(b, 0)[:, None])
 
 
 def _dq_q4_1(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    nb, qs = b.shape[0], b[:, 4:20]
-    out = _new_out(nb, 2, 16, like=b, out=out)
-    out[:, 0] = qs & 0x0F
-    out[:, 1] = qs >> 4
-    return out.view(nb, 32).mul_(_f16(b, 0)[:, None]).add_(_f16(b, 2)[:, None])
+    nb = b.shape[0]
+    out = _new_out(nb, 32, like=b, out=out)
+    out.copy_(_nibbles_2d(b[:, 4:20]).view(nb, 32))
+    return out.mul_(f16_at(b, 0)[:, None]).add_(f16_at(b, 2)[:, None])
 
 
 def _q5_high(qh4: torch.Tensor) -> torch.Tensor:
@@ -129,26 +143,26 @@ def _dq_q5_0(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     q = (_nibbles(b[:, 6:22]).reshape(nb, 32) | _q5_high(b[:, 2:6])).view(torch.int8) - 16
     out = _new_out(nb, 32, like=b, out=out)
     out.copy_(q)
-    return out.mul_(_f16(b, 0)[:, None])
+    return out.mul_(f16_at(b, 0)[:, None])
 
 
 def _dq_q5_1(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     nb = b.shape[0]
     out = _new_out(nb, 32, like=b, out=out)
     out.copy_(_nibbles(b[:, 8:24]).reshape(nb, 32) | _q5_high(b[:, 4:8]))
-    return out.mul_(_f16(b, 0)[:, None]).add_(_f16(b, 2)[:, None])
+    return out.mul_(f16_at(b, 0)[:, None]).add_(f16_at(b, 2)[:, None])
 
 
 def _dq_q8_0(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     out = _new_out(b.shape[0], 32, like=b, out=out)
     out.copy_(b[:, 2:34].view(torch.int8))
-    return out.mul_(_f16(b, 0)[:, None])
+    return out.mul_(f16_at(b, 0)[:, None])
 
 
 def _dq_q2_k(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     # block_q2_K: scales[16], qs[64], d, dmin
     nb, sc = b.shape[0], b[:, 0:16]
-    d, dmin = _f16(b, 80), _f16(b, 82)
+    d, dmin = f16_at(b, 80), f16_at(b, 82)
     dl = (d[:, None] * (sc & 0xF)).view(nb, 2, 4, 2, 1)  # scale index 8c + 2j + h
     ml = (dmin[:, None] * (sc >> 4)).view(nb, 2, 4, 2, 1)
     qs = b[:, 16:80].reshape(nb, 2, 1, 2, 16)  # (c, -, h, l)
@@ -169,7 +183,7 @@ def _q3_scales(s: torch.Tensor) -> torch.Tensor:
 def _dq_q3_k(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     # block_q3_K: hmask[32], qs[64], scales[12], d
     nb = b.shape[0]
-    dl = (_f16(b, 108)[:, None] * _q3_scales(b[:, 96:108])).view(nb, 2, 4, 2, 1)
+    dl = (f16_at(b, 108)[:, None] * _q3_scales(b[:, 96:108])).view(nb, 2, 4, 2, 1)
     hm = b[:, 0:32].reshape(nb, 1, 1, 2, 16)  # (-, -, h, l)
     qs = b[:, 32:96].reshape(nb, 2, 1, 2, 16)  # (c, -, h, l)
     sh = _lut("sh2x4", b.device, lambda: (torch.arange(4, dtype=torch.uint8) * 2).reshape(1, 1, 4, 1, 1))
@@ -183,9 +197,9 @@ def _dq_q3_k(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
 def _dq_q4_k(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     # block_q4_K: d, dmin, scales[12], qs[128]
     nb = b.shape[0]
-    sc, m = _scale_min_k4(b[:, 4:16])
-    d1 = (_f16(b, 0)[:, None] * sc).view(nb, 4, 2, 1)
-    m1 = (_f16(b, 2)[:, None] * m).view(nb, 4, 2, 1)
+    sc, m = scale_min_k4(b[:, 4:16])
+    d1 = (f16_at(b, 0)[:, None] * sc).view(nb, 4, 2, 1)
+    m1 = (f16_at(b, 2)[:, None] * m).view(nb, 4, 2, 1)
     qs = b[:, 16:144].view(nb, 4, 32)
     out = _new_out(nb, 4, 2, 32, like=b, out=out)
     out[:, :, 0] = qs & 0xF
@@ -196,9 +210,9 @@ def _dq_q4_k(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
 def _dq_q5_k(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     # block_q5_K: d, dmin, scales[12], qh[32], qs[128]
     nb = b.shape[0]
-    sc, m = _scale_min_k4(b[:, 4:16])
-    d1 = (_f16(b, 0)[:, None] * sc).view(nb, 8, 1)
-    m1 = (_f16(b, 2)[:, None] * m).view(nb, 8, 1)
+    sc, m = scale_min_k4(b[:, 4:16])
+    d1 = (f16_at(b, 0)[:, None] * sc).view(nb, 8, 1)
+    m1 = (f16_at(b, 2)[:, None] * m).view(nb, 8, 1)
     sh = _lut("sh8c", b.device, lambda: torch.arange(8, dtype=torch.uint8).reshape(1, 8, 1))
     hi = ((b[:, None, 16:48] >> sh) & 1) << 4  # [nb, 8, 32]
     out = _new_out(nb, 8, 32, like=b, out=out)
@@ -209,7 +223,7 @@ def _dq_q5_k(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
 def _dq_q6_k(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     # block_q6_K: ql[128], qh[64], scales[16] (int8), d
     nb = b.shape[0]
-    ds = (_f16(b, 208)[:, None] * b[:, 192:208].view(torch.int8)).view(nb, 2, 4, 2, 1)  # (c, quarter, l//16)
+    ds = (f16_at(b, 208)[:, None] * b[:, 192:208].view(torch.int8)).view(nb, 2, 4, 2, 1)  # (c, quarter, l//16)
     ql = _nibbles(b[:, 0:128].reshape(nb, 2, 64)).reshape(nb, 2, 4, 32)  # (c, 2*nibble + k, l)
     sh = _lut("sh2x4q6", b.device, lambda: (torch.arange(4, dtype=torch.uint8) * 2).reshape(1, 1, 4, 1))
     qh = (b[:, 128:192].reshape(nb, 2, 1, 32) >> sh) & 3
@@ -223,14 +237,14 @@ def _kvalues(device: torch.device) -> torch.Tensor:
 
 
 def _dq_iq4_nl(b: torch.Tensor) -> torch.Tensor:
-    d = _f16(b, 0)
+    d = f16_at(b, 0)
     idx = _nibbles(b[:, 2:18]).reshape(-1, 32).long()
     return d[:, None] * _kvalues(b.device)[idx]
 
 
 def _dq_iq4_xs(b: torch.Tensor) -> torch.Tensor:
     # block_iq4_xs: d, scales_h (uint16), scales_l[4], qs[128]
-    d = _f16(b, 0)
+    d = f16_at(b, 0)
     sh_h = b[:, 2:4].contiguous().view(torch.int16).to(torch.int32)  # [nb, 1]
     shifts = _lut("sh16", b.device, lambda: torch.arange(8, dtype=torch.int32) * 2)
     hi = (sh_h >> shifts) & 3  # [nb, 8]
@@ -307,9 +321,31 @@ def dequantize(raw: torch.Tensor, qtype: QType, shape: Sequence[int] | int) -> t
     return _run_dequant(qtype, _as_blocks(raw, qtype, n)).reshape(shape)
 
 
-def _dequantize_rows(raw: torch.Tensor, qtype: Q, cols: int) -> torch.Tensor:
-    """uint8 [rows, row_bytes] -> float32 [rows, cols]."""
+def dequantize_rows(raw: torch.Tensor, qtype: Q, cols: int) -> torch.Tensor:
+    """uint8 [rows, row_bytes] -> float32 [rows, cols] (a layer's packed weight, or a slice of its rows)."""
     return _run_dequant(qtype, _as_blocks(raw, qtype, raw.shape[0] * cols)).reshape(raw.shape[0], cols)
+
+
+FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
+
+
+def tensor_float(t: TensorInfo, dtype: torch.dtype | None = torch.float32, copy: bool = False) -> torch.Tensor:
+    """A GGUF tensor's values in torch shape: the one way the toolkit reads tensor values from a file.
+
+    F32/F16/BF16 are zero-copy views of the file when `dtype` is their own (None keeps the stored float type);
+    other types dequantize to float32 (ggml's to_float), then convert to `dtype`. `copy=True` returns memory of
+    its own (never a view of the file's mapping).
+    """
+    if t.qtype in FLOAT_TYPES:
+        flat = torch.from_numpy(np.ascontiguousarray(t.data).reshape(-1).view(np.uint8))
+        w = flat.view({Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}[t.qtype]).reshape(t.shape)
+    else:
+        w = dequantize(t.raw(), t.qtype, t.shape or (1,)).reshape(t.shape)
+        copy = False  # already fresh
+    if dtype is not None and w.dtype != dtype:
+        return w.to(dtype)
+    return w.clone() if copy else w
+
 
 
 # --------------------------------------------------------------------------------------------- quantize
@@ -926,182 +962,15 @@ def quantize(x: torch.Tensor, qtype: QType) -> torch.Tensor:
     return out
 
 
-# ------------------------------------------------------------------------------------------------ layers
-
-CHUNK_ELEMENTS = 1 << 24  # at most this many dequantized values alive at once per layer (64 MiB fp32)
-
-
-def _row_chunks(rows: int, cols: int) -> list[tuple[int, int]]:
-    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
-    return [(r, min(r + step, rows)) for r in range(0, rows, step)]
-
-
-class _QuantMatmul(torch.autograd.Function):
-    """y = x @ W.T with W dequantized chunk by chunk; backward gives grad x only (W is frozen)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:  # type: ignore[override]
-        ctx.layer = layer
-        return layer._matmul(x)
-
-    @staticmethod
-    def backward(ctx, gy: torch.Tensor):  # type: ignore[override]
-        layer: QuantLinear = ctx.layer
-        return layer._matmul_t(gy), None
-
-
-class QuantLinear(torch.nn.Module):
-    """A frozen linear layer over packed GGUF blocks (`qweight`: uint8 [out_features, row_bytes]).
-
-    `forward(x)` dequantizes chunks of output rows on the fly (peak extra memory: CHUNK_ELEMENTS values) and
-    computes in x's dtype; gradients flow to x, never to the weight.
-
-    Two per-instance switches trade exactness or memory for speed (neither copy is a buffer: never saved,
-    never in the state dict, rebuilt lazily after .to()):
-    * `cache_weights`: a dequantized copy is made on first use and reused (exact; 4-8x the packed memory).
-    * `use_kernels`: on CPU, inputs of up to qkernels.MAX_ROWS rows go through torch's weight-only int4 kernel
-      (Q4_0/Q4_1/Q4_K, repacked losslessly apart from bf16 scales) or a bf16 copy (other types); larger inputs
-      dequantize blocks as usual. Inference turns it on for CPU decoding (toolkit.qkernels says why).
-    Finetune leaves both off so a quantized base stays packed in memory.
-    """
-
-    cache_weights = False
-    use_kernels = False
-
-    def __init__(self, raw: torch.Tensor, qtype: QType, in_features: int, out_features: int,
-                 bias: torch.Tensor | None = None):
-        super().__init__()
-        self.qtype = as_qtype(qtype)
-        if self.qtype not in _DEQUANT:
-            raise ToolkitError(f"no dequantizer for {self.qtype.name}")
-        self.in_features, self.out_features = int(in_features), int(out_features)
-        rb = row_bytes(self.qtype, self.in_features)
-        if raw.dtype != torch.uint8:
-            raw = raw.contiguous().reshape(-1).view(torch.uint8)
-        if raw.numel() != rb * self.out_features:
-            raise ToolkitError(f"{self.qtype.name} weight [{out_features}, {in_features}] needs "
-                               f"{rb * self.out_features} bytes, got {raw.numel()}")
-        self.register_buffer("qweight", raw.reshape(self.out_features, rb))
-        if bias is not None:
-            self.register_buffer("bias", bias.detach())
-        else:
-            self.bias = None
-
-    @classmethod
-    def from_float(cls, weight: torch.Tensor, qtype: QType, bias: torch.Tensor | None = None) -> QuantLinear:
-        out_f, in_f = weight.shape
-        return cls(quantize(weight, qtype), qtype, in_f, out_f, bias=bias)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dequantized weight [out, in] (float32). A fresh tensor each time: prefer weight_float()."""
-        return self.weight_float()
-
-    def weight_float(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        w = _dequantize_rows(self.qweight, self.qtype, self.in_features)
-        return w if dtype == torch.float32 else w.to(dtype)
-
-    def _chunk(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
-        w = _dequantize_rows(self.qweight[r0:r1], self.qtype, self.in_features)
-        return w if dtype == torch.float32 else w.to(dtype)
-
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        chunks = _row_chunks(self.out_features, self.in_features)
-        if len(chunks) == 1:
-            return torch.matmul(x, self._chunk(0, self.out_features, x.dtype).t())
-        out = x.new_empty(*x.shape[:-1], self.out_features)
-        for r0, r1 in chunks:
-            out[..., r0:r1] = torch.matmul(x, self._chunk(r0, r1, x.dtype).t())
-        return out
-
-    def _matmul_t(self, gy: torch.Tensor) -> torch.Tensor:
-        gx = None
-        for r0, r1 in _row_chunks(self.out_features, self.in_features):
-            part = torch.matmul(gy[..., r0:r1], self._chunk(r0, r1, gy.dtype))
-            gx = part if gx is None else gx.add_(part)
-        return gx
-
-    def cached_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The dequantized copy [out, in] in `dtype`, made once (cache_weights mode)."""
-        w = self.__dict__.get("_wcache")
-        if w is None or w.dtype != dtype or w.device != self.qweight.device:
-            w = self.weight_float(dtype)
-            self.__dict__["_wcache"] = w
-        return w
-
-    def kernel_weight(self):
-        """The qkernels form of the weight (CPU), made once (use_kernels mode)."""
-        pw = self.__dict__.get("_kcache")
-        if pw is None:
-            pw = self.__dict__["_kcache"] = qkernels.pack(self.qweight, self.qtype, self.in_features)
-        return pw
-
-    def drop_cache(self) -> None:
-        self.__dict__.pop("_wcache", None)
-        self.__dict__.pop("_kcache", None)
-
-    def _use_kernels(self, x: torch.Tensor) -> bool:
-        return (self.use_kernels and x.device.type == "cpu" and x.numel() <= qkernels.MAX_ROWS * self.in_features
-                and not (x.requires_grad and torch.is_grad_enabled()))
-
-    def _apply(self, fn, recurse=True):  # .to(device) and friends: the copy is rebuilt lazily
-        self.drop_cache()
-        return super()._apply(fn, recurse)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._use_kernels(x):
-            y = qkernels.matmul(x, self.kernel_weight())
-            return y if self.bias is None else y + self.bias.to(y.dtype)
-        if self.cache_weights:
-            return F.linear(x, self.cached_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        if x.requires_grad and torch.is_grad_enabled():
-            y = _QuantMatmul.apply(x, self)
-        else:
-            y = self._matmul(x)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype.name}"
-
-
-class QuantEmbedding(torch.nn.Module):
-    """A frozen embedding table over packed GGUF blocks; forward dequantizes only the gathered rows."""
-
-    def __init__(self, raw: torch.Tensor, qtype: QType, num_embeddings: int, embedding_dim: int):
-        super().__init__()
-        self.qtype = as_qtype(qtype)
-        if self.qtype not in _DEQUANT:
-            raise ToolkitError(f"no dequantizer for {self.qtype.name}")
-        self.num_embeddings, self.embedding_dim = int(num_embeddings), int(embedding_dim)
-        rb = row_bytes(self.qtype, self.embedding_dim)
-        if raw.dtype != torch.uint8:
-            raw = raw.contiguous().reshape(-1).view(torch.uint8)
-        if raw.numel() != rb * self.num_embeddings:
-            raise ToolkitError(f"{self.qtype.name} embedding [{num_embeddings}, {embedding_dim}] needs "
-                               f"{rb * self.num_embeddings} bytes, got {raw.numel()}")
-        self.register_buffer("qweight", raw.reshape(self.num_embeddings, rb))
-
-    @classmethod
-    def from_float(cls, weight: torch.Tensor, qtype: QType) -> QuantEmbedding:
-        n, dim = weight.shape
-        return cls(quantize(weight, qtype), qtype, n, dim)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.weight_float()
-
-    def weight_float(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        w = _dequantize_rows(self.qweight, self.qtype, self.embedding_dim)
-        return w if dtype == torch.float32 else w.to(dtype)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.qweight.index_select(0, ids.reshape(-1).to(self.qweight.device))
-        return _dequantize_rows(rows, self.qtype, self.embedding_dim).reshape(*ids.shape, self.embedding_dim)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.qtype.name}"
-
-
-from . import qkernels  # noqa: E402  (the kernels build on the dequantizers above)
+def encode(w: torch.Tensor, qtype: QType) -> torch.Tensor | np.ndarray:
+    """float values (torch shape, last dim the row) -> the data `write_gguf` stores as `qtype`: the one way the
+    toolkit turns values into GGUF tensor data. F32 stays float, F16 rounds to nearest even like
+    ggml_fp32_to_fp16_row, everything else (BF16 and the quant types) becomes raw blocks from `quantize`."""
+    qtype = as_qtype(qtype)
+    if qtype == Q.F32:
+        return w.float() if isinstance(w, torch.Tensor) else np.asarray(w, dtype=np.float32)
+    if qtype == Q.F16:
+        arr = w.detach().float().cpu().numpy() if isinstance(w, torch.Tensor) else np.asarray(w, dtype=np.float32)
+        return arr.astype(np.float16)
+    x = w if isinstance(w, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+    return quantize(x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1), qtype)

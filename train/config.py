@@ -115,6 +115,8 @@ class FinetuneConfig:
     use_checkpointing: bool = toggle(True, "--use-checkpointing", "--no-checkpointing", "gradient checkpointing")
     cache_base: bool = arg(False, help="keep a dequantized float copy of a quantized base: faster on CPU, but the base "
                                        "then takes float memory (default: it stays packed in its GGUF blocks)")
+    base_cache_mb: float = arg(0.0, help="MiB of recently dequantized base weights to reuse (forward -> backward, "
+                                         "recompute -> backward; exact values); 0: dequantize on every use")
     use_flash: bool = toggle(True, "--use-flash", "--no-flash", "fused attention (PyTorch SDPA picks the kernel)")
     device: str = arg("auto", help="auto | cpu | cuda | mps")
     dtype: str | None = arg(None, help="compute dtype of the base (f32 | bf16 | f16; default f32 on CPU)")

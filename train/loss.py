@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from toolkit.headloss import head_loss
+
 from .data import Batch
 
 Rows = Callable[[int, int], torch.Tensor]
@@ -21,7 +23,7 @@ Rows = Callable[[int, int], torch.Tensor]
 def head_rows(head: nn.Module) -> Rows | None:
     """Rows [r0, r1) of the output head's weight as float32, or None when the head is not a plain frozen linear
     (a LoRA on the output, an unknown module): then the loss goes through the model's own logits."""
-    from toolkit.quants import QuantLinear
+    from toolkit.qlinear import QuantLinear
 
     if isinstance(head, QuantLinear):
         if head.cache_weights:
@@ -33,44 +35,6 @@ def head_rows(head: nn.Module) -> Rows | None:
     return None
 
 
-class ChunkedHeadLoss(torch.autograd.Function):
-    """sum_i w_i * CE(h_i @ W.T, y_i) over vocabulary chunks: the [N, V] logits (and their softmax and
-    gradient) never exist at once; backward recomputes each chunk's logits. W is frozen (packed or not)."""
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, y: torch.Tensor, w: torch.Tensor, rows, n_vocab: int, step: int):  # noqa: ANN001
-        n = h.shape[0]
-        mx = torch.full((n,), float("-inf"), device=h.device)
-        se = torch.zeros(n, device=h.device)
-        tgt = torch.zeros(n, device=h.device)
-        for r0 in range(0, n_vocab, step):
-            r1 = min(r0 + step, n_vocab)
-            z = h @ rows(r0, r1).t()  # [N, Vc]
-            cm = torch.maximum(mx, z.amax(1))
-            se = se * torch.exp(mx - cm) + torch.exp(z - cm[:, None]).sum(1)
-            mx = cm
-            inside = (y >= r0) & (y < r1)
-            tgt = torch.where(inside, z.gather(1, (y - r0).clamp(0, r1 - r0 - 1)[:, None])[:, 0], tgt)
-        lse = mx + torch.log(se)
-        ctx.save_for_backward(h, y, w, lse)
-        ctx.rows, ctx.n_vocab, ctx.step = rows, n_vocab, step
-        return ((lse - tgt) * w).sum()
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):  # noqa: ANN001
-        h, y, w, lse = ctx.saved_tensors
-        gh = torch.zeros_like(h)
-        scale = (w * g)[:, None]  # [N, 1]
-        for r0 in range(0, ctx.n_vocab, ctx.step):
-            r1 = min(r0 + ctx.step, ctx.n_vocab)
-            wc = ctx.rows(r0, r1)
-            p = torch.exp(h @ wc.t() - lse[:, None])  # softmax rows of this chunk [N, Vc]
-            inside = ((y >= r0) & (y < r1)).nonzero()[:, 0]
-            p[inside, y[inside] - r0] -= 1.0
-            gh += (p * scale) @ wc
-        return gh, None, None, None, None, None
-
-
 def chunked_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
     """Sum of weighted token losses through the chunked head, or None if the model's head does not allow it."""
     rows = head_rows(model.output)
@@ -80,7 +44,7 @@ def chunked_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, w: torch.Te
     n_vocab = int(model.args.vocab_size)
     # chunks of ~16 MiB of logits and of dequantized head rows (the head is the largest matrix of small models)
     step = max(256, min((1 << 22) // max(h.shape[0], 1), (1 << 22) // h.shape[1]))
-    return ChunkedHeadLoss.apply(h, y.flatten(), w.flatten().float(), rows, n_vocab, step)
+    return head_loss(h, y.flatten(), w.flatten().float(), rows, n_vocab, step)
 
 
 class TokenLoss(nn.Module):

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from toolkit import wpool
 from toolkit.errors import ToolkitError
 
 from . import checkpoint as ck
@@ -148,6 +149,7 @@ def prepare(cfg: FinetuneConfig, d: Dist, device: torch.device) -> Run:
     if device.type != "cpu":
         model = model.to(device)
     set_weight_mode(model, "float" if cfg.cache_base else "train", device)
+    wpool.attach(model, cfg.base_cache_mb)  # 0: no pool
     model.add_trainable_adapter(ADAPTER, ranks, alpha, cfg.lora_dropout)
     params = lora_tensors(model, ranks)
     model.gradient_checkpointing = cfg.use_checkpointing

@@ -269,7 +269,7 @@ RSS_SCRIPT = """
 import resource, sys
 import torch
 from toolkit.convert.export_lora import export_lora
-import toolkit.model, toolkit.quants  # imported before the baseline: their size is not the merge's
+import toolkit.model, toolkit.qlinear, toolkit.quants  # imported before the baseline: their size is not the merge's
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 export_lora(sys.argv[1], sys.argv[2], [(sys.argv[3], 1.0)], "f32", progress=False)
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)

@@ -47,7 +47,7 @@ def logits(model, tokens=TOKENS) -> torch.Tensor:
 # --- the layers --------------------------------------------------------------------------------------------
 
 def test_lora_linear_on_linear_and_quant_base():
-    from toolkit.quants import QuantLinear
+    from toolkit.qlinear import QuantLinear
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(48, 64, generator=g)

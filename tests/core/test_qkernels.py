@@ -8,7 +8,8 @@ import torch
 
 import oracle_ggml
 from toolkit import qkernels
-from toolkit.quants import QuantLinear, quantize
+from toolkit.qlinear import QuantLinear
+from toolkit.quants import quantize
 
 needs_ggml = pytest.mark.skipif(not oracle_ggml.available(), reason="libggml (llama-cpp-python) not installed")
 

@@ -1,0 +1,200 @@
+"""Frozen layers over packed GGUF blocks: QuantLinear (matmul on blocks dequantized chunk by chunk, autograd to
+the input only) and QuantEmbedding (dequantizes only the gathered rows). The codec is toolkit.quants; the CPU
+decode kernels are toolkit.qkernels."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import qkernels
+from .errors import ToolkitError
+from .gguf_io import QType, as_qtype, row_bytes
+from .quants import DEQUANT_TYPES, dequantize_rows, quantize
+
+__all__ = ["CHUNK_ELEMENTS", "QuantEmbedding", "QuantLinear"]
+
+CHUNK_ELEMENTS = 1 << 24  # at most this many dequantized values alive at once per layer (64 MiB fp32)
+
+
+def _row_chunks(rows: int, cols: int) -> list[tuple[int, int]]:
+    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    return [(r, min(r + step, rows)) for r in range(0, rows, step)]
+
+
+class _QuantMatmul(torch.autograd.Function):
+    """y = x @ W.T with W dequantized chunk by chunk; backward gives grad x only (W is frozen)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:  # type: ignore[override]
+        ctx.layer = layer
+        return layer._matmul(x)
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):  # type: ignore[override]
+        layer: QuantLinear = ctx.layer
+        return layer._matmul_t(gy), None
+
+
+class QuantLinear(torch.nn.Module):
+    """A frozen linear layer over packed GGUF blocks (`qweight`: uint8 [out_features, row_bytes]).
+
+    `forward(x)` dequantizes chunks of output rows on the fly (peak extra memory: CHUNK_ELEMENTS values) and
+    computes in x's dtype; gradients flow to x, never to the weight.
+
+    Two per-instance switches trade exactness or memory for speed (neither copy is a buffer: never saved,
+    never in the state dict, rebuilt lazily after .to()):
+    * `cache_weights`: a dequantized copy is made on first use and reused (exact; 4-8x the packed memory).
+    * `use_kernels`: on CPU, inputs of up to qkernels.MAX_ROWS rows go through torch's weight-only int4 kernel
+      (Q4_0/Q4_1/Q4_K, repacked losslessly apart from bf16 scales) or a bf16 copy (other types); larger inputs
+      dequantize blocks as usual. Inference turns it on for CPU decoding (toolkit.qkernels says why).
+    Finetune leaves both off so a quantized base stays packed in memory. It may give the layers a shared
+    `weight_pool` (toolkit.wpool.WeightPool): whole-weight dequantizations then go through that byte-budgeted
+    pool of recently used copies (exact values; finetune's --base-cache-mb).
+    """
+
+    cache_weights = False
+    use_kernels = False
+    weight_pool = None
+
+    def __init__(self, raw: torch.Tensor, qtype: QType, in_features: int, out_features: int,
+                 bias: torch.Tensor | None = None):
+        super().__init__()
+        self.qtype = as_qtype(qtype)
+        if self.qtype not in DEQUANT_TYPES:
+            raise ToolkitError(f"no dequantizer for {self.qtype.name}")
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        rb = row_bytes(self.qtype, self.in_features)
+        if raw.dtype != torch.uint8:
+            raw = raw.contiguous().reshape(-1).view(torch.uint8)
+        if raw.numel() != rb * self.out_features:
+            raise ToolkitError(f"{self.qtype.name} weight [{out_features}, {in_features}] needs "
+                               f"{rb * self.out_features} bytes, got {raw.numel()}")
+        self.register_buffer("qweight", raw.reshape(self.out_features, rb))
+        if bias is not None:
+            self.register_buffer("bias", bias.detach())
+        else:
+            self.bias = None
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, qtype: QType, bias: torch.Tensor | None = None) -> QuantLinear:
+        out_f, in_f = weight.shape
+        return cls(quantize(weight, qtype), qtype, in_f, out_f, bias=bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight [out, in] (float32). A fresh tensor each time: prefer weight_float()."""
+        return self.weight_float()
+
+    def weight_float(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        w = dequantize_rows(self.qweight, self.qtype, self.in_features)
+        return w if dtype == torch.float32 else w.to(dtype)
+
+    def _chunk(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+        pool = self.weight_pool
+        if pool is not None and r0 == 0 and r1 == self.out_features:
+            return pool.get((self, dtype), lambda: self._dequantize(r0, r1, dtype))
+        return self._dequantize(r0, r1, dtype)
+
+    def _dequantize(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+        w = dequantize_rows(self.qweight[r0:r1], self.qtype, self.in_features)
+        return w if dtype == torch.float32 else w.to(dtype)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        chunks = _row_chunks(self.out_features, self.in_features)
+        if len(chunks) == 1:
+            return torch.matmul(x, self._chunk(0, self.out_features, x.dtype).t())
+        out = x.new_empty(*x.shape[:-1], self.out_features)
+        for r0, r1 in chunks:
+            out[..., r0:r1] = torch.matmul(x, self._chunk(r0, r1, x.dtype).t())
+        return out
+
+    def _matmul_t(self, gy: torch.Tensor) -> torch.Tensor:
+        gx = None
+        for r0, r1 in _row_chunks(self.out_features, self.in_features):
+            part = torch.matmul(gy[..., r0:r1], self._chunk(r0, r1, gy.dtype))
+            gx = part if gx is None else gx.add_(part)
+        return gx
+
+    def cached_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dequantized copy [out, in] in `dtype`, made once (cache_weights mode)."""
+        w = self.__dict__.get("_wcache")
+        if w is None or w.dtype != dtype or w.device != self.qweight.device:
+            w = self.weight_float(dtype)
+            self.__dict__["_wcache"] = w
+        return w
+
+    def kernel_weight(self):
+        """The qkernels form of the weight (CPU), made once (use_kernels mode)."""
+        pw = self.__dict__.get("_kcache")
+        if pw is None:
+            pw = self.__dict__["_kcache"] = qkernels.pack(self.qweight, self.qtype, self.in_features)
+        return pw
+
+    def drop_cache(self) -> None:
+        self.__dict__.pop("_wcache", None)
+        self.__dict__.pop("_kcache", None)
+        if self.weight_pool is not None:
+            self.weight_pool.discard(self)
+
+    def _use_kernels(self, x: torch.Tensor) -> bool:
+        return (self.use_kernels and x.device.type == "cpu" and x.numel() <= qkernels.MAX_ROWS * self.in_features
+                and not (x.requires_grad and torch.is_grad_enabled()))
+
+    def _apply(self, fn, recurse=True):  # .to(device) and friends: the copy is rebuilt lazily
+        self.drop_cache()
+        return super()._apply(fn, recurse)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._use_kernels(x):
+            y = qkernels.matmul(x, self.kernel_weight())
+            return y if self.bias is None else y + self.bias.to(y.dtype)
+        if self.cache_weights:
+            return F.linear(x, self.cached_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        if x.requires_grad and torch.is_grad_enabled():
+            y = _QuantMatmul.apply(x, self)
+        else:
+            y = self._matmul(x)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype.name}"
+
+
+class QuantEmbedding(torch.nn.Module):
+    """A frozen embedding table over packed GGUF blocks; forward dequantizes only the gathered rows."""
+
+    def __init__(self, raw: torch.Tensor, qtype: QType, num_embeddings: int, embedding_dim: int):
+        super().__init__()
+        self.qtype = as_qtype(qtype)
+        if self.qtype not in DEQUANT_TYPES:
+            raise ToolkitError(f"no dequantizer for {self.qtype.name}")
+        self.num_embeddings, self.embedding_dim = int(num_embeddings), int(embedding_dim)
+        rb = row_bytes(self.qtype, self.embedding_dim)
+        if raw.dtype != torch.uint8:
+            raw = raw.contiguous().reshape(-1).view(torch.uint8)
+        if raw.numel() != rb * self.num_embeddings:
+            raise ToolkitError(f"{self.qtype.name} embedding [{num_embeddings}, {embedding_dim}] needs "
+                               f"{rb * self.num_embeddings} bytes, got {raw.numel()}")
+        self.register_buffer("qweight", raw.reshape(self.num_embeddings, rb))
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, qtype: QType) -> QuantEmbedding:
+        n, dim = weight.shape
+        return cls(quantize(weight, qtype), qtype, n, dim)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.weight_float()
+
+    def weight_float(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        w = dequantize_rows(self.qweight, self.qtype, self.embedding_dim)
+        return w if dtype == torch.float32 else w.to(dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.qweight.index_select(0, ids.reshape(-1).to(self.qweight.device))
+        return dequantize_rows(rows, self.qtype, self.embedding_dim).reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.qtype.name}"
