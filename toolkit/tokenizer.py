@@ -186,7 +186,7 @@ class Tokenizer:
             self.tokens = [*self.tokens, text]
             self.token_types = [*self.token_types, CONTROL if special else USER_DEFINED]
             self.vocab_size += 1
-        self._byte_tokens = None
+        self._byte_tokens = {}  # pieces are made on first use (_piece)
 
     # -- encode / decode
     def encode(self, text: str, add_bos: bool | None = None, add_eos: bool = False, special: bool = True) -> list[int]:
