@@ -662,10 +662,7 @@ def _base_values(base: BaseInfo, name: str, p: str) -> Tensor:
     """The base's float32 values of GGUF tensor `name` (from its GGUF, or its HF folder's safetensors)."""
     path = Path(base.path) if base.path else None
     if path is not None and path.is_file():
-        from .quants import dequantize
-
-        ti = open_gguf(path).tensors[name]
-        return dequantize(ti.raw(), ti.qtype, ti.shape).reshape(ti.shape).float()
+        return tensor_float(open_gguf(path).tensors[name], copy=True)
     if path is not None and path.is_dir():
         from safetensors import safe_open
 
