@@ -201,11 +201,25 @@ SPM_CORPUS = ("the quick brown fox jumps over the lazy dog . hello world , this 
               "vocabulary for testing : numbers 123 and 4567 ; unicode café naïve")
 
 
+def _spm_metadata(tokens: list[str], scores: list[float], types: list[int]) -> dict[str, Any]:
+    """GGUF tokenizer keys of a SentencePiece vocabulary (<unk> 0, <s> 1, </s> 2)."""
+    from gguf import GGUFValueType as V
+    from gguf.gguf_writer import GGUFValue
+
+    return {
+        "tokenizer.ggml.model": GGUFValue("llama", V.STRING),
+        "tokenizer.ggml.tokens": GGUFValue(tokens, V.ARRAY, V.STRING),
+        "tokenizer.ggml.scores": GGUFValue(scores, V.ARRAY, V.FLOAT32),
+        "tokenizer.ggml.token_type": GGUFValue(types, V.ARRAY, V.INT32),
+        "tokenizer.ggml.bos_token_id": GGUFValue(1, V.UINT32),
+        "tokenizer.ggml.eos_token_id": GGUFValue(2, V.UINT32),
+        "tokenizer.ggml.unknown_token_id": GGUFValue(0, V.UINT32),
+    }
+
+
 def spm_tokenizer_metadata() -> dict[str, Any]:
     """A small SentencePiece-style (`llama`) vocabulary: <unk> <s> </s>, the 256 byte tokens, characters and
     word pieces with scores (longer pieces score higher, as SentencePiece BPE learns them)."""
-    from gguf import GGUFValueType as V
-    from gguf.gguf_writer import GGUFValue
 
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
     types = [2, 3, 3] + [6] * 256  # UNKNOWN, CONTROL, CONTROL, BYTE
@@ -221,15 +235,7 @@ def spm_tokenizer_metadata() -> dict[str, Any]:
         tokens.append(piece)
         types.append(1)
         scores.append(score)
-    return {
-        "tokenizer.ggml.model": GGUFValue("llama", V.STRING),
-        "tokenizer.ggml.tokens": GGUFValue(tokens, V.ARRAY, V.STRING),
-        "tokenizer.ggml.scores": GGUFValue(scores, V.ARRAY, V.FLOAT32),
-        "tokenizer.ggml.token_type": GGUFValue(types, V.ARRAY, V.INT32),
-        "tokenizer.ggml.bos_token_id": GGUFValue(1, V.UINT32),
-        "tokenizer.ggml.eos_token_id": GGUFValue(2, V.UINT32),
-        "tokenizer.ggml.unknown_token_id": GGUFValue(0, V.UINT32),
-    }
+    return _spm_metadata(tokens, scores, types)
 
 
 def tiny_hf_config(arch: str, tied: bool, **over: Any):
@@ -302,8 +308,6 @@ def large_spm_tokenizer_metadata(n_tokens: int = 256_000, seed: int = 0) -> dict
     Scores are a random permutation of distinct integers, so the merge order is well defined but unrelated to
     piece length (harder on an implementation's ordering than a trained vocabulary)."""
     import numpy as np
-    from gguf import GGUFValueType as V
-    from gguf.gguf_writer import GGUFValue
 
     rng = np.random.default_rng(seed)
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
@@ -334,15 +338,7 @@ def large_spm_tokenizer_metadata(n_tokens: int = 256_000, seed: int = 0) -> dict
     scores = [0.0] * len(tokens) + (-rng.permutation(len(pieces)).astype(np.float64) - 1.0).tolist()
     tokens += pieces
     types += [1] * len(pieces)
-    return {
-        "tokenizer.ggml.model": GGUFValue("llama", V.STRING),
-        "tokenizer.ggml.tokens": GGUFValue(tokens, V.ARRAY, V.STRING),
-        "tokenizer.ggml.scores": GGUFValue(scores, V.ARRAY, V.FLOAT32),
-        "tokenizer.ggml.token_type": GGUFValue(types, V.ARRAY, V.INT32),
-        "tokenizer.ggml.bos_token_id": GGUFValue(1, V.UINT32),
-        "tokenizer.ggml.eos_token_id": GGUFValue(2, V.UINT32),
-        "tokenizer.ggml.unknown_token_id": GGUFValue(0, V.UINT32),
-    }
+    return _spm_metadata(tokens, scores, types)
 
 
 def make_large_spm_gguf(path: str | Path, n_tokens: int = 256_000, arch: str = "llama", seed: int = 0) -> Path:
