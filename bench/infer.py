@@ -182,11 +182,8 @@ def load_table(args) -> int:
                 continue
             print(f"{key} (round {round_ + 1}/{args.repeat}) ...", file=sys.stderr)
             r = isolated(fn, *a)
-            res[key] = {k: min(v, res[key][k]) if key in res and isinstance(v, float) else v for k, v in r.items()}
-    try:
-        load_avg = os.getloadavg()[0]
-    except OSError:
-        load_avg = float("nan")
+            res[key] = best_of(res.get(key), r)
+    load_avg = load_average()
     lines = [
         "# Load to first token: toolkit vs llama.cpp, CPU",
         "",
@@ -206,13 +203,25 @@ def load_table(args) -> int:
         tb = f"{r['tokenizer']:.2f}" if "tokenizer" in r else ""
         lines.append(f"| {model} | {engine} | {r['first']:.2f} | {r['first'] / ref['first']:.1f}x | "
                      f"{r['cpu_first']:.2f} | {r['cpu_first'] / ref['cpu_first']:.1f}x | {tb} |")
-    text = "\n".join(lines) + "\n"
-    out = Path(__file__).parent / "results" / "infer_load.md"
-    tmp_out = out.with_suffix(".tmp")
-    tmp_out.write_text(text)
-    tmp_out.replace(out)
-    print(text)
+    write_results(Path(__file__).parent / "results" / "infer_load.md", lines)
     return 0
+
+
+def load_average() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
+def write_results(out: Path, lines: list[str]) -> None:
+    """The markdown table into bench/results (temp file + rename) and onto stdout."""
+    text = "\n".join(lines) + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
+    print(text)
 
 
 def best_of(a: dict | None, b: dict) -> dict:
@@ -257,10 +266,7 @@ def main() -> int:
         res["transformers (GGUF load)"] = isolated(bench_transformers, path, args.tokens, args.threads)
     ref = res["llama.cpp (llama-cpp-python)"]
     ours = res["toolkit"]
-    try:
-        load_avg = os.getloadavg()[0]
-    except OSError:
-        load_avg = float("nan")
+    load_avg = load_average()
     lines = [
         "# Inference speed: SmolLM2-135M-Instruct Q4_1 GGUF, CPU",
         "",
@@ -303,13 +309,7 @@ def main() -> int:
         "one to two orders of magnitude and llama.cpp's spinning worker threads suffer most, so re-run "
         "`python bench/infer.py` on an idle machine before quoting these ratios.",
     ]
-    text = "\n".join(lines) + "\n"
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
-    print(text)
+    write_results(Path(args.out), lines)
     return 0
 
 
