@@ -35,6 +35,18 @@ class _QuantMatmul(torch.autograd.Function):
         return layer._matmul_t(gy), None
 
 
+
+def _packed_rows(raw: torch.Tensor, qtype: QType, rows: int, cols: int, what: str) -> torch.Tensor:
+    """raw GGUF blocks as uint8 [rows, row_bytes], checked against the type and the shape they must fill."""
+    if qtype not in DEQUANT_TYPES:
+        raise ToolkitError(f"no dequantizer for {qtype.name}")
+    rb = row_bytes(qtype, cols)
+    if raw.dtype != torch.uint8:
+        raw = raw.contiguous().reshape(-1).view(torch.uint8)
+    if raw.numel() != rb * rows:
+        raise ToolkitError(f"{qtype.name} {what} [{rows}, {cols}] needs {rb * rows} bytes, got {raw.numel()}")
+    return raw.reshape(rows, rb)
+
 class QuantLinear(torch.nn.Module):
     """A frozen linear layer over packed GGUF blocks (`qweight`: uint8 [out_features, row_bytes]).
 
@@ -60,16 +72,8 @@ class QuantLinear(torch.nn.Module):
                  bias: torch.Tensor | None = None):
         super().__init__()
         self.qtype = as_qtype(qtype)
-        if self.qtype not in DEQUANT_TYPES:
-            raise ToolkitError(f"no dequantizer for {self.qtype.name}")
         self.in_features, self.out_features = int(in_features), int(out_features)
-        rb = row_bytes(self.qtype, self.in_features)
-        if raw.dtype != torch.uint8:
-            raw = raw.contiguous().reshape(-1).view(torch.uint8)
-        if raw.numel() != rb * self.out_features:
-            raise ToolkitError(f"{self.qtype.name} weight [{out_features}, {in_features}] needs "
-                               f"{rb * self.out_features} bytes, got {raw.numel()}")
-        self.register_buffer("qweight", raw.reshape(self.out_features, rb))
+        self.register_buffer("qweight", _packed_rows(raw, self.qtype, self.out_features, self.in_features, "weight"))
         if bias is not None:
             self.register_buffer("bias", bias.detach())
         else:
@@ -168,16 +172,9 @@ class QuantEmbedding(torch.nn.Module):
     def __init__(self, raw: torch.Tensor, qtype: QType, num_embeddings: int, embedding_dim: int):
         super().__init__()
         self.qtype = as_qtype(qtype)
-        if self.qtype not in DEQUANT_TYPES:
-            raise ToolkitError(f"no dequantizer for {self.qtype.name}")
         self.num_embeddings, self.embedding_dim = int(num_embeddings), int(embedding_dim)
-        rb = row_bytes(self.qtype, self.embedding_dim)
-        if raw.dtype != torch.uint8:
-            raw = raw.contiguous().reshape(-1).view(torch.uint8)
-        if raw.numel() != rb * self.num_embeddings:
-            raise ToolkitError(f"{self.qtype.name} embedding [{num_embeddings}, {embedding_dim}] needs "
-                               f"{rb * self.num_embeddings} bytes, got {raw.numel()}")
-        self.register_buffer("qweight", raw.reshape(self.num_embeddings, rb))
+        self.register_buffer("qweight", _packed_rows(raw, self.qtype, self.num_embeddings, self.embedding_dim,
+                                                     "embedding"))
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, qtype: QType) -> QuantEmbedding:
