@@ -126,8 +126,12 @@ class BatchEngine:
         return {n: float(s) for n, s in adapters.items() if s != 0.0}
 
     # -- stepping
+    def _names(self) -> tuple[str, ...]:
+        """The adapters a row may name: every inference adapter loaded in the model, in load order."""
+        return tuple(n for n, i in self.model.adapters.items() if not i.trainable)
+
     def _row_adapters(self, slots: list[int]) -> RowAdapters:
-        names = tuple(n for n, i in self.model.adapters.items() if not i.trainable)
+        names = self._names()
         key = (names, tuple((s, id(self._seqs[s])) for s in slots))
         if self._rows is None or self._rows[0] != key:
             self._rows = (key, RowAdapters.make(names, [self._seqs[s].adapters for s in slots], self.device))
@@ -183,7 +187,7 @@ class BatchEngine:
             chunk = seq.prompt[seq.prefilled:seq.prefilled + n]
             pos = torch.arange(seq.prefilled, seq.prefilled + n, device=dev)[None]
             logits = self.model(torch.tensor([chunk], device=dev), input_pos=pos, slots=[slot], last_only=True,
-                                adapters=RowAdapters.make(self._row_adapters([]).names, [seq.adapters], dev))
+                                adapters=RowAdapters.make(self._names(), [seq.adapters], dev))
             seq.prefilled += n
             budget -= n
             if seq.prefilled == len(seq.prompt):
