@@ -132,7 +132,7 @@ class BatchEngine:
 
     def _row_adapters(self, slots: list[int]) -> RowAdapters:
         names = self._names()
-        key = (names, tuple((s, id(self._seqs[s])) for s in slots))
+        key = (names, tuple((s, self._seqs[s].order) for s in slots))  # order, not id(): ids are reused
         if self._rows is None or self._rows[0] != key:
             self._rows = (key, RowAdapters.make(names, [self._seqs[s].adapters for s in slots], self.device))
         return self._rows[1]
