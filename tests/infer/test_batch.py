@@ -168,6 +168,32 @@ def test_engine_frees_and_reuses_slots(tiny):
         assert out[i] == solo_greedy(model, p, n, s)
 
 
+def test_a_slot_reused_by_a_new_sequence_takes_its_adapters(tiny, monkeypatch):
+    """One slot, sequences one after another with different adapter sets: every forward pass (prefill and
+    decode) of a sequence carries its own scales. CPython often puts the next sequence object at the finished
+    one's address, so nothing may be keyed on id(): the worst case (every object the same id) is forced here.
+    (The tiny model's greedy text hardly depends on the adapters, so the scales themselves are checked.)"""
+    import toolkit.infer.batch as batch_module
+
+    monkeypatch.setattr(batch_module, "id", lambda obj: 0, raising=False)
+    model, tok = tiny
+    seen = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, adapters=None, **kw: (seen.append(adapters.scales.tolist()),
+                                                                           forward(*a, adapters=adapters, **kw))[1])
+    engine = BatchEngine(model, n_slots=1, n_ctx=40)
+    try:
+        for s in [None, {"a": 1.0}, {"a": 0.5, "b": -2.0}, None]:
+            seen.clear()
+            engine.add(PROMPTS[1], SamplingParams(max_tokens=4, temperature=0.0), s)
+            while engine.active:
+                engine.step()
+            want = [(s or {}).get("a", 0.0), (s or {}).get("b", 0.0)]
+            assert seen == [[want]] * 4, s  # one prefill pass, three decode passes
+    finally:
+        engine.close()
+
+
 def test_long_prompt_prefills_in_chunks_while_others_decode(tiny):
     model, tok = tiny
     long_prompt = [(7 * i) % 50 + 3 for i in range(23)]
