@@ -53,9 +53,14 @@ def block_size(qtype: QType) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------------------------- helpers
 
-def f16_at(b: torch.Tensor, off: int) -> torch.Tensor:
-    """The fp16 stored at byte `off` of every block -> float32 [nb] (exact)."""
-    return b[:, off:off + 2].contiguous().view(torch.float16).to(torch.float32).squeeze(-1)
+def f16_at(b: torch.Tensor, off: int, n: int = 1) -> torch.Tensor:
+    """The fp16 stored at byte `off` of every block -> float32 [nb] (exact); n > 1: n of them in a row,
+    [nb, n]. Read in place as a strided fp16 view where the byte layout allows (every block size is even)."""
+    s = b[:, off:off + 2 * n]
+    if s.stride(0) % 2 or s.storage_offset() % 2 or s.stride(-1) != 1:
+        s = s.contiguous()
+    v = s.view(torch.float16).to(torch.float32)
+    return v.squeeze(-1) if n == 1 else v
 
 
 _LUT_CACHE: dict[tuple, torch.Tensor] = {}
@@ -107,11 +112,18 @@ def _dq_bf16(b: torch.Tensor) -> torch.Tensor:
     return b.contiguous().view(torch.bfloat16).to(torch.float32)
 
 
+def _empty_f32(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """A new float32 tensor for a result. On the CPU through numpy's allocator, which asks the kernel for
+    transparent huge pages on large blocks (madvise; torch's allocator does not unless THP_MEM_ALLOC_ENABLE
+    was set before it started): a large fresh result then costs far fewer first-touch page faults."""
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
 def _new_out(nb: int, *shape: int, like: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """The float32 result [nb, *shape]: a view of `out` (flat, preallocated by the caller) or a new tensor."""
     if out is not None:
         return out.view(nb, *shape)
-    return torch.empty((nb, *shape), dtype=torch.float32, device=like.device)
+    return _empty_f32((nb, *shape), like.device)
 
 
 # The integer part is built in bytes (cheap passes), converted to float in one contiguous pass, then scaled in
@@ -296,7 +308,7 @@ def _run_dequant(qtype: Q, blocks: torch.Tensor) -> torch.Tensor:
     step = max(1, DEQUANT_CHUNK // bv)
     if blocks.is_cuda or nb <= step or qtype not in _WRITES_OUT:
         return fn(blocks)
-    out = torch.empty((nb, bv), dtype=torch.float32, device=blocks.device)
+    out = _empty_f32((nb, bv), blocks.device)
     for i in range(0, nb, step):
         j = min(nb, i + step)
         fn(blocks[i:j], out=out[i:j])
