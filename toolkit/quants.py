@@ -113,9 +113,12 @@ def _dq_bf16(b: torch.Tensor) -> torch.Tensor:
 
 
 def _empty_f32(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """A new float32 tensor for a result. On the CPU through numpy's allocator, which asks the kernel for
-    transparent huge pages on large blocks (madvise; torch's allocator does not unless THP_MEM_ALLOC_ENABLE
-    was set before it started): a large fresh result then costs far fewer first-touch page faults."""
+    """A new float32 tensor for a result. A large one on the CPU comes from numpy's allocator, which asks the
+    kernel for transparent huge pages on blocks of 4 MiB and more (madvise; torch's allocator does not unless
+    THP_MEM_ALLOC_ENABLE was set before it started): a large fresh result then costs far fewer first-touch
+    page faults."""
+    if device.type == "cpu" and math.prod(shape) >= 1 << 20:
+        return torch.from_numpy(np.empty(shape, np.float32))
     return torch.empty(shape, dtype=torch.float32, device=device)
 
 
