@@ -91,6 +91,15 @@ def _nibbles_2d(qs: torch.Tensor) -> torch.Tensor:
 
 def scale_min_k4(sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """getscale_min_k4 for j = 0..7: the 12 packed bytes [nb, 12] -> (scales, mins) uint8 [nb, 8]."""
+    if sc.stride(0) % 4 == 0 and sc.storage_offset() % 4 == 0 and sc.stride(1) == 1:
+        # the same bit moves on each block's three 32-bit words, four bytes per lane at once (few, cheap ops
+        # on [nb] words instead of many on [nb, 4] strided bytes)
+        w = sc.view(torch.int32)  # [nb, 3]: bytes 0-3 (q0), 4-7 (q4), 8-11 (q8)
+        lo = w[:, 0:2] & 0x3F3F3F3F  # q0 & 63, q4 & 63
+        shift = _lut("sh04", sc.device, lambda: torch.tensor([0, 4], dtype=torch.int32))
+        hi = ((w[:, 2:3] >> shift) & 0x0F0F0F0F) | ((w[:, 0:2] >> 2) & 0x30303030)  # q8 nibble | (q >> 6) << 4
+        dm = torch.stack((lo, hi), dim=2).view(torch.uint8)  # [nb, 2 (scales, mins), 8]
+        return dm[:, 0], dm[:, 1]
     q0, q4, q8 = sc[:, 0:4], sc[:, 4:8], sc[:, 8:12]
     d = torch.cat((q0 & 63, (q8 & 0xF) | ((q0 >> 6) << 4)), dim=-1)
     m = torch.cat((q4 & 63, (q8 >> 4) | ((q4 >> 6) << 4)), dim=-1)
