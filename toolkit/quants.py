@@ -307,8 +307,9 @@ def _as_blocks(raw: torch.Tensor, qtype: Q, n: int) -> torch.Tensor:
 
 
 # On CPU, dequantize works through the blocks in pieces of about this many values: it bounds the byte-sized
-# temporaries for huge tensors (smaller, cache-sized pieces measured slower: per-op overhead dominates).
-DEQUANT_CHUNK = 1 << 22
+# temporaries for huge tensors, and a piece's float result (4 MiB) stays in the last-level cache between the
+# passes over it (convert, scale, shift); smaller pieces measured slower: per-op overhead dominates.
+DEQUANT_CHUNK = 1 << 20
 _WRITES_OUT = {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K}
 
 
