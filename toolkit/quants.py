@@ -80,13 +80,16 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
     return torch.stack((qs & 0x0F, qs >> 4), dim=-2)
 
 
-def _nibbles_2d(qs: torch.Tensor) -> torch.Tensor:
-    """uint8 [nb, n] -> uint8 [nb, 2, n] like _nibbles, written in place (no temporaries; measured faster for
-    2-D inputs, slower for the K-quants' 3-D ones)."""
-    q = torch.empty((qs.shape[0], 2, qs.shape[1]), dtype=torch.uint8, device=qs.device)
-    torch.bitwise_and(qs, 0x0F, out=q[:, 0])
-    torch.bitwise_right_shift(qs, 4, out=q[:, 1])
-    return q
+def _block_nibbles(b: torch.Tensor, lo: int, hi: int, minus: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bytes [lo, hi) of every block split into (low nibbles, high nibbles), [nb, hi - lo] each (strided views;
+    uint8, or int8 less `minus`). The ops run over the whole contiguous block buffer, headers included: one long
+    loop each, where an op on the [nb, n] slice pays its per-row overhead on every block."""
+    flat = b.reshape(-1)
+    nb, bb = b.shape
+    parts = [flat & 0x0F, flat >> 4]
+    if minus:
+        parts = [p.view(torch.int8).sub_(minus) for p in parts]
+    return parts[0].view(nb, bb)[:, lo:hi], parts[1].view(nb, bb)[:, lo:hi]
 
 
 def scale_min_k4(sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,16 +146,20 @@ def _new_out(nb: int, *shape: int, like: torch.Tensor, out: torch.Tensor | None 
 
 def _dq_q4_0(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     nb = b.shape[0]
-    q = _nibbles_2d(b[:, 2:18]).view(torch.int8).sub_(8)  # [nb, 2, 16]
-    out = _new_out(nb, 32, like=b, out=out)
-    return out.copy_(q.view(nb, 32)).mul_(f16_at(b, 0)[:, None])
+    lo, hi = _block_nibbles(b, 2, 18, minus=8)
+    out = _new_out(nb, 2, 16, like=b, out=out)
+    out[:, 0] = lo
+    out[:, 1] = hi
+    return out.view(nb, 32).mul_(f16_at(b, 0)[:, None])
 
 
 def _dq_q4_1(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     nb = b.shape[0]
-    out = _new_out(nb, 32, like=b, out=out)
-    out.copy_(_nibbles_2d(b[:, 4:20]).view(nb, 32))
-    return out.mul_(f16_at(b, 0)[:, None]).add_(f16_at(b, 2)[:, None])
+    lo, hi = _block_nibbles(b, 4, 20)
+    out = _new_out(nb, 2, 16, like=b, out=out)
+    out[:, 0] = lo
+    out[:, 1] = hi
+    return out.view(nb, 32).mul_(f16_at(b, 0)[:, None]).add_(f16_at(b, 2)[:, None])
 
 
 def _q5_high(qh4: torch.Tensor) -> torch.Tensor:
