@@ -225,12 +225,25 @@ def _dq_q3_k(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     return out.mul_(dl).view(nb, QK_K)
 
 
-def _dq_q4_k(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+# The K-quants' per-sub-block float scales, (d * scale, ...) float32 [nb, n] each: _run_dequant makes them for
+# all blocks at once and hands each piece its rows (per-op overhead is paid once, not per piece).
+
+def _k4_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K: (d * scale, dmin * min) [nb, 8]."""
+    sc, m = scale_min_k4(b[:, 4:16])
+    return f16_at(b, 0)[:, None] * sc, f16_at(b, 2)[:, None] * m
+
+
+def _q6_scales(b: torch.Tensor) -> tuple[torch.Tensor]:
+    """Q6_K: d * scale [nb, 16] (the scales are int8)."""
+    return (f16_at(b, 208)[:, None] * b[:, 192:208].view(torch.int8),)
+
+
+def _dq_q4_k(b: torch.Tensor, out: torch.Tensor | None = None, scales: tuple | None = None) -> torch.Tensor:
     # block_q4_K: d, dmin, scales[12], qs[128]
     nb = b.shape[0]
-    sc, m = scale_min_k4(b[:, 4:16])
-    d1 = (f16_at(b, 0)[:, None] * sc).view(nb, 4, 2, 1)
-    m1 = (f16_at(b, 2)[:, None] * m).view(nb, 4, 2, 1)
+    d1, m1 = scales if scales is not None else _k4_scales(b)
+    d1, m1 = d1.view(nb, 4, 2, 1), m1.view(nb, 4, 2, 1)
     qs = b[:, 16:144].view(nb, 4, 32)
     out = _new_out(nb, 4, 2, 32, like=b, out=out)
     out[:, :, 0] = qs & 0xF
@@ -238,12 +251,11 @@ def _dq_q4_k(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     return out.mul_(d1).sub_(m1).view(nb, QK_K)
 
 
-def _dq_q5_k(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def _dq_q5_k(b: torch.Tensor, out: torch.Tensor | None = None, scales: tuple | None = None) -> torch.Tensor:
     # block_q5_K: d, dmin, scales[12], qh[32], qs[128]
     nb = b.shape[0]
-    sc, m = scale_min_k4(b[:, 4:16])
-    d1 = (f16_at(b, 0)[:, None] * sc).view(nb, 8, 1)
-    m1 = (f16_at(b, 2)[:, None] * m).view(nb, 8, 1)
+    d1, m1 = scales if scales is not None else _k4_scales(b)
+    d1, m1 = d1.view(nb, 8, 1), m1.view(nb, 8, 1)
     sh = _lut("sh8c", b.device, lambda: torch.arange(8, dtype=torch.uint8).reshape(1, 8, 1))
     hi = ((b[:, None, 16:48] >> sh) & 1) << 4  # [nb, 8, 32]
     out = _new_out(nb, 8, 32, like=b, out=out)
@@ -251,10 +263,10 @@ def _dq_q5_k(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     return out.mul_(d1).sub_(m1).view(nb, QK_K)
 
 
-def _dq_q6_k(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def _dq_q6_k(b: torch.Tensor, out: torch.Tensor | None = None, scales: tuple | None = None) -> torch.Tensor:
     # block_q6_K: ql[128], qh[64], scales[16] (int8), d
     nb = b.shape[0]
-    ds = (f16_at(b, 208)[:, None] * b[:, 192:208].view(torch.int8)).view(nb, 2, 4, 2, 1)  # (c, quarter, l//16)
+    ds = (scales or _q6_scales(b))[0].view(nb, 2, 4, 2, 1)  # (c, quarter, l//16)
     ql = _nibbles(b[:, 0:128].reshape(nb, 2, 64)).reshape(nb, 2, 4, 32)  # (c, 2*nibble + k, l)
     sh = _lut("sh2x4q6", b.device, lambda: (torch.arange(4, dtype=torch.uint8) * 2).reshape(1, 1, 4, 1))
     qh = (b[:, 128:192].reshape(nb, 2, 1, 32) >> sh) & 3
@@ -317,6 +329,7 @@ def _as_blocks(raw: torch.Tensor, qtype: Q, n: int) -> torch.Tensor:
 # temporaries for huge tensors, and a piece's float result (4 MiB) stays in the last-level cache between the
 # passes over it (convert, scale, shift); smaller pieces measured slower: per-op overhead dominates.
 DEQUANT_CHUNK = 1 << 20
+_SCALES = {Q.Q4_K: _k4_scales, Q.Q5_K: _k4_scales, Q.Q6_K: _q6_scales}
 _WRITES_OUT = {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K}
 
 
@@ -329,9 +342,14 @@ def _run_dequant(qtype: Q, blocks: torch.Tensor) -> torch.Tensor:
     if blocks.is_cuda or nb <= step or qtype not in _WRITES_OUT:
         return fn(blocks)
     out = _empty_f32((nb, bv), blocks.device)
+    prep = _SCALES.get(qtype)
+    scales = prep(blocks) if prep is not None else None
     for i in range(0, nb, step):
         j = min(nb, i + step)
-        fn(blocks[i:j], out=out[i:j])
+        if scales is None:
+            fn(blocks[i:j], out=out[i:j])
+        else:
+            fn(blocks[i:j], out=out[i:j], scales=tuple(s[i:j] for s in scales))
     return out
 
 
