@@ -267,11 +267,15 @@ def _dq_q6_k(b: torch.Tensor, out: torch.Tensor | None = None, scales: tuple | N
     # block_q6_K: ql[128], qh[64], scales[16] (int8), d
     nb = b.shape[0]
     ds = (scales or _q6_scales(b))[0].view(nb, 2, 4, 2, 1)  # (c, quarter, l//16)
-    ql = _nibbles(b[:, 0:128].reshape(nb, 2, 64)).reshape(nb, 2, 4, 32)  # (c, 2*nibble + k, l)
-    sh = _lut("sh2x4q6", b.device, lambda: (torch.arange(4, dtype=torch.uint8) * 2).reshape(1, 1, 4, 1))
-    qh = (b[:, 128:192].reshape(nb, 2, 1, 32) >> sh) & 3
+    ql = b[:, 0:128].reshape(nb, 2, 2, 32)  # (c, 32-byte half, l)
+    lo, hi = ql & 0x0F, ql >> 4
+    # quarter k's two high bits are bits 2k, 2k+1 of qh[c, l]: moved to 0x30 on the contiguous qh bytes (long
+    # loops; a shift by a broadcast tensor of amounts has no fast path)
+    qh = b[:, 128:192].contiguous().view(nb, 2, 32)
+    h = ((qh << 4) & 0x30, (qh << 2) & 0x30, qh & 0x30, (qh >> 2) & 0x30)
+    q = torch.stack((lo[:, :, 0] | h[0], lo[:, :, 1] | h[1], hi[:, :, 0] | h[2], hi[:, :, 1] | h[3]), dim=2)
     out = _new_out(nb, 2, 4, 2, 16, like=b, out=out)
-    out.copy_(((ql | (qh << 4)).view(torch.int8) - 32).view(nb, 2, 4, 2, 16))
+    out.copy_(q.view(torch.int8).sub_(32).view(nb, 2, 4, 2, 16))  # [nb, c, quarter, l//16, l%16]
     return out.mul_(ds).view(nb, QK_K)
 
 
