@@ -1,12 +1,15 @@
 """Quantize / dequantize throughput of toolkit.quants against libggml (llama.cpp's C, through ctypes) and
 gguf-py's numpy, measured in one run on the same 4096x4096 float32 tensor, with the same thread count.
 
-    python bench/quants.py [--threads N] [--repeat R] [--types Q4_K,Q6_K,Q8_0] [--device cpu|cuda] [--out FILE]
+    python bench/quants.py [--threads N] [--repeat R] [--types Q4_K,Q6_K,Q8_0] [--device cpu|cuda]
+                           [--clock wall|cpu] [--out FILE]
 
 MB/s counts the float32 side (64 MiB for 4096x4096). libggml's ggml_quantize_chunk / to_float are
 single-threaded calls, so they are run on N row ranges from N Python threads (ctypes releases the GIL);
 torch gets torch.set_num_threads(N). gguf-py's numpy is single-threaded whatever N is, and cannot quantize
 K-quants at all. Every timing is the best of R runs; our bytes are checked against libggml's each time.
+--clock cpu times the process's CPU (all threads; for 1 thread on a shared machine, where other jobs disturb
+wall time far more) instead of the wall clock.
 Writes a markdown table to bench/results/quants.md.
 """
 from __future__ import annotations
@@ -19,8 +22,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-import torch
+# OpenMP threads that spin while waiting turn a shared machine (other jobs on the same cores) into a many-fold
+# slowdown of torch's multi-threaded ops (libggml's row ranges on Python threads are not affected); as
+# toolkit.train.finetune, sleep instead. Only applies if torch is not loaded yet.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -34,16 +42,19 @@ from toolkit.qlinear import QuantLinear
 from toolkit.quants import dequantize, quantize
 
 
+CLOCK = time.perf_counter
+
+
 def best(fn, repeat: int) -> tuple[float, object]:
     out, ts = None, []
     for _ in range(repeat):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        t = time.perf_counter()
+        t = CLOCK()
         out = fn()
         if isinstance(out, torch.Tensor) and out.is_cuda:
             torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t)
+        ts.append(CLOCK() - t)
     return min(ts), out
 
 
@@ -58,10 +69,11 @@ def ggml_quantize_mt(x: np.ndarray, qtype, pool: ThreadPoolExecutor, threads: in
 
 
 def ggml_dequantize_mt(raw: np.ndarray, qtype, cols: int, pool: ThreadPoolExecutor, threads: int) -> np.ndarray:
+    """One fresh result, as ours: each thread's to_float writes its rows of it in place."""
     out = np.empty((raw.shape[0], cols), np.float32)
 
     def one(rr):
-        out[rr[0]:rr[1]] = oracle_ggml.ggml_dequantize(raw[rr[0]:rr[1]], qtype, (rr[1] - rr[0]) * cols).reshape(-1, cols)
+        oracle_ggml.ggml_dequantize(raw[rr[0]:rr[1]], qtype, (rr[1] - rr[0]) * cols, out=out[rr[0]:rr[1]])
 
     list(pool.map(one, split_rows(raw.shape[0], threads)))
     return out
@@ -74,8 +86,11 @@ def main(argv=None) -> int:
     ap.add_argument("--types", default="Q4_K,Q6_K,Q8_0")
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quants.md"))
     args = ap.parse_args(argv)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if not oracle_ggml.available():
         print("llama-cpp-python's libggml is needed for this benchmark", file=sys.stderr)
         return 1
@@ -135,10 +150,11 @@ def main(argv=None) -> int:
     lines = [
         "# toolkit.quants throughput",
         "",
-        (f"`python bench/quants.py --threads {args.threads}` on a {n}x{n} float32 tensor ({mb:.0f} MB), device "
+        (f"`python bench/quants.py --threads {args.threads}{' --clock cpu' if args.clock == 'cpu' else ''}` on a "
+         f"{n}x{n} float32 tensor ({mb:.0f} MB), device "
          f"{args.device}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
          f"{os.cpu_count()} CPUs, load average {load:.1f} at the end, best of {args.repeat} (quantize) / "
-         f"{max(5, args.repeat)} (dequantize)."),
+         f"{max(5, args.repeat)} (dequantize), {'process CPU time' if args.clock == 'cpu' else 'wall clock'}."),
         "libggml: llama-cpp-python's build, N row ranges on N threads; gguf-py: numpy, one thread.",
         ("Ratios are ours / theirs in throughput (> 1: we are faster). exact: bytes (quantize) or float bits "
          "(dequantize) identical to libggml's."),

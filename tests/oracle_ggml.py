@@ -106,15 +106,20 @@ def ggml_quantize(x: np.ndarray, qtype: GGMLQuantizationType | str) -> bytes:
     return out.tobytes()
 
 
-def ggml_dequantize(raw: bytes | np.ndarray, qtype: GGMLQuantizationType | str, n: int) -> np.ndarray:
-    """n values' packed blocks -> float32 [n] through ggml's to_float."""
+def ggml_dequantize(raw: bytes | np.ndarray, qtype: GGMLQuantizationType | str, n: int,
+                    out: np.ndarray | None = None) -> np.ndarray:
+    """n values' packed blocks -> float32 [n] through ggml's to_float (written into `out`, a C-contiguous
+    float32 array of n values, when given)."""
     qtype = GGMLQuantizationType[qtype] if isinstance(qtype, str) else GGMLQuantizationType(qtype)
     buf = np.frombuffer(raw, dtype=np.uint8) if isinstance(raw, (bytes, bytearray)) else np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
     bv, bb = GGML_QUANT_SIZES[qtype]
     assert buf.size == n // bv * bb, (buf.size, n // bv * bb)
     buf = np.ascontiguousarray(buf)
+    if out is None:
+        out = np.empty(n, dtype=np.float32)
+    assert out.dtype == np.float32 and out.size == n and out.flags.c_contiguous
     if qtype == GGMLQuantizationType.F32:  # ggml has no to_float for F32: the bytes are the values
-        return buf.view(np.float32).copy()
-    out = np.empty(n, dtype=np.float32)
+        out.reshape(-1)[:] = buf.view(np.float32)
+        return out
     _to_float(int(qtype))(buf.ctypes.data, out.ctypes.data, n)
     return out

@@ -53,9 +53,14 @@ def block_size(qtype: QType) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------------------------- helpers
 
-def f16_at(b: torch.Tensor, off: int) -> torch.Tensor:
-    """The fp16 stored at byte `off` of every block -> float32 [nb] (exact)."""
-    return b[:, off:off + 2].contiguous().view(torch.float16).to(torch.float32).squeeze(-1)
+def f16_at(b: torch.Tensor, off: int, n: int = 1) -> torch.Tensor:
+    """The fp16 stored at byte `off` of every block -> float32 [nb] (exact); n > 1: n of them in a row,
+    [nb, n]. Read in place as a strided fp16 view where the byte layout allows (every block size is even)."""
+    s = b[:, off:off + 2 * n]
+    if s.stride(0) % 2 or s.storage_offset() % 2 or s.stride(-1) != 1:
+        s = s.contiguous()
+    v = s.view(torch.float16).to(torch.float32)
+    return v.squeeze(-1) if n == 1 else v
 
 
 _LUT_CACHE: dict[tuple, torch.Tensor] = {}
@@ -75,17 +80,29 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
     return torch.stack((qs & 0x0F, qs >> 4), dim=-2)
 
 
-def _nibbles_2d(qs: torch.Tensor) -> torch.Tensor:
-    """uint8 [nb, n] -> uint8 [nb, 2, n] like _nibbles, written in place (no temporaries; measured faster for
-    2-D inputs, slower for the K-quants' 3-D ones)."""
-    q = torch.empty((qs.shape[0], 2, qs.shape[1]), dtype=torch.uint8, device=qs.device)
-    torch.bitwise_and(qs, 0x0F, out=q[:, 0])
-    torch.bitwise_right_shift(qs, 4, out=q[:, 1])
-    return q
+def _block_nibbles(b: torch.Tensor, lo: int, hi: int, minus: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bytes [lo, hi) of every block split into (low nibbles, high nibbles), [nb, hi - lo] each (strided views;
+    uint8, or int8 less `minus`). The ops run over the whole contiguous block buffer, headers included: one long
+    loop each, where an op on the [nb, n] slice pays its per-row overhead on every block."""
+    flat = b.reshape(-1)
+    nb, bb = b.shape
+    parts = [flat & 0x0F, flat >> 4]
+    if minus:
+        parts = [p.view(torch.int8).sub_(minus) for p in parts]
+    return parts[0].view(nb, bb)[:, lo:hi], parts[1].view(nb, bb)[:, lo:hi]
 
 
 def scale_min_k4(sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """getscale_min_k4 for j = 0..7: the 12 packed bytes [nb, 12] -> (scales, mins) uint8 [nb, 8]."""
+    if sc.stride(0) % 4 == 0 and sc.storage_offset() % 4 == 0 and sc.stride(1) == 1:
+        # the same bit moves on each block's three 32-bit words, four bytes per lane at once (few, cheap ops
+        # on [nb] words instead of many on [nb, 4] strided bytes)
+        w = sc.view(torch.int32)  # [nb, 3]: bytes 0-3 (q0), 4-7 (q4), 8-11 (q8)
+        lo = w[:, 0:2] & 0x3F3F3F3F  # q0 & 63, q4 & 63
+        shift = _lut("sh04", sc.device, lambda: torch.tensor([0, 4], dtype=torch.int32))
+        hi = ((w[:, 2:3] >> shift) & 0x0F0F0F0F) | ((w[:, 0:2] >> 2) & 0x30303030)  # q8 nibble | (q >> 6) << 4
+        dm = torch.stack((lo, hi), dim=2).view(torch.uint8)  # [nb, 2 (scales, mins), 8]
+        return dm[:, 0], dm[:, 1]
     q0, q4, q8 = sc[:, 0:4], sc[:, 4:8], sc[:, 8:12]
     d = torch.cat((q0 & 63, (q8 & 0xF) | ((q0 >> 6) << 4)), dim=-1)
     m = torch.cat((q4 & 63, (q8 >> 4) | ((q4 >> 6) << 4)), dim=-1)
@@ -107,11 +124,21 @@ def _dq_bf16(b: torch.Tensor) -> torch.Tensor:
     return b.contiguous().view(torch.bfloat16).to(torch.float32)
 
 
+def _empty_f32(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """A new float32 tensor for a result. A large one on the CPU comes from numpy's allocator, which asks the
+    kernel for transparent huge pages on blocks of 4 MiB and more (madvise; torch's allocator does not unless
+    THP_MEM_ALLOC_ENABLE was set before it started): a large fresh result then costs far fewer first-touch
+    page faults."""
+    if device.type == "cpu" and math.prod(shape) >= 1 << 20:
+        return torch.from_numpy(np.empty(shape, np.float32))
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
 def _new_out(nb: int, *shape: int, like: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """The float32 result [nb, *shape]: a view of `out` (flat, preallocated by the caller) or a new tensor."""
     if out is not None:
         return out.view(nb, *shape)
-    return torch.empty((nb, *shape), dtype=torch.float32, device=like.device)
+    return _empty_f32((nb, *shape), like.device)
 
 
 # The integer part is built in bytes (cheap passes), converted to float in one contiguous pass, then scaled in
@@ -119,16 +146,20 @@ def _new_out(nb: int, *shape: int, like: torch.Tensor, out: torch.Tensor | None 
 
 def _dq_q4_0(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     nb = b.shape[0]
-    q = _nibbles_2d(b[:, 2:18]).view(torch.int8).sub_(8)  # [nb, 2, 16]
-    out = _new_out(nb, 32, like=b, out=out)
-    return out.copy_(q.view(nb, 32)).mul_(f16_at(b, 0)[:, None])
+    lo, hi = _block_nibbles(b, 2, 18, minus=8)
+    out = _new_out(nb, 2, 16, like=b, out=out)
+    out[:, 0] = lo
+    out[:, 1] = hi
+    return out.view(nb, 32).mul_(f16_at(b, 0)[:, None])
 
 
 def _dq_q4_1(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     nb = b.shape[0]
-    out = _new_out(nb, 32, like=b, out=out)
-    out.copy_(_nibbles_2d(b[:, 4:20]).view(nb, 32))
-    return out.mul_(f16_at(b, 0)[:, None]).add_(f16_at(b, 2)[:, None])
+    lo, hi = _block_nibbles(b, 4, 20)
+    out = _new_out(nb, 2, 16, like=b, out=out)
+    out[:, 0] = lo
+    out[:, 1] = hi
+    return out.view(nb, 32).mul_(f16_at(b, 0)[:, None]).add_(f16_at(b, 2)[:, None])
 
 
 def _q5_high(qh4: torch.Tensor) -> torch.Tensor:
@@ -194,12 +225,25 @@ def _dq_q3_k(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     return out.mul_(dl).view(nb, QK_K)
 
 
-def _dq_q4_k(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+# The K-quants' per-sub-block float scales, (d * scale, ...) float32 [nb, n] each: _run_dequant makes them for
+# all blocks at once and hands each piece its rows (per-op overhead is paid once, not per piece).
+
+def _k4_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K: (d * scale, dmin * min) [nb, 8]."""
+    sc, m = scale_min_k4(b[:, 4:16])
+    return f16_at(b, 0)[:, None] * sc, f16_at(b, 2)[:, None] * m
+
+
+def _q6_scales(b: torch.Tensor) -> tuple[torch.Tensor]:
+    """Q6_K: d * scale [nb, 16] (the scales are int8)."""
+    return (f16_at(b, 208)[:, None] * b[:, 192:208].view(torch.int8),)
+
+
+def _dq_q4_k(b: torch.Tensor, out: torch.Tensor | None = None, scales: tuple | None = None) -> torch.Tensor:
     # block_q4_K: d, dmin, scales[12], qs[128]
     nb = b.shape[0]
-    sc, m = scale_min_k4(b[:, 4:16])
-    d1 = (f16_at(b, 0)[:, None] * sc).view(nb, 4, 2, 1)
-    m1 = (f16_at(b, 2)[:, None] * m).view(nb, 4, 2, 1)
+    d1, m1 = scales if scales is not None else _k4_scales(b)
+    d1, m1 = d1.view(nb, 4, 2, 1), m1.view(nb, 4, 2, 1)
     qs = b[:, 16:144].view(nb, 4, 32)
     out = _new_out(nb, 4, 2, 32, like=b, out=out)
     out[:, :, 0] = qs & 0xF
@@ -207,12 +251,11 @@ def _dq_q4_k(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     return out.mul_(d1).sub_(m1).view(nb, QK_K)
 
 
-def _dq_q5_k(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def _dq_q5_k(b: torch.Tensor, out: torch.Tensor | None = None, scales: tuple | None = None) -> torch.Tensor:
     # block_q5_K: d, dmin, scales[12], qh[32], qs[128]
     nb = b.shape[0]
-    sc, m = scale_min_k4(b[:, 4:16])
-    d1 = (f16_at(b, 0)[:, None] * sc).view(nb, 8, 1)
-    m1 = (f16_at(b, 2)[:, None] * m).view(nb, 8, 1)
+    d1, m1 = scales if scales is not None else _k4_scales(b)
+    d1, m1 = d1.view(nb, 8, 1), m1.view(nb, 8, 1)
     sh = _lut("sh8c", b.device, lambda: torch.arange(8, dtype=torch.uint8).reshape(1, 8, 1))
     hi = ((b[:, None, 16:48] >> sh) & 1) << 4  # [nb, 8, 32]
     out = _new_out(nb, 8, 32, like=b, out=out)
@@ -220,15 +263,19 @@ def _dq_q5_k(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     return out.mul_(d1).sub_(m1).view(nb, QK_K)
 
 
-def _dq_q6_k(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def _dq_q6_k(b: torch.Tensor, out: torch.Tensor | None = None, scales: tuple | None = None) -> torch.Tensor:
     # block_q6_K: ql[128], qh[64], scales[16] (int8), d
     nb = b.shape[0]
-    ds = (f16_at(b, 208)[:, None] * b[:, 192:208].view(torch.int8)).view(nb, 2, 4, 2, 1)  # (c, quarter, l//16)
-    ql = _nibbles(b[:, 0:128].reshape(nb, 2, 64)).reshape(nb, 2, 4, 32)  # (c, 2*nibble + k, l)
-    sh = _lut("sh2x4q6", b.device, lambda: (torch.arange(4, dtype=torch.uint8) * 2).reshape(1, 1, 4, 1))
-    qh = (b[:, 128:192].reshape(nb, 2, 1, 32) >> sh) & 3
+    ds = (scales or _q6_scales(b))[0].view(nb, 2, 4, 2, 1)  # (c, quarter, l//16)
+    ql = b[:, 0:128].reshape(nb, 2, 2, 32)  # (c, 32-byte half, l)
+    lo, hi = ql & 0x0F, ql >> 4
+    # quarter k's two high bits are bits 2k, 2k+1 of qh[c, l]: moved to 0x30 on the contiguous qh bytes (long
+    # loops; a shift by a broadcast tensor of amounts has no fast path)
+    qh = b[:, 128:192].contiguous().view(nb, 2, 32)
+    h = ((qh << 4) & 0x30, (qh << 2) & 0x30, qh & 0x30, (qh >> 2) & 0x30)
+    q = torch.stack((lo[:, :, 0] | h[0], lo[:, :, 1] | h[1], hi[:, :, 0] | h[2], hi[:, :, 1] | h[3]), dim=2)
     out = _new_out(nb, 2, 4, 2, 16, like=b, out=out)
-    out.copy_(((ql | (qh << 4)).view(torch.int8) - 32).view(nb, 2, 4, 2, 16))
+    out.copy_(q.view(torch.int8).sub_(32).view(nb, 2, 4, 2, 16))  # [nb, c, quarter, l//16, l%16]
     return out.mul_(ds).view(nb, QK_K)
 
 
@@ -283,8 +330,10 @@ def _as_blocks(raw: torch.Tensor, qtype: Q, n: int) -> torch.Tensor:
 
 
 # On CPU, dequantize works through the blocks in pieces of about this many values: it bounds the byte-sized
-# temporaries for huge tensors (smaller, cache-sized pieces measured slower: per-op overhead dominates).
-DEQUANT_CHUNK = 1 << 22
+# temporaries for huge tensors, and a piece's float result (4 MiB) stays in the last-level cache between the
+# passes over it (convert, scale, shift); smaller pieces measured slower: per-op overhead dominates.
+DEQUANT_CHUNK = 1 << 20
+_SCALES = {Q.Q4_K: _k4_scales, Q.Q5_K: _k4_scales, Q.Q6_K: _q6_scales}
 _WRITES_OUT = {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K}
 
 
@@ -296,10 +345,15 @@ def _run_dequant(qtype: Q, blocks: torch.Tensor) -> torch.Tensor:
     step = max(1, DEQUANT_CHUNK // bv)
     if blocks.is_cuda or nb <= step or qtype not in _WRITES_OUT:
         return fn(blocks)
-    out = torch.empty((nb, bv), dtype=torch.float32, device=blocks.device)
+    out = _empty_f32((nb, bv), blocks.device)
+    prep = _SCALES.get(qtype)
+    scales = prep(blocks) if prep is not None else None
     for i in range(0, nb, step):
         j = min(nb, i + step)
-        fn(blocks[i:j], out=out[i:j])
+        if scales is None:
+            fn(blocks[i:j], out=out[i:j])
+        else:
+            fn(blocks[i:j], out=out[i:j], scales=tuple(s[i:j] for s in scales))
     return out
 
 

@@ -110,6 +110,10 @@ class FinetuneConfig:
     opt_max_no_improvement: int = arg(0, help="stop after N iterations without a new best loss; 0 disables")
     batch: int = arg(8, "-b", "--batch", help="samples per batch (all processes together: each takes its share)")
     grad_acc: int = arg(1, help="gradient accumulation steps (effective batch = batch * grad-acc)")
+    micro_batch: int = arg(0, help="rows per forward/backward pass: a batch (or a process's share of it) runs in "
+                                   "chunks of this many rows, gradients accumulated, the loss still the whole "
+                                   "batch's mean; less activation memory, the same update up to float rounding "
+                                   "(0: all rows at once)")
     # --- performance
     threads: int | None = arg(None, "-t", "--threads", help="CPU threads (default: torch's)")
     use_checkpointing: bool = toggle(True, "--use-checkpointing", "--no-checkpointing", "gradient checkpointing")

@@ -120,6 +120,8 @@ def prepare(cfg: FinetuneConfig, d: Dist, device: torch.device) -> Run:
 
     if cfg.ctx <= 0 or cfg.batch <= 0:
         raise ToolkitError("--ctx and --batch must be positive")
+    if cfg.micro_batch < 0:
+        raise ToolkitError(f"--micro-batch {cfg.micro_batch} must be 0 (whole batches) or a number of rows")
     if cfg.batch < d.world:
         raise ToolkitError(f"--batch {cfg.batch} is smaller than the {d.world} processes (each trains on its share "
                            "of every batch: give --batch at least the number of processes)")
@@ -261,8 +263,9 @@ def train_step(run: Run, sched: float) -> tuple[float, int]:
         group["lr"] = lr if not cfg.use_lbfgs else (cfg.adam_alpha or 1.0)
     batches = [run.batching.next(run.order) for _ in range(cfg.grad_acc)]
     n_tok = sum(b.n_loss_tokens for b in batches)
-    # this rank's rows of each batch, and the tokens of the whole batch its loss is a part of
-    shares = [(b.rows(d.rows(b.inputs.shape[0])), b.n_loss_tokens) if d.on else (b, None) for b in batches]
+    # the passes: this rank's rows of each batch in --micro-batch chunks, each with the tokens of the whole batch
+    # its loss is a part of (None: the pass is the whole batch)
+    shares = [(p, n) for b in batches for p, n in _passes(b, d, cfg.micro_batch)]
 
     def closure() -> torch.Tensor:
         run.opt.zero_grad(set_to_none=True)
@@ -285,6 +288,19 @@ def train_step(run: Run, sched: float) -> tuple[float, int]:
     return float(loss), n_tok
 
 
+def _passes(b: Batch, d: Dist, micro: int) -> list[tuple[Batch, int | None]]:
+    """(rows, n_total) of each forward/backward pass over batch b: this rank's share of its rows, in chunks of
+    `micro` rows (0: the share at once); n_total is b's count of loss tokens, or None when a pass is all of b."""
+    share = b.rows(d.rows(b.inputs.shape[0])) if d.on else b
+    n = share.inputs.shape[0]
+    if n == 0:  # (a last, short evaluation batch may leave a rank nothing)
+        return []
+    step = micro if 0 < micro < n else n
+    if step == b.inputs.shape[0]:
+        return [(b, None)]
+    return [(share.rows(slice(i, i + step)), b.n_loss_tokens) for i in range(0, n, step)]
+
+
 @torch.no_grad()
 def evaluate(run: Run, samples: Samples, max_batches: int | None = None) -> float:
     """Mean loss per counted token over `samples` (file order); the processes split every batch."""
@@ -293,17 +309,17 @@ def evaluate(run: Run, samples: Samples, max_batches: int | None = None) -> floa
     model.eval()
     total, count = 0.0, 0
     sums = torch.zeros(2, dtype=torch.float64)
+    whole = not d.on and not run.cfg.micro_batch
     for b in run.batching.eval(samples, max_batches):
-        if not d.on:
+        if whole:
             loss, n = batch_loss(model, b, run.device)
             total += float(loss) * n
             count += n
             continue
-        share = b.rows(d.rows(b.inputs.shape[0]))
-        if share.inputs.shape[0]:  # (a last, short batch may leave a rank nothing)
-            sums[0] += float(TokenLoss(model)(share, run.device, 1))  # n_total 1: the share's sum of losses
-            sums[1] += share.n_loss_tokens
-    if d.on:
+        for piece, _ in _passes(b, d, run.cfg.micro_batch):  # this rank's rows, --micro-batch at a time
+            sums[0] += float(TokenLoss(model)(piece, run.device, 1))  # n_total 1: the piece's sum of losses
+            sums[1] += piece.n_loss_tokens
+    if not whole:
         total, count = (float(v) for v in d.sum(sums).cpu())
     model.train(was)
     return total / max(count, 1)

@@ -113,6 +113,21 @@ def test_dequantize_matches_libggml(qtype):
     assert same_bits(ref, dequantize(torch.from_numpy(raw), qtype, (8, 1024)).numpy())
 
 
+@pytest.mark.parametrize("qtype", [q for q in DEQUANT_TYPES if q not in (Q.F32, Q.F16, Q.BF16)],
+                         ids=lambda q: q.name)
+@needs_ggml[0]
+@needs_ggml[1]
+def test_dequantize_in_pieces_matches_libggml(qtype, monkeypatch):
+    """A tensor larger than one piece of the CPU path (pieces made small here): each piece writes its rows of
+    the result, the K-quants with scales made once for all blocks."""
+    import toolkit.quants as quants
+
+    monkeypatch.setattr(quants, "DEQUANT_CHUNK", 1 << 12)
+    raw = random_blocks(qtype, 8, 3 * 1024, seed=5)  # 6 pieces
+    ref = oracle_ggml.ggml_dequantize(raw, qtype, 8 * 3 * 1024).reshape(8, 3 * 1024)
+    assert same_bits(ref, dequantize(torch.from_numpy(raw), qtype, (8, 3 * 1024)).numpy())
+
+
 @pytest.mark.parametrize("qtype", GGUF_PY_QUANTIZES, ids=lambda q: q.name)
 def test_quantize_matches_gguf_py(qtype):
     """gguf-py's numpy quantizers agree with llama.cpp except on blocks whose extreme is a -0.0 (numpy picks

@@ -104,6 +104,7 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, tiny_llama, capsys, mon
         (["--train-data", "data.txt", "--lora-r", "40"], "rank 40 is larger than tensor 'blk.0.attn_k.weight'"),
         ([], "no training data"),
         (["--train-data", "data.txt", "-b", "1", "--nproc", "2"], "--batch 1 is smaller than --nproc 2"),
+        (["--train-data", "data.txt", "--micro-batch", "-1"], "--micro-batch -1 must be 0"),
     ]
     for extra, msg in cases:
         rc = main(["finetune", "-m", m, *extra])
@@ -139,6 +140,32 @@ def test_lbfgs_lowers_the_loss(tmp_path, tiny_llama):
     r = finetune(cfg(tmp_path, tiny_llama, use_lbfgs=True, lbfgs_iter=4, adam_alpha=1.0, batch=1,
                      lora_out="", checkpoint_out=""))
     assert r.losses[-1] < r.losses[0] - 0.5
+
+
+def test_micro_batches_train_and_evaluate_as_whole_batches(tmp_path, tiny_llama):
+    """--micro-batch 2 runs a batch of 3 as passes of 2 + 1 rows: each pass's loss is its part of the whole
+    batch's mean (records with masked prompts of different lengths count different numbers of tokens per row,
+    so a mean of the passes' means would differ), so losses, validation losses and the L-BFGS adapter (linear
+    in the gradient) equal whole batches' up to float32 summation order."""
+    d = tmp_path / "data"
+    d.mkdir()
+    rows = [{"prompt": "q " * (1 + i % 5) + f"{i}+{i}?", "completion": " " + str(2 * i) * (1 + i % 3)}
+            for i in range(12)]
+    for name, part in (("train", rows[:9]), ("valid", rows[9:])):
+        (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    runs = {}
+    for micro in (0, 2):
+        t = tmp_path / f"m{micro}"
+        t.mkdir()
+        runs[micro] = finetune(cfg(t, tiny_llama, train_data=None, data=str(d), ctx=32, grad_acc=2, micro_batch=micro,
+                                   use_lbfgs=True, lbfgs_iter=2, adam_alpha=1.0, steps_per_eval=1))
+    whole, micro = runs[0], runs[2]
+    # seen: equal to ~1e-7 relative; 1e-5 allowed
+    assert np.allclose(micro.losses, whole.losses, rtol=1e-5, atol=0) and len(micro.losses) == 2
+    assert np.allclose([v for _, v in micro.val_losses], [v for _, v in whole.val_losses], rtol=1e-5, atol=0)
+    a, b = _lora_tensors(tmp_path / "m2" / "lora-2.gguf"), _lora_tensors(tmp_path / "m0" / "lora-2.gguf")
+    assert a.keys() == b.keys()
+    assert all(np.abs(a[k] - b[k]).max() <= 1e-5 * max(np.abs(b[k]).max(), 1e-6) for k in a)
 
 
 def test_adamw_step_is_ggml_adam():
