@@ -15,9 +15,7 @@ token's group of splits, not by sorting them.
 """
 from __future__ import annotations
 
-import gc
-from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -132,25 +130,13 @@ def spm_merges(tokens: Sequence[str], scores: Sequence[float], vocab: dict[str, 
     cnt = count[by_rank]
     sel = np.arange(len(t)) + np.repeat(first[by_rank] - (np.cumsum(cnt) - cnt), cnt)
     arr = np.array(tokens, dtype=object)
-    with _gc_paused():  # ~600k tuples would run the cyclic collector ~900 times, each over all live objects
-        return list(zip(arr[a[sel]].tolist(), arr[b[sel]].tolist()))
+    return list(zip(arr[a[sel]].tolist(), arr[b[sel]].tolist()))
 
 
 def _with_len(h: np.ndarray, n: np.ndarray) -> np.ndarray:
     # a hash and a length in one key: a look-up needs both to match, so a collision also needs equal lengths
     with np.errstate(over="ignore"):
         return h + n.astype(np.uint64) * _MIX
-
-
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 def _spm_merges_loop(tokens: Sequence[str], scores: Sequence[float]) -> list[tuple[str, str]]:
