@@ -149,3 +149,39 @@ def _spm_merges_loop(tokens: Sequence[str], scores: Sequence[float]) -> list[tup
             if s[:k] in vocab and s[k:] in vocab:
                 merges.append((s[:k], s[k:]))
     return merges
+
+
+class SpmPieces:
+    """The merges one text can use, for encoding it before all of spm_merges is built: a BPE word only ever
+    merges (a, b) into a + b where a + b occurs in it, so the splits of the tokens occurring in a text, in
+    spm_merges' order, tokenize it as all the merges do. Found by dict look-ups of its substrings up to the
+    longest token's length (~2 look-ups a character per length), not by splitting every token."""
+
+    def __init__(self, tokens: Sequence[str], scores: Sequence[float]):
+        self.tokens, self.scores = tokens, scores
+        self.vocab = dict(zip(tokens, range(len(tokens))))      # a duplicate token: its last id, as llama.cpp
+        self.longest = max(map(len, tokens), default=0)
+
+    def lookups(self, text: str) -> int:
+        """How many look-ups `within` makes for `text` (at most)."""
+        return 2 * len(text) * self.longest
+
+    def within(self, text: str, prefix: str = "") -> tuple[dict[str, int], list[tuple[str, str]]]:
+        """The tokens occurring in `text`, or in `prefix` + any of its suffixes (the normalizer's prefix starts
+        each run of text, and a run may start anywhere: after any special token), each with its id; and their
+        splits into two of them, ordered as spm_merges orders them."""
+        vocab, n = self.vocab, len(text)
+        found = {prefix: vocab[prefix]} if prefix in vocab else {}
+        for i in range(n):
+            for j in range(i + 1, min(n, i + self.longest) + 1):
+                for s in (text[i:j], prefix + text[i:j]) if prefix else (text[i:j],):
+                    t = vocab.get(s)
+                    if t is not None:
+                        found[s] = t
+        ranked = []
+        for s, t in found.items():
+            for k in range(1, len(s)):
+                if s[:k] in found and s[k:] in found:
+                    ranked.append((-float(self.scores[t]), t, k, s[:k], s[k:]))
+        ranked.sort()
+        return found, [(a, b) for *_, a, b in ranked]

@@ -71,15 +71,21 @@ SPM_TEXTS = ["the quick brown fox", "hello world, this is a test", " leading", "
              "x<s>y</s> the", "日本 unknown chars → bytes", "the\nnew line", "", "lazy dog."]
 
 
+@pytest.mark.parametrize("full", [False, True])
 @pytest.mark.parametrize("special", [True, False])
-def test_sentencepiece_ids_equal_llama_cpp(spm_path, special):
+def test_sentencepiece_ids_equal_llama_cpp(spm_path, special, full):
+    """full: through the whole vocabulary's tokenizer; else through each text's own merges (what encoding uses
+    until that tokenizer is built)."""
     tok = Tokenizer.from_gguf(open_gguf(spm_path))
     assert tok.kind == "llama" and tok.add_bos
+    if full:
+        tok.tok  # noqa: B018 -- built now, so every encode goes through it
     for text in SPM_TEXTS:
         assert tok.encode(text, special=special) == llama_tokenize(spm_path, text, True, special), text
         assert tok.encode(text, add_bos=False, special=special) == llama_tokenize(spm_path, text, False, special)
         ids = tok.encode(text)
         assert tok.token_bytes(ids) == llama_detokenize(spm_path, ids)
+    assert (tok._tok is None) != full  # the path named is the one taken
 
 
 def test_chat_template_renders_with_transformers_semantics(smol):
@@ -142,18 +148,24 @@ def large_spm_texts(n: int = 150) -> list[str]:
 
 
 def test_large_sentencepiece_ids_equal_llama_cpp(large_spm_path):
-    """Every id equal to llama_tokenize's on 170 texts (special on and off), and every piece to
-    llama_token_to_piece's; the merges found by hashing equal those of the plain loop over every split."""
+    """Every id equal to llama_tokenize's on 170 texts (special on and off), both through each text's own merges
+    (what encoding uses before the whole vocabulary's tokenizer is built) and through that tokenizer; every
+    piece equal to llama_token_to_piece's; the merges found by hashing equal those of the plain loop over every
+    split."""
     from toolkit.spm import _spm_merges_loop, spm_merges
 
     g = open_gguf(large_spm_path)
-    tok = Tokenizer.from_gguf(g)
-    assert tok.kind == "llama" and tok.vocab_size == 256_000
+    on_demand, full = Tokenizer.from_gguf(g), Tokenizer.from_gguf(g)
+    full.tok  # noqa: B018 -- built now, so every encode goes through it
+    assert on_demand.kind == "llama" and on_demand.vocab_size == 256_000
     for i, text in enumerate(large_spm_texts()):
         special = i % 2 == 0
-        assert tok.encode(text, special=special) == llama_tokenize(large_spm_path, text, True, special), text
-        ids = tok.encode(text)
-        assert tok.token_bytes(ids) == llama_detokenize(large_spm_path, ids), text
+        want = llama_tokenize(large_spm_path, text, True, special)
+        assert on_demand.encode(text, special=special) == want, text
+        assert full.encode(text, special=special) == want, text
+        ids = full.encode(text)
+        assert full.token_bytes(ids) == llama_detokenize(large_spm_path, ids), text
+    assert on_demand._tok is None  # every text above went through its own merges
     tokens, scores = g.get("tokenizer.ggml.tokens"), g.get("tokenizer.ggml.scores")
     assert spm_merges(tokens, scores) == _spm_merges_loop(tokens, scores)
 
