@@ -183,8 +183,9 @@ def _checked(build: Callable[[], HFTokenizer], model: str, path: str) -> HFToken
 
 
 # Texts are encoded through _spm_for_text while its look-ups together stay under this (a fraction of what the
-# whole vocabulary's merges cost); past it (a loop over many texts, a long one) that tokenizer is built, once.
-_ON_DEMAND_LOOKUPS = 1 << 20
+# whole vocabulary's merges cost; a prompt of ~10k characters); past it (a loop over many texts, a long one)
+# that tokenizer is built, once.
+_ON_DEMAND_LOOKUPS = 1 << 18
 
 
 class Tokenizer:
@@ -267,9 +268,11 @@ class Tokenizer:
     # -- encode / decode
     def encode(self, text: str, add_bos: bool | None = None, add_eos: bool = False, special: bool = True) -> list[int]:
         """Token ids as llama_tokenize(text, add_special=add_bos, parse_special=special) gives them."""
-        tok = self._tokenizer_for(text)
-        tok.encode_special_tokens = not special
-        ids = tok.encode(text, add_special_tokens=False).ids if text else []
+        ids = []
+        if text:
+            tok = self._tokenizer_for(text)
+            tok.encode_special_tokens = not special
+            ids = tok.encode(text, add_special_tokens=False).ids
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id] + ids
         if (add_eos or (add_bos is None and self.add_eos)) and self.eos_id is not None:

@@ -88,6 +88,18 @@ def test_sentencepiece_ids_equal_llama_cpp(spm_path, special, full):
     assert (tok._tok is None) != full  # the path named is the one taken
 
 
+def test_sentencepiece_builds_the_whole_tokenizer_past_the_lookup_budget(spm_path):
+    """Texts go through their own merges until those look-ups would pass the budget, then through the whole
+    vocabulary's tokenizer, built then; the ids are llama.cpp's either way."""
+    tok = Tokenizer.from_gguf(open_gguf(spm_path))
+    short, long_ = SPM_TEXTS[1], " ".join(SPM_TEXTS)
+    tok._lookups_left = tok._pieces.lookups(short) + tok._pieces.lookups(long_) - 1
+    assert tok.encode(short) == llama_tokenize(spm_path, short, True, True)
+    assert tok._tok is None
+    assert tok.encode(long_) == llama_tokenize(spm_path, long_, True, True)
+    assert tok._tok is not None
+
+
 def test_chat_template_renders_with_transformers_semantics(smol):
     from transformers.utils.chat_template_utils import render_jinja_template
 
@@ -157,6 +169,7 @@ def test_large_sentencepiece_ids_equal_llama_cpp(large_spm_path):
     g = open_gguf(large_spm_path)
     on_demand, full = Tokenizer.from_gguf(g), Tokenizer.from_gguf(g)
     full.tok  # noqa: B018 -- built now, so every encode goes through it
+    on_demand._lookups_left = 1 << 40  # the look-up budget is not what this tests
     assert on_demand.kind == "llama" and on_demand.vocab_size == 256_000
     for i, text in enumerate(large_spm_texts()):
         special = i % 2 == 0
