@@ -100,6 +100,35 @@ def test_sentencepiece_builds_the_whole_tokenizer_past_the_lookup_budget(spm_pat
     assert tok._tok is not None
 
 
+def test_dense_sentencepiece_vocabularies_equal_llama_cpp(tmp_path):
+    """8 random vocabularies of 60 pieces over a, b and U+2581 (runs like "aaa" and "▁▁", pieces overlapping in
+    many ways, so many splits compete), distinct random scores: ids equal llama_tokenize's on 40 random texts
+    each, through each text's own merges and through the whole vocabulary's tokenizer."""
+    import itertools
+    import random
+
+    from tiny import _spm_metadata
+
+    rng = random.Random(5)
+    base = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    every = ["".join(p) for n in range(2, 6) for p in itertools.product("ab\u2581", repeat=n)]
+    for v in range(8):
+        pieces = ["a", "b", "\u2581"] + rng.sample(every, 60)
+        scores = [0.0] * len(base) + [-float(x) - 1 for x in rng.sample(range(1000), len(pieces))]
+        meta = _spm_metadata(base + pieces, scores, [2, 3, 3] + [6] * 256 + [1] * len(pieces))
+        # a file each: the oracle keeps llama.cpp's vocabulary by path
+        path = make_tiny_arch_gguf(tmp_path / f"v{v}.gguf", "llama", tokenizer=meta)
+        on_demand, full = Tokenizer.from_gguf(open_gguf(path)), Tokenizer.from_gguf(open_gguf(path))
+        full.tok  # noqa: B018 -- built now, so every encode goes through it
+        on_demand._lookups_left = 1 << 40
+        for _ in range(40):
+            text = "".join(rng.choice("ab ") for _ in range(rng.randint(1, 24)))
+            want = llama_tokenize(path, text, True, True)
+            assert on_demand.encode(text) == want, (v, text)
+            assert full.encode(text) == want, (v, text)
+        assert on_demand._tok is None
+
+
 def test_chat_template_renders_with_transformers_semantics(smol):
     from transformers.utils.chat_template_utils import render_jinja_template
 
