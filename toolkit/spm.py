@@ -9,8 +9,9 @@ vocabularies give their pieces distinct scores.
 
 The splits are found with numpy instead of a Python loop over ~2M (token, split point) pairs: every prefix and
 suffix of every token gets a 64-bit polynomial hash from one segmented cumulative sum over the code points of
-all tokens, and is looked up by binary search among the tokens' own hashes (with its length checked, so a hash
-collision would also need equal lengths: ~1e-8 for a 256k vocabulary).
+all tokens, and is looked up with its length in a hash table of the tokens' own (hash, length) keys (a false
+match needs a 64-bit collision: ~1e-8 for a 256k vocabulary). The merges come out ordered by moving each
+token's group of splits, not by sorting them.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import numpy as np
 
 _P = 0x9E3779B97F4A7C15  # odd: invertible modulo 2^64
 _MASK = (1 << 64) - 1
+_MIX = np.uint64(0xBF58476D1CE4E5B9)  # odd; splitmix64's multiplier
 
 
 def _powers(base: int, n: int) -> np.ndarray:
@@ -28,6 +30,48 @@ def _powers(base: int, n: int) -> np.ndarray:
         out.append(x)
         x = x * base & _MASK
     return np.array(out, dtype=np.uint64)
+
+
+class _HashTable:
+    """Open addressing with linear probing over 64-bit keys (0 marks an empty slot, so a key of 0 is stored as
+    1), built and probed one round at a time for all keys at once. Against binary search in a sorted table
+    (~20 dependent cache misses a look-up) a look-up here is one or two."""
+
+    def __init__(self, keys: np.ndarray, values: np.ndarray):
+        bits = max(2 * len(keys) - 1, 1).bit_length()          # >= 2 slots a key: short probe runs
+        self.mask, self.shift = (1 << bits) - 1, np.uint64(64 - bits)
+        keys = np.maximum(keys, np.uint64(1))
+        self.keys = np.zeros(1 << bits, dtype=np.uint64)        # [slots]
+        self.values = np.zeros(1 << bits, dtype=np.int64)       # [slots] index into keys while building
+        todo, at = np.arange(len(keys)), self._home(keys)
+        self.rounds = 0
+        while len(todo):
+            free = self.keys[at] == 0
+            self.values[at[free]] = todo[free]                 # of several keys on one free slot, one wins
+            self.keys[at[free]] = keys[self.values[at[free]]]
+            lost = self.values[at] != todo
+            todo, at = todo[lost], (at[lost] + 1) & self.mask
+            self.rounds += 1
+        self.values = values[self.values]
+
+    def _home(self, h: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore"):  # Fibonacci hashing: the top bits of h times an odd constant
+            return ((h * _MIX) >> self.shift).astype(np.int64)
+
+    def find(self, h: np.ndarray) -> np.ndarray:
+        """The value stored under each key h, -1 where there is none."""
+        h = np.maximum(h, np.uint64(1))
+        out = np.full(len(h), -1, dtype=np.int64)
+        todo, at = np.arange(len(h)), self._home(h)
+        for _ in range(self.rounds):
+            k = self.keys.take(at)
+            hit = k == h[todo]
+            out[todo[hit]] = self.values.take(at[hit])
+            go = ~hit & (k != 0)
+            todo, at = todo[go], (at[go] + 1) & self.mask
+            if not len(todo):
+                break
+        return out
 
 
 def spm_merges(tokens: Sequence[str], scores: Sequence[float], vocab: dict[str, int] | None = None
@@ -52,15 +96,14 @@ def spm_merges(tokens: Sequence[str], scores: Sequence[float], vocab: dict[str, 
         before = np.concatenate([np.zeros(1, np.uint64), c])[starts]   # cumsum before each token
         full = c[starts + lens - 1] - before                   # [n] hash of each whole token (0 if empty)
         full[lens == 0] = 0
-        # canonical ids (the last of duplicates), sorted by hash for lookups
-        vocab = vocab if vocab is not None else {t: i for i, t in enumerate(tokens)}
+        # canonical ids (the last of duplicates) in a hash table keyed by hash and length together
+        vocab = vocab if vocab is not None else dict(zip(tokens, range(n)))
         canon = None
         if len(vocab) != n:
             canon = np.zeros(n, dtype=bool)
             canon[list(vocab.values())] = True
         ids = np.nonzero(lens > 0 if canon is None else canon & (lens > 0))[0]
-        order = np.argsort(full[ids], kind="stable")
-        table_h, table_id = full[ids][order], ids[order]
+        table = _HashTable(_with_len(full[ids], lens[ids]), ids)
 
         # split after code point j (k = pos + 1 characters on the left), for canonical tokens only
         inner = pos < lens[owner] - 1
@@ -72,24 +115,28 @@ def spm_merges(tokens: Sequence[str], scores: Sequence[float], vocab: dict[str, 
         right = (full[t] - left) * inv[k]
     del c, flat, owner, pos
 
-    def lookup(h: np.ndarray, want_len: np.ndarray) -> np.ndarray:
-        at = np.minimum(np.searchsorted(table_h, h), len(table_h) - 1)
-        found = table_id[at]
-        return np.where((table_h[at] == h) & (lens[found] == want_len), found, -1)
-
-    a = lookup(left, k)
+    a = table.find(_with_len(left, k))
     ok = a >= 0
     t, k, a, right = t[ok], k[ok], a[ok], right[ok]
-    b = lookup(right, lens[t] - k)
+    b = table.find(_with_len(right, lens[t] - k))
     ok = b >= 0
-    t, k, a, b = t[ok], k[ok], a[ok], b[ok]
-    # rank tokens by (-score, id) (a stable sort keeps ids in order among equal scores), then order the splits
-    # by (rank of the merged token, split position) through one integer key
-    rank = np.empty(n, dtype=np.int64)
-    rank[np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")] = np.arange(n)
-    sel = np.argsort(rank[t] * (int(lens.max()) + 1) + k)
+    t, a, b = t[ok], a[ok], b[ok]
+    # the splits come grouped by token (ids ascending), split positions ascending within a group; llama.cpp's
+    # order is the tokens' by (-score, id) (a stable sort keeps ids in order among equal scores): move whole
+    # groups into that order rather than sort the splits
+    by_rank = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    count = np.bincount(t, minlength=n)
+    first = np.cumsum(count) - count                            # [n] where each token's splits start
+    cnt = count[by_rank]
+    sel = np.arange(len(t)) + np.repeat(first[by_rank] - (np.cumsum(cnt) - cnt), cnt)
     arr = np.array(tokens, dtype=object)
     return list(zip(arr[a[sel]].tolist(), arr[b[sel]].tolist()))
+
+
+def _with_len(h: np.ndarray, n: np.ndarray) -> np.ndarray:
+    # a hash and a length in one key: a look-up needs both to match, so a collision also needs equal lengths
+    with np.errstate(over="ignore"):
+        return h + n.astype(np.uint64) * _MIX
 
 
 def _spm_merges_loop(tokens: Sequence[str], scores: Sequence[float]) -> list[tuple[str, str]]:
@@ -102,3 +149,39 @@ def _spm_merges_loop(tokens: Sequence[str], scores: Sequence[float]) -> list[tup
             if s[:k] in vocab and s[k:] in vocab:
                 merges.append((s[:k], s[k:]))
     return merges
+
+
+class SpmPieces:
+    """The merges one text can use, for encoding it before all of spm_merges is built: a BPE word only ever
+    merges (a, b) into a + b where a + b occurs in it, so the splits of the tokens occurring in a text, in
+    spm_merges' order, tokenize it as all the merges do. Found by dict look-ups of its substrings up to the
+    longest token's length (~2 look-ups a character per length), not by splitting every token."""
+
+    def __init__(self, tokens: Sequence[str], scores: Sequence[float]):
+        self.tokens, self.scores = tokens, scores
+        self.vocab = dict(zip(tokens, range(len(tokens))))      # a duplicate token: its last id, as llama.cpp
+        self.longest = max(map(len, tokens), default=0)
+
+    def lookups(self, text: str) -> int:
+        """How many look-ups `within` makes for `text` (at most)."""
+        return 2 * len(text) * self.longest
+
+    def within(self, text: str, prefix: str = "") -> tuple[dict[str, int], list[tuple[str, str]]]:
+        """The tokens occurring in `text`, or in `prefix` + any of its suffixes (the normalizer's prefix starts
+        each run of text, and a run may start anywhere: after any special token), each with its id; and their
+        splits into two of them, ordered as spm_merges orders them."""
+        vocab, n = self.vocab, len(text)
+        found = {prefix: vocab[prefix]} if prefix in vocab else {}
+        for i in range(n):
+            for j in range(i + 1, min(n, i + self.longest) + 1):
+                for s in (text[i:j], prefix + text[i:j]) if prefix else (text[i:j],):
+                    t = vocab.get(s)
+                    if t is not None:
+                        found[s] = t
+        ranked = []
+        for s, t in found.items():
+            for k in range(1, len(s)):
+                if s[:k] in found and s[k:] in found:
+                    ranked.append((-float(self.scores[t]), t, k, s[:k], s[k:]))
+        ranked.sort()
+        return found, [(a, b) for *_, a, b in ranked]

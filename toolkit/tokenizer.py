@@ -4,20 +4,23 @@
   regexes for `tokenizer.ggml.pre` (llama-vocab.cpp), applied one after the other as llama.cpp does.
 * `llama` (SentencePiece): a BPE model whose merges are every two-token split of every token, ranked by score
   (toolkit/spm.py: llama.cpp's SPM algorithm as BPE), with the space prefix llama.cpp adds before every run of
-  text. Built straight from the metadata: no transformers import, ~0.5 s for a 256k-piece vocabulary.
+  text. Built straight from the metadata (no transformers import) on first need: until then, and while they are
+  short, texts are encoded by a BPE of only the merges each can use, the same ids without the wait for all of a
+  256k-piece vocabulary's merges.
 * Special tokens: CONTROL tokens are matched in the text only with special=True (llama.cpp's parse_special);
   USER_DEFINED tokens are always matched whole.
 """
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
 
 from .errors import ToolkitError
 from .gguf_io import GGUFFile
-from .spm import spm_merges
+from .spm import SpmPieces, spm_merges
 
 CONTROL, USER_DEFINED = 3, 4
 
@@ -89,51 +92,113 @@ def _bpe_tokenizer(meta: dict[str, Any], path: str) -> HFTokenizer:
     return tok
 
 
-def _spm_tokenizer(meta: dict[str, Any], path: str) -> HFTokenizer:
+def _spm_tokenizer(meta: dict[str, Any], path: str, pieces: SpmPieces | None = None) -> HFTokenizer:
     tokens: list[str] = meta["tokenizer.ggml.tokens"]
     scores = meta.get("tokenizer.ggml.scores")
-    vocab = {t: i for i, t in enumerate(tokens)}
+    vocab = pieces.vocab if pieces is not None else dict(zip(tokens, range(len(tokens))))
     if scores is not None:  # llama.cpp merges by score; any merges in the file are not what it uses
         merges = spm_merges(tokens, scores, vocab)
     elif meta.get("tokenizer.ggml.merges") is not None:
         merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
     else:
         raise ToolkitError("llama tokenizer without tokenizer.ggml.scores", path)
+    return _spm_bpe(meta, vocab, merges)
+
+
+def _spm_bpe(meta: dict[str, Any], vocab: dict[str, int], merges: list[tuple[str, str]]) -> HFTokenizer:
     tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True))
     # llama.cpp: a space before each run of raw text (the first, and each one after a special token) when
     # add_space_prefix, then spaces -> U+2581, no other splitting. A normalizer runs per run of text between
     # added tokens, which is exactly that.
     steps = [normalizers.Replace(" ", "\u2581")]
-    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-    if prefix:
+    if _space_prefix(meta):
         steps.insert(0, normalizers.Prepend("\u2581"))
     tok.normalizer = normalizers.Sequence(steps)
     # decoding (for a transformers tokenizer written from this one): pieces, <0xAB> bytes, the prefix space off
     dec = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
-    tok.decoder = decoders.Sequence(dec + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    tok.decoder = decoders.Sequence(dec + ([decoders.Strip(" ", 1, 0)] if _space_prefix(meta) else []))
     return tok
 
 
-def _build(meta: dict[str, Any], model: str, path: str) -> HFTokenizer:
-    tok = _bpe_tokenizer(meta, path) if model == "gpt2" else _spm_tokenizer(meta, path)
+def _space_prefix(meta: dict[str, Any]) -> bool:
+    return bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+
+
+def _spm_for_text(meta: dict[str, Any], pieces: SpmPieces, added: list[tuple[int, str, bool]], text: str
+                  ) -> HFTokenizer:
+    """A tokenizer with only the merges `text` can use (SpmPieces.within): the same ids for it as the whole
+    vocabulary's, from the merges of the few hundred tokens a prompt holds instead of a 256k vocabulary's ~600k."""
+    found, merges = pieces.within(text.replace(" ", "\u2581"), "\u2581" if _space_prefix(meta) else "")
+    vocab = pieces.vocab
+    keep = [f"<0x{b:02X}>" for b in range(256)] + [t for _, t, _ in added]  # byte fallback, specials
+    found.update((t, vocab[t]) for t in keep if t in vocab)
+    return _with_added(_spm_bpe(meta, found, merges), added)
+
+
+def _build(meta: dict[str, Any], model: str, path: str, pieces: SpmPieces | None = None) -> HFTokenizer:
+    tok = _bpe_tokenizer(meta, path) if model == "gpt2" else _spm_tokenizer(meta, path, pieces)
+    return _with_added(tok, _added(meta, model))
+
+
+def _special_ids(meta: dict[str, Any]) -> list[int]:
+    """Ids of the CONTROL and USER_DEFINED tokens."""
+    types = meta.get("tokenizer.ggml.token_type") or []
+    try:
+        arr = np.asarray(types)
+    except ValueError:  # ragged: a damaged file
+        arr = np.zeros(0)
+    if arr.dtype.kind in "iu" and arr.ndim == 1:  # the usual integer array: no Python loop over 256k types
+        return np.flatnonzero((arr == CONTROL) | (arr == USER_DEFINED)).tolist()
+    return [i for i, ty in enumerate(types) if ty in (CONTROL, USER_DEFINED)]
+
+
+def _added(meta: dict[str, Any], model: str, special_ids: list[int] | None = None) -> list[tuple[int, str, bool]]:
+    """(id, text, special) of the tokens matched whole in the text: CONTROL ones (special), USER_DEFINED ones."""
     tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type") or []
     byte_set = set(_byte_alphabet().values()) if model == "gpt2" else None
     added = []
-    for t, ty in zip(tokens, types):
-        if ty == CONTROL and t and (byte_set is None or set(t) <= byte_set):
-            added.append(AddedToken(t, special=True, normalized=False))
-        elif ty == USER_DEFINED and t:
-            added.append(AddedToken(t, special=False, normalized=False))
-    if added:
-        tok.add_tokens(added)  # ids exist in the vocab already: tokenizers keeps them
+    for i in _special_ids(meta) if special_ids is None else special_ids:
+        t = tokens[i] if i < len(tokens) else ""
+        if types[i] == CONTROL and t and (byte_set is None or set(t) <= byte_set):
+            added.append((i, t, True))
+        elif types[i] == USER_DEFINED and t:
+            added.append((i, t, False))
+    return added
+
+
+def _with_added(tok: HFTokenizer, added: list[tuple[int, str, bool]]) -> HFTokenizer:
+    if added:  # ids exist in the vocab already: tokenizers keeps them
+        tok.add_tokens([AddedToken(t, special=special, normalized=False) for _, t, special in added])
     return tok
+
+
+def _checked(build: Callable[[], HFTokenizer], model: str, path: str) -> HFTokenizer:
+    try:
+        return build()
+    except ToolkitError:
+        raise
+    except Exception as e:  # tokenizers' own errors (a damaged vocabulary or merges), malformed arrays
+        msg = str(e).splitlines()[0].strip() if str(e).strip() else type(e).__name__
+        raise ToolkitError(f"damaged {model} vocabulary: cannot build its tokenizer ({msg[:200]})", path) from None
+
+
+# Texts are encoded through _spm_for_text while its look-ups together stay under this (a fraction of what the
+# whole vocabulary's merges cost; a prompt of ~10k characters); past it (a loop over many texts, a long one)
+# that tokenizer is built, once.
+_ON_DEMAND_LOOKUPS = 1 << 18
 
 
 class Tokenizer:
     """encode/decode with llama.cpp's ids; bos/eos/eot; the GGUF chat template."""
 
-    def __init__(self, tok: HFTokenizer, meta: dict[str, Any], kind: str, path: str = ""):
-        self.tok, self.kind, self.path = tok, kind, path
+    def __init__(self, tok: HFTokenizer | None, meta: dict[str, Any], kind: str, path: str = "",
+                 pieces: SpmPieces | None = None):
+        # tok None: a SentencePiece vocabulary whose tokenizer is built on first need (`tok`); until then short
+        # texts are encoded with the merges they can use (pieces)
+        self._tok, self._meta, self._pieces, self.kind, self.path = tok, meta, pieces, kind, path
+        self._lookups_left = _ON_DEMAND_LOOKUPS
+        special_ids = _special_ids(meta)
+        self._added = _added(meta, kind, special_ids) if pieces is not None else []
         self.tokens: list[str] = meta["tokenizer.ggml.tokens"]
         self.vocab_size = len(self.tokens)
         types = meta.get("tokenizer.ggml.token_type") or [1] * self.vocab_size
@@ -148,9 +213,7 @@ class Tokenizer:
         # end-of-generation, as llama.cpp's vocab loader gathers it: eos/eot/eom ids, the usual end-of-turn
         # control tokens by name, and the FIM pad/repo/separator tokens
         eog = {self.eos_id, meta.get("tokenizer.ggml.eot_token_id"), meta.get("tokenizer.ggml.eom_token_id")}
-        for i, (t, ty) in enumerate(zip(self.tokens, types)):
-            if ty in (CONTROL, USER_DEFINED) and t in _EOG_NAMES:
-                eog.add(i)
+        eog.update(i for i in special_ids if i < self.vocab_size and self.tokens[i] in _EOG_NAMES)
         self.eot_ids: set[int] = {i for i in eog if i is not None}
         self._byte_tokens: dict[int, bytes] = {}
 
@@ -162,15 +225,29 @@ class Tokenizer:
             raise ToolkitError("no tokenizer in this GGUF (tokenizer.ggml.model/tokens missing)", g.path)
         if model not in ("gpt2", "llama"):
             raise ToolkitError(f"unsupported tokenizer model '{model}' (supported: gpt2, llama)", g.path)
-        try:
-            tok = _build(meta, model, g.path)
-        except ToolkitError:
-            raise
-        except Exception as e:  # tokenizers' own errors (a damaged vocabulary or merges), malformed arrays
-            msg = str(e).splitlines()[0].strip() if str(e).strip() else type(e).__name__
-            raise ToolkitError(f"damaged {model} vocabulary: cannot build its tokenizer ({msg[:200]})",
-                               g.path) from None
-        return cls(tok, meta, model, g.path)
+        scores = meta.get("tokenizer.ggml.scores")
+        if model == "llama" and scores is not None:
+            tokens = meta["tokenizer.ggml.tokens"]
+            if not isinstance(scores, list) or len(scores) != len(tokens):
+                raise ToolkitError(f"damaged llama vocabulary: {len(tokens)} tokens but tokenizer.ggml.scores is "
+                                   f"not {len(tokens)} numbers", g.path)
+            return cls(None, meta, model, g.path, SpmPieces(tokens, scores))
+        return cls(_checked(lambda: _build(meta, model, g.path), model, g.path), meta, model, g.path)
+
+    @property
+    def tok(self) -> HFTokenizer:
+        """The `tokenizers` tokenizer of the whole vocabulary (a SentencePiece one's is built here, once)."""
+        if self._tok is None:
+            self._tok = _checked(lambda: _build(self._meta, self.kind, self.path, self._pieces), self.kind,
+                                 self.path)
+        return self._tok
+
+    def _tokenizer_for(self, text: str) -> HFTokenizer:
+        if self._tok is None and self._pieces is not None and self._pieces.lookups(text) <= self._lookups_left:
+            self._lookups_left -= self._pieces.lookups(text)
+            return _checked(lambda: _spm_for_text(self._meta, self._pieces, self._added, text), self.kind,
+                            self.path)
+        return self.tok
 
     def add_tokens(self, added: Sequence[tuple[int, str, bool]]) -> None:
         """Grow the vocabulary by (id, text, special) past its end (an adapter's modules_to_save grew the
@@ -191,8 +268,11 @@ class Tokenizer:
     # -- encode / decode
     def encode(self, text: str, add_bos: bool | None = None, add_eos: bool = False, special: bool = True) -> list[int]:
         """Token ids as llama_tokenize(text, add_special=add_bos, parse_special=special) gives them."""
-        self.tok.encode_special_tokens = not special
-        ids = self.tok.encode(text, add_special_tokens=False).ids if text else []
+        ids = []
+        if text:
+            tok = self._tokenizer_for(text)
+            tok.encode_special_tokens = not special
+            ids = tok.encode(text, add_special_tokens=False).ids
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id] + ids
         if (add_eos or (add_bos is None and self.add_eos)) and self.eos_id is not None:

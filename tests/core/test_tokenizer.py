@@ -71,15 +71,62 @@ SPM_TEXTS = ["the quick brown fox", "hello world, this is a test", " leading", "
              "x<s>y</s> the", "日本 unknown chars → bytes", "the\nnew line", "", "lazy dog."]
 
 
+@pytest.mark.parametrize("full", [False, True])
 @pytest.mark.parametrize("special", [True, False])
-def test_sentencepiece_ids_equal_llama_cpp(spm_path, special):
+def test_sentencepiece_ids_equal_llama_cpp(spm_path, special, full):
+    """full: through the whole vocabulary's tokenizer; else through each text's own merges (what encoding uses
+    until that tokenizer is built)."""
     tok = Tokenizer.from_gguf(open_gguf(spm_path))
     assert tok.kind == "llama" and tok.add_bos
+    if full:
+        tok.tok  # noqa: B018 -- built now, so every encode goes through it
     for text in SPM_TEXTS:
         assert tok.encode(text, special=special) == llama_tokenize(spm_path, text, True, special), text
         assert tok.encode(text, add_bos=False, special=special) == llama_tokenize(spm_path, text, False, special)
         ids = tok.encode(text)
         assert tok.token_bytes(ids) == llama_detokenize(spm_path, ids)
+    assert (tok._tok is None) != full  # the path named is the one taken
+
+
+def test_sentencepiece_builds_the_whole_tokenizer_past_the_lookup_budget(spm_path):
+    """Texts go through their own merges until those look-ups would pass the budget, then through the whole
+    vocabulary's tokenizer, built then; the ids are llama.cpp's either way."""
+    tok = Tokenizer.from_gguf(open_gguf(spm_path))
+    short, long_ = SPM_TEXTS[1], " ".join(SPM_TEXTS)
+    tok._lookups_left = tok._pieces.lookups(short) + tok._pieces.lookups(long_) - 1
+    assert tok.encode(short) == llama_tokenize(spm_path, short, True, True)
+    assert tok._tok is None
+    assert tok.encode(long_) == llama_tokenize(spm_path, long_, True, True)
+    assert tok._tok is not None
+
+
+def test_dense_sentencepiece_vocabularies_equal_llama_cpp(tmp_path):
+    """8 random vocabularies of 60 pieces over a, b and U+2581 (runs like "aaa" and "▁▁", pieces overlapping in
+    many ways, so many splits compete), distinct random scores: ids equal llama_tokenize's on 40 random texts
+    each, through each text's own merges and through the whole vocabulary's tokenizer."""
+    import itertools
+    import random
+
+    from tiny import _spm_metadata
+
+    rng = random.Random(5)
+    base = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    every = ["".join(p) for n in range(2, 6) for p in itertools.product("ab\u2581", repeat=n)]
+    for v in range(8):
+        pieces = ["a", "b", "\u2581"] + rng.sample(every, 60)
+        scores = [0.0] * len(base) + [-float(x) - 1 for x in rng.sample(range(1000), len(pieces))]
+        meta = _spm_metadata(base + pieces, scores, [2, 3, 3] + [6] * 256 + [1] * len(pieces))
+        # a file each: the oracle keeps llama.cpp's vocabulary by path
+        path = make_tiny_arch_gguf(tmp_path / f"v{v}.gguf", "llama", tokenizer=meta)
+        on_demand, full = Tokenizer.from_gguf(open_gguf(path)), Tokenizer.from_gguf(open_gguf(path))
+        full.tok  # noqa: B018 -- built now, so every encode goes through it
+        on_demand._lookups_left = 1 << 40
+        for _ in range(40):
+            text = "".join(rng.choice("ab ") for _ in range(rng.randint(1, 24)))
+            want = llama_tokenize(path, text, True, True)
+            assert on_demand.encode(text) == want, (v, text)
+            assert full.encode(text) == want, (v, text)
+        assert on_demand._tok is None
 
 
 def test_chat_template_renders_with_transformers_semantics(smol):
@@ -142,18 +189,25 @@ def large_spm_texts(n: int = 150) -> list[str]:
 
 
 def test_large_sentencepiece_ids_equal_llama_cpp(large_spm_path):
-    """Every id equal to llama_tokenize's on 170 texts (special on and off), and every piece to
-    llama_token_to_piece's; the merges found by hashing equal those of the plain loop over every split."""
+    """Every id equal to llama_tokenize's on 170 texts (special on and off), both through each text's own merges
+    (what encoding uses before the whole vocabulary's tokenizer is built) and through that tokenizer; every
+    piece equal to llama_token_to_piece's; the merges found by hashing equal those of the plain loop over every
+    split."""
     from toolkit.spm import _spm_merges_loop, spm_merges
 
     g = open_gguf(large_spm_path)
-    tok = Tokenizer.from_gguf(g)
-    assert tok.kind == "llama" and tok.vocab_size == 256_000
+    on_demand, full = Tokenizer.from_gguf(g), Tokenizer.from_gguf(g)
+    full.tok  # noqa: B018 -- built now, so every encode goes through it
+    on_demand._lookups_left = 1 << 40  # the look-up budget is not what this tests
+    assert on_demand.kind == "llama" and on_demand.vocab_size == 256_000
     for i, text in enumerate(large_spm_texts()):
         special = i % 2 == 0
-        assert tok.encode(text, special=special) == llama_tokenize(large_spm_path, text, True, special), text
-        ids = tok.encode(text)
-        assert tok.token_bytes(ids) == llama_detokenize(large_spm_path, ids), text
+        want = llama_tokenize(large_spm_path, text, True, special)
+        assert on_demand.encode(text, special=special) == want, text
+        assert full.encode(text, special=special) == want, text
+        ids = full.encode(text)
+        assert full.token_bytes(ids) == llama_detokenize(large_spm_path, ids), text
+    assert on_demand._tok is None  # every text above went through its own merges
     tokens, scores = g.get("tokenizer.ggml.tokens"), g.get("tokenizer.ggml.scores")
     assert spm_merges(tokens, scores) == _spm_merges_loop(tokens, scores)
 
