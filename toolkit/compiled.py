@@ -66,12 +66,19 @@ class Decoder:
             pack_plans([m, *m.blk], m.compute_dtype)
             self.plans_version = last_version()
             self.row_names = None
-        if rows is not None and rows.names != self.row_names:  # a batch's adapters: each plan's row form
-            refresh_row_plans([m, *m.blk], rows.names)
-            self.row_names = rows.names
-        batch = None if input_pos.dim() == 1 else (
-            tokens.shape[0] == 1, slots if isinstance(slots, int) else "rows",  # 0/1 and ints specialize
-            None if rows is None else (rows.names, rows.any))
+        batch = None
+        if input_pos.dim() == 2:
+            # one batched layout only: rows from cache row 0 (slots 0, an int: a view of the cache), a dynamic count
+            # of at least 2 (dynamo specializes 0 and 1), all logits; batch_rows pads an engine's steps to it
+            if last_only or not isinstance(slots, int) or slots != 0 or \
+                    (tokens.shape[0] < 2 and m.blk[0].kv_cache.k.shape[0] > 1):
+                return None
+            if rows is not None and rows.names != self.row_names:  # a batch's adapters: each plan's row form
+                refresh_row_plans([m, *m.blk], rows.names)
+                self.row_names = rows.names
+            # which rows use which adapters, and their scales, are data; whether any row uses one is not (a step
+            # without adapters skips their work): two graphs per adapter structure
+            batch = None if rows is None else (rows.names, rows.any)
         state = (m._cache_epoch, self.plans_version, tuple(id(t) for cs in ropes.values() for t in cs),
                  torch.is_inference_mode_enabled(), last_only, tokens.dtype, pos.dtype, batch)
         args = (tokens, pos, input_pos, n_pos, ropes, last_only, slots, rows)
@@ -114,6 +121,17 @@ def compile_decode(model: nn.Module, warmup: bool = True, **options: Any) -> Dec
             finally:
                 model.clear_caches()
     return dec
+
+
+def batch_rows(model: nn.Module, slots: list[int]) -> list[int]:
+    """The cache rows a batched decode step over `slots` (cache rows, ascending) should run. Eager: `slots`.
+    Compiled: every row from 0 to the last of them, at least 2 (where the cache has 2), so that every step has the
+    one layout the compiled graph was made for (Decoder.step); the caller fills the rows it adds with throwaway
+    tokens at cache positions nothing reads before they are written again. Rows never mix, so a padding row
+    cannot change a real row's logits."""
+    if model.__dict__.get("_decoder") is None or not slots:
+        return slots
+    return list(range(min(max(slots[-1] + 1, 2), model.blk[0].kv_cache.k.shape[0])))
 
 
 def reset(model: nn.Module) -> None:
