@@ -28,6 +28,7 @@ import warnings
 from typing import Any
 
 import torch
+import torch.fx.experimental._config
 from torch import Tensor, nn
 
 from .linear_group import pack_plans, refresh_row_plans
@@ -90,7 +91,11 @@ class Decoder:
                 if "skip_guard_eval_unsafe" not in str(e):  # recompile limit was reached: it runs such steps eagerly)
                     raise
                 self.refused = state
-        out = self.fn(*args)
+        # no duck sizing while tracing: it would give the row count the symbol of any other dimension of the same
+        # size at trace time (a KV head count of 2, a cache length), and the guards that later pin that one would
+        # pin the row count too (a graph per row count)
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            out = self.fn(*args)
         self.steady = state
         return out
 
