@@ -77,7 +77,10 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
 
 def _nibbles_2d(qs: torch.Tensor) -> torch.Tensor:
     """uint8 [nb, n] -> uint8 [nb, 2, n] like _nibbles, written in place (no temporaries; measured faster for
-    2-D inputs, slower for the K-quants' 3-D ones)."""
+    2-D inputs, slower for the K-quants' 3-D ones). Compiled (a Q4_0/Q4_1 token embedding in a decode step):
+    _nibbles, as dynamo cannot trace out= into a strided view and would break the graph there."""
+    if torch.compiler.is_compiling():
+        return _nibbles(qs)
     q = torch.empty((qs.shape[0], 2, qs.shape[1]), dtype=torch.uint8, device=qs.device)
     torch.bitwise_and(qs, 0x0F, out=q[:, 0])
     torch.bitwise_right_shift(qs, 4, out=q[:, 1])
