@@ -8,7 +8,10 @@ first, which returns None for the steps it leaves to the eager path.
 
 What keeps the compiled step cheap, and correct without checking everything every step:
 * The KV cache is plain tensors (not buffers), so its length is a dynamic dimension, and so is a batch's row
-  count: neither recompiles (one graph for one row, whose size dynamo specializes, one for any other count).
+  count: neither recompiles. Batched steps compile in one layout only (rows from cache row 0, at least 2 of them:
+  dynamo specializes sizes 0 and 1, all logits; batch_rows pads an engine's steps to it) and without duck sizing.
+  Which rows use which adapters, and the scales, are data: a batched step has two graphs, no row uses an adapter
+  or some row does, the second again for each new set of loaded adapters (their ranks shape it).
 * Plans are refreshed eagerly: the first cached step after a reset (`.to()`, a weight mode, compile_decode) runs
   eager so every kernel weight and group plan exists; after an adapter change (lora.last_version() moved) the
   plans are rebuilt and packed (linear_group.pack_plans) before the compiled step, which reads them unchecked.
@@ -18,7 +21,7 @@ What keeps the compiled step cheap, and correct without checking everything ever
   (torch's skip_guard_eval_unsafe stance, meant for steady-state decoding; it still checks one guard per tensor
   read, which is why plans keep few tensors); any change runs the full check. The stance is process-wide while a
   step runs: run compiled functions from one thread at a time (toolkit serve's model thread does).
-* Each adapter layout (active set and ranks) is a graph of its own, and graphs of `_forward` are shared by every
+* Each single-sequence adapter layout (active set and ranks) is a graph of its own, and graphs of `_forward` are shared by every
   model in the process: the recompile limit goes from 8 to 64. Past it dynamo runs new layouts eagerly, and the
   stance would refuse such a step; the step then takes the full check for the rest of that state.
 """

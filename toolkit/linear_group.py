@@ -28,7 +28,8 @@ base product once for all rows and add each adapter only to its rows, with no lo
 stacks every loaded adapter's A (as above) and alpha-scaled B, and the step's RowAdapters give each row's user
 scales, so with S [B, R] (row b's scale for the adapter owning column c of h, 0 where row b does not use it):
 
-    h = x @ A_all.T;  y_j += (h * S)[..., cols_j] @ B_j.T   for each adapter in use by some row
+    h = x @ A_all.T;  y_j += (h * S)[..., cols_j] @ B_j.T   for each member j, over its adapters in use by some
+                                                            row (their s * B side by side: one product)
 
 Which rows use what is data (S), not structure; a step where no row uses an adapter does no adapter work.
 """
