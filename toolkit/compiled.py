@@ -53,6 +53,7 @@ class Decoder:
         self.refused = None  # a state whose steps dynamo runs eagerly (recompile limit): always the full check
         self.plans_version = None
         self.row_names = None  # the adapter names the plans' row forms were made for
+        self.marked = None  # the cache epoch whose tensors _mark_static marked
 
     def step(self, tokens: Tensor, pos: Tensor, input_pos: Tensor | None, n_pos: int, ropes: dict,
              last_only: bool, slots: Tensor | int | None, rows: Any) -> Tensor | None:
@@ -68,8 +69,12 @@ class Decoder:
             return None
         if self.plans_version != last_version():  # adapters changed, or the eager step made new plans
             pack_plans([m, *m.blk], m.compute_dtype)
+            _mark_static(m)
             self.plans_version = last_version()
             self.row_names = None
+        if m._cache_epoch != self.marked:  # new caches (or plans, below): their sizes are constants
+            _mark_static(m)
+            self.marked = m._cache_epoch
         batch = None
         if input_pos.dim() == 2:
             # one batched layout only: rows from cache row 0 (slots 0, an int: a view of the cache), a dynamic count
@@ -129,6 +134,27 @@ def compile_decode(model: nn.Module, warmup: bool = True, **options: Any) -> Dec
             finally:
                 model.clear_caches()
     return dec
+
+
+def _mark_static(model: nn.Module) -> None:
+    """Under dynamic=True every size of a plain tensor the step reads is a symbol; only the row count, the KV
+    cache's length and the rope tables' length vary. Everything else is marked static: the kernel weights of
+    the plans and the other dimensions of the KV cache (hundreds of symbols otherwise, which made the batched
+    graph's compile several times longer, as sizes are traced without duck sizing)."""
+    mark = torch._dynamo.mark_static
+    for owner in (model, *model.blk):
+        for plan in owner.__dict__.get("_group_plans", {}).values():
+            for t in (getattr(plan.base, "weight", None), getattr(plan.base, "scale_zero", None), plan.bias):
+                if t is not None:
+                    mark(t)
+        cache = owner.__dict__.get("kv_cache")
+        if cache is not None:
+            for t in (cache.k, cache.v):
+                for d in (0, 1, 3):  # slots, heads, head size; the length (2) is dynamic
+                    mark(t, d)
+    for cos_sin in model._rope.values():
+        for t in cos_sin:
+            mark(t, 1)
 
 
 def batch_rows(model: nn.Module, slots: list[int]) -> list[int]:
