@@ -21,8 +21,8 @@ What keeps the compiled step cheap, and correct without checking everything ever
   (torch's skip_guard_eval_unsafe stance, meant for steady-state decoding; it still checks one guard per tensor
   read, which is why plans keep few tensors); any change runs the full check. The stance is process-wide while a
   step runs: run compiled functions from one thread at a time (toolkit serve's model thread does).
-* Each single-sequence adapter layout (active set and ranks) is a graph of its own, and graphs of `_forward` are shared by every
-  model in the process: the recompile limit goes from 8 to 64. Past it dynamo runs new layouts eagerly, and the
+* Each single-sequence adapter layout (active set and ranks) is a graph of its own, and graphs of `_forward` are
+  shared by every model in the process: the recompile limit goes from 8 to 64. Past it dynamo runs new layouts eagerly, and the
   stance would refuse such a step; the step then takes the full check for the rest of that state.
 """
 from __future__ import annotations
@@ -72,7 +72,7 @@ class Decoder:
             _mark_static(m)
             self.plans_version = last_version()
             self.row_names = None
-        if m._cache_epoch != self.marked:  # new caches (or plans, below): their sizes are constants
+        if m._cache_epoch != self.marked:  # new caches: their sizes other than the length are constants
             _mark_static(m)
             self.marked = m._cache_epoch
         batch = None
@@ -139,8 +139,8 @@ def compile_decode(model: nn.Module, warmup: bool = True, **options: Any) -> Dec
 def _mark_static(model: nn.Module) -> None:
     """Under dynamic=True every size of a plain tensor the step reads is a symbol; only the row count, the KV
     cache's length and the rope tables' length vary. Everything else is marked static: the kernel weights of
-    the plans and the other dimensions of the KV cache (hundreds of symbols otherwise, which made the batched
-    graph's compile several times longer, as sizes are traced without duck sizing)."""
+    the plans and the other dimensions of the KV cache (hundreds of symbols otherwise, as sizes are traced
+    without duck sizing: a tiny model's batched graph compiled ~1.5x longer)."""
     mark = torch._dynamo.mark_static
     for owner in (model, *model.blk):
         for plan in owner.__dict__.get("_group_plans", {}).values():
