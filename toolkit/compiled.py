@@ -22,8 +22,8 @@ What keeps the compiled step cheap, and correct without checking everything ever
   read, which is why plans keep few tensors); any change runs the full check. The stance is process-wide while a
   step runs: run compiled functions from one thread at a time (toolkit serve's model thread does).
 * Each single-sequence adapter layout (active set and ranks) is a graph of its own, and graphs of `_forward` are
-  shared by every model in the process: the recompile limit goes from 8 to 64. Past it dynamo runs new layouts eagerly, and the
-  stance would refuse such a step; the step then takes the full check for the rest of that state.
+  shared by every model in the process: the recompile limit goes from 8 to 64. Past it dynamo runs new layouts
+  eagerly, and the stance would refuse such a step; the step then takes the full check for the rest of that state.
 """
 from __future__ import annotations
 
