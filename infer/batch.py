@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from toolkit.compiled import batch_rows
 from toolkit.errors import ToolkitError
 from toolkit.linear_group import RowAdapters
 from toolkit.lora import LoRALinear
@@ -130,12 +131,20 @@ class BatchEngine:
         """The adapters a row may name: every inference adapter loaded in the model, in load order."""
         return tuple(n for n, i in self.model.adapters.items() if not i.trainable)
 
-    def _row_adapters(self, slots: list[int]) -> RowAdapters:
+    def _row_adapters(self, slots: list[int], decoding: set[int]) -> RowAdapters:
         names = self._names()
-        key = (names, tuple((s, self._seqs[s].order) for s in slots))  # order, not id(): ids are reused
+        # order, not id(): ids are reused; padding rows (not decoding) use no adapters
+        key = (names, tuple((s, self._seqs[s].order if s in decoding else None) for s in slots))
         if self._rows is None or self._rows[0] != key:
-            self._rows = (key, RowAdapters.make(names, [self._seqs[s].adapters for s in slots], self.device))
+            sets = [self._seqs[s].adapters if s in decoding else None for s in slots]
+            self._rows = (key, RowAdapters.make(names, sets, self.device))
         return self._rows[1]
+
+    def _pad_position(self, slot: int) -> int:
+        """Where a padding row (batch_rows) may write in its slot: a position that is written again before anything
+        reads it (a free slot's 0, a prefilling one's next prompt position)."""
+        seq = self._seqs[slot]
+        return 0 if seq is None else seq.prefilled
 
     def _install(self) -> None:
         if self.model.blk[0].kv_cache is not self._caches[0]:  # someone else used the model in between
@@ -167,12 +176,16 @@ class BatchEngine:
         dev = self.device
         decoding = [i for i, s in enumerate(self._seqs) if s is not None and s.next_token is not None]
         if decoding:
-            seqs = [self._seqs[i] for i in decoding]
-            tokens = torch.tensor([[s.next_token] for s in seqs], device=dev)
-            pos = torch.tensor([[len(s.history) - 1] for s in seqs], device=dev)
-            logits = self.model(tokens, input_pos=pos, slots=decoding, adapters=self._row_adapters(decoding))
-            for b, slot in enumerate(decoding):
-                self._emit(slot, logits[b, -1], out)
+            rows = batch_rows(self.model, decoding)  # under compile_decode: padded to the compiled layout
+            real = set(decoding)
+            seqs = [self._seqs[i] if i in real else None for i in rows]
+            tokens = torch.tensor([[s.next_token if s else 0] for s in seqs], device=dev)
+            pos = torch.tensor([[len(s.history) - 1 if s else self._pad_position(i)] for s, i in zip(seqs, rows)],
+                               device=dev)
+            logits = self.model(tokens, input_pos=pos, slots=rows, adapters=self._row_adapters(rows, real))
+            for b, slot in enumerate(rows):
+                if slot in real:
+                    self._emit(slot, logits[b, -1], out)
         budget = self.prefill_chunk
         waiting = sorted((s.order, i) for i, s in enumerate(self._seqs) if s is not None and s.next_token is None)
         for _, slot in waiting:

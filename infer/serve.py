@@ -48,9 +48,11 @@ class ServeConfig:
     dtype: str | None = arg(None, help="compute dtype (float32, float16, bfloat16); default per device")
     weights: str = weights_arg()
     compile: bool = arg(True, "--compile", help="compile the batched decode step with torch.compile at startup "
-                                               "(minutes on a small CPU the first time, and again for each new "
-                                               "adapter layout; faster once inductor's disk cache is warm); "
-                                               "--no-compile starts at once with eager steps")
+                                               "(minutes on a small CPU the first time, faster once inductor's "
+                                               "disk cache is warm; after loading or unloading adapters, the "
+                                               "first requests with adapters compile once more for a set of "
+                                               "adapters not seen before); --no-compile starts at once with "
+                                               "eager steps")
     alias: str | None = arg(None, help="model id reported by /v1/models and in responses (default: file name)")
     max_queue: int = arg(64, help="requests that may wait for a free slot; more get HTTP 503 at once")
 

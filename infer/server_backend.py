@@ -30,7 +30,9 @@ class ModelBackend:
             torch.set_num_threads(threads)
         if not os.path.isfile(path):
             raise ToolkitError("model file not found", path)
-        model, tok = load(path, device=device, dtype=dtype, weights=weights, compile=compile)
+        model, tok = load(path, device=device, dtype=dtype, weights=weights)
+        if compile:  # only batched steps run here: Engine.warmup compiles them (no single-sequence graph)
+            model.compile_decode(warmup=False)
         train_ctx = int(model.args.ctx_len) if getattr(model.args, "ctx_len", None) else 0
         n_ctx = train_ctx if ctx_size <= 0 else (min(ctx_size, train_ctx) if train_ctx else ctx_size)
         return cls(model, tok, n_ctx, alias or Path(path).name)

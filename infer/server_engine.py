@@ -221,15 +221,17 @@ class Engine:
 
     def warmup(self) -> None:
         """Throwaway sequences through the batch before serving (call before start): with --compile, the batched
-        decode step compiles now, for one row and for several, with the adapters loaded at startup, rather than
-        in the first requests. Nothing is emitted or counted."""
+        decode step compiles now rather than in the first requests: its two graphs, rows without adapters and
+        rows with some (toolkit.compiled.Decoder), for the adapters loaded at startup; row counts, which rows use
+        which adapters and their scales then never compile again. Nothing is emitted or counted."""
         prompt = self.backend.encode("Hello") or [0]
         names = self.registry.names()
-        rows = [({}, 2), ({names[0]: 1.0} if names else {}, 4)][: self.n_slots]
-        for adapters, n in rows:  # different lengths: steps with 2 rows, then 1
-            self.batch.add(prompt, SamplingParams(max_tokens=n, temperature=0.0), adapters)
-        while self.batch.active:
-            self.batch.step()
+        rounds = [[{}, {}]] + ([[{names[0]: 1.0}, {}]] if names else [])
+        for sets in rounds:  # 3 tokens: one from the prefill, an eager decode step (the first after compiling
+            for adapters in sets[: self.n_slots]:  # makes the kernel weights), a compiled one
+                self.batch.add(prompt, SamplingParams(max_tokens=3, temperature=0.0), adapters)
+            while self.batch.active:
+                self.batch.step()
 
     def start(self) -> "Engine":
         self._thread.start()

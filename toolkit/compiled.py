@@ -8,7 +8,10 @@ first, which returns None for the steps it leaves to the eager path.
 
 What keeps the compiled step cheap, and correct without checking everything every step:
 * The KV cache is plain tensors (not buffers), so its length is a dynamic dimension, and so is a batch's row
-  count: neither recompiles (one graph for one row, whose size dynamo specializes, one for any other count).
+  count: neither recompiles. Batched steps compile in one layout only (rows from cache row 0, at least 2 of them:
+  dynamo specializes sizes 0 and 1, all logits; batch_rows pads an engine's steps to it) and without duck sizing.
+  Which rows use which adapters, and the scales, are data: a batched step has two graphs, no row uses an adapter
+  or some row does, the second again for each new set of loaded adapters (their ranks shape it).
 * Plans are refreshed eagerly: the first cached step after a reset (`.to()`, a weight mode, compile_decode) runs
   eager so every kernel weight and group plan exists; after an adapter change (lora.last_version() moved) the
   plans are rebuilt and packed (linear_group.pack_plans) before the compiled step, which reads them unchecked.
@@ -18,9 +21,9 @@ What keeps the compiled step cheap, and correct without checking everything ever
   (torch's skip_guard_eval_unsafe stance, meant for steady-state decoding; it still checks one guard per tensor
   read, which is why plans keep few tensors); any change runs the full check. The stance is process-wide while a
   step runs: run compiled functions from one thread at a time (toolkit serve's model thread does).
-* Each adapter layout (active set and ranks) is a graph of its own, and graphs of `_forward` are shared by every
-  model in the process: the recompile limit goes from 8 to 64. Past it dynamo runs new layouts eagerly, and the
-  stance would refuse such a step; the step then takes the full check for the rest of that state.
+* Each single-sequence adapter layout (active set and ranks) is a graph of its own, and graphs of `_forward` are
+  shared by every model in the process: the recompile limit goes from 8 to 64. Past it dynamo runs new layouts
+  eagerly, and the stance would refuse such a step; the step then takes the full check for the rest of that state.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import warnings
 from typing import Any
 
 import torch
+import torch.fx.experimental._config
 from torch import Tensor, nn
 
 from .linear_group import pack_plans, refresh_row_plans
@@ -49,6 +53,7 @@ class Decoder:
         self.refused = None  # a state whose steps dynamo runs eagerly (recompile limit): always the full check
         self.plans_version = None
         self.row_names = None  # the adapter names the plans' row forms were made for
+        self.marked = None  # the cache epoch whose tensors _mark_static marked
 
     def step(self, tokens: Tensor, pos: Tensor, input_pos: Tensor | None, n_pos: int, ropes: dict,
              last_only: bool, slots: Tensor | int | None, rows: Any) -> Tensor | None:
@@ -64,14 +69,25 @@ class Decoder:
             return None
         if self.plans_version != last_version():  # adapters changed, or the eager step made new plans
             pack_plans([m, *m.blk], m.compute_dtype)
+            _mark_static(m)
             self.plans_version = last_version()
             self.row_names = None
-        if rows is not None and rows.names != self.row_names:  # a batch's adapters: each plan's row form
-            refresh_row_plans([m, *m.blk], rows.names)
-            self.row_names = rows.names
-        batch = None if input_pos.dim() == 1 else (
-            tokens.shape[0] == 1, slots if isinstance(slots, int) else "rows",  # 0/1 and ints specialize
-            None if rows is None else (rows.names, rows.any))
+        if m._cache_epoch != self.marked:  # new caches: their sizes other than the length are constants
+            _mark_static(m)
+            self.marked = m._cache_epoch
+        batch = None
+        if input_pos.dim() == 2:
+            # one batched layout only: rows from cache row 0 (slots 0, an int: a view of the cache), a dynamic count
+            # of at least 2 (dynamo specializes 0 and 1), all logits; batch_rows pads an engine's steps to it
+            if last_only or not isinstance(slots, int) or slots != 0 or \
+                    (tokens.shape[0] < 2 and m.blk[0].kv_cache.k.shape[0] > 1):
+                return None
+            if rows is not None and rows.names != self.row_names:  # a batch's adapters: each plan's row form
+                refresh_row_plans([m, *m.blk], rows.names)
+                self.row_names = rows.names
+            # which rows use which adapters, and their scales, are data; whether any row uses one is not (a step
+            # without adapters skips their work): two graphs per adapter structure
+            batch = None if rows is None else (rows.names, rows.any)
         state = (m._cache_epoch, self.plans_version, tuple(id(t) for cs in ropes.values() for t in cs),
                  torch.is_inference_mode_enabled(), last_only, tokens.dtype, pos.dtype, batch)
         args = (tokens, pos, input_pos, n_pos, ropes, last_only, slots, rows)
@@ -83,7 +99,11 @@ class Decoder:
                 if "skip_guard_eval_unsafe" not in str(e):  # recompile limit was reached: it runs such steps eagerly)
                     raise
                 self.refused = state
-        out = self.fn(*args)
+        # no duck sizing while tracing: it would give the row count the symbol of any other dimension of the same
+        # size at trace time (a KV head count of 2, a cache length), and the guards that later pin that one would
+        # pin the row count too (a graph per row count)
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            out = self.fn(*args)
         self.steady = state
         return out
 
@@ -114,6 +134,38 @@ def compile_decode(model: nn.Module, warmup: bool = True, **options: Any) -> Dec
             finally:
                 model.clear_caches()
     return dec
+
+
+def _mark_static(model: nn.Module) -> None:
+    """Under dynamic=True every size of a plain tensor the step reads is a symbol; only the row count, the KV
+    cache's length and the rope tables' length vary. Everything else is marked static: the kernel weights of
+    the plans and the other dimensions of the KV cache (hundreds of symbols otherwise, as sizes are traced
+    without duck sizing: a tiny model's batched graph compiled ~1.5x longer)."""
+    mark = torch._dynamo.mark_static
+    for owner in (model, *model.blk):
+        for plan in owner.__dict__.get("_group_plans", {}).values():
+            for t in (getattr(plan.base, "weight", None), getattr(plan.base, "scale_zero", None), plan.bias):
+                if t is not None:
+                    mark(t)
+        cache = owner.__dict__.get("kv_cache")
+        if cache is not None:
+            for t in (cache.k, cache.v):
+                for d in (0, 1, 3):  # slots, heads, head size; the length (2) is dynamic
+                    mark(t, d)
+    for cos_sin in model._rope.values():
+        for t in cos_sin:
+            mark(t, 1)
+
+
+def batch_rows(model: nn.Module, slots: list[int]) -> list[int]:
+    """The cache rows a batched decode step over `slots` (cache rows, ascending) should run. Eager: `slots`.
+    Compiled: every row from 0 to the last of them, at least 2 (where the cache has 2), so that every step has the
+    one layout the compiled graph was made for (Decoder.step); the caller fills the rows it adds with throwaway
+    tokens at cache positions nothing reads before they are written again. Rows never mix, so a padding row
+    cannot change a real row's logits."""
+    if model.__dict__.get("_decoder") is None or not slots:
+        return slots
+    return list(range(min(max(slots[-1] + 1, 2), model.blk[0].kv_cache.k.shape[0])))
 
 
 def reset(model: nn.Module) -> None:

@@ -28,7 +28,8 @@ base product once for all rows and add each adapter only to its rows, with no lo
 stacks every loaded adapter's A (as above) and alpha-scaled B, and the step's RowAdapters give each row's user
 scales, so with S [B, R] (row b's scale for the adapter owning column c of h, 0 where row b does not use it):
 
-    h = x @ A_all.T;  y_j += (h * S)[..., cols_j] @ B_j.T   for each adapter in use by some row
+    h = x @ A_all.T;  y_j += (h * S)[..., cols_j] @ B_j.T   for each member j, over its adapters in use by some
+                                                            row (their s * B side by side: one product)
 
 Which rows use what is data (S), not structure; a step where no row uses an adapter does no adapter work.
 """
@@ -79,9 +80,9 @@ class RowAdapters:
 class _RowLora:
     """A plan's row form: every loaded adapter of its members (in RowAdapters.names order), user scales left out."""
     key: tuple
-    a: Tensor  # A_all [R, in] float32
-    parts: list[tuple[int, int, int, int]]  # (member, first column of h, r, adapter index in names)
-    b: list[Tensor]  # alpha / rank * B [out_j, r] float32, one per part
+    a: Tensor  # A_all [R, in] float32, member by member
+    parts: list[tuple[int, int, int]]  # (member, first column of h, its columns R_j: all its adapters' ranks)
+    b: list[Tensor]  # per member: its adapters' alpha / rank * B side by side [out_j, R_j] float32 (one product)
     col_adapter: Tensor  # [R] long: adapter index of each column of h
 
 
@@ -175,18 +176,22 @@ def _row_lora(plan: _Plan, mods: list[nn.Module], names: tuple[str, ...],
     for j, m in enumerate(mods):
         if not isinstance(m, LoRALinear):
             continue
+        bs, c0 = [], len(cols)
         for i, n in enumerate(names):
             if n in m._keys and (used is None or i in used):
                 a, b = m.pair(n)
-                r = a.shape[0]
-                parts.append((j, sum(t.shape[0] for t in a_list), r, i))
                 a_list.append(a.detach().float())
-                b_list.append(b.detach().float() * m.alpha_scale[n])
-                cols += [i] * r
+                bs.append(b.detach().float() * m.alpha_scale[n])
+                cols += [i] * a.shape[0]
+        if bs:  # h's columns of one member are side by side: one product adds all its adapters
+            parts.append((j, c0, len(cols) - c0))
+            b_list.append(torch.cat(bs, 1))
     rl = None
     if parts:
         rl = _RowLora(key, torch.cat(a_list), parts, b_list,
                       torch.tensor(cols, dtype=torch.long, device=a_list[0].device))
+        for t in (rl.a, rl.col_adapter, *rl.b):  # ranks static (see pack_plans); a new structure compiles anew
+            torch._dynamo.mark_static(t)
     if len(forms) > 32:  # sets of adapters in use come and go with the batch
         forms.clear()
     forms[used] = (key, rl)
@@ -214,8 +219,8 @@ def _row_forward(plan: _Plan, mods: list[nn.Module], x: Tensor, rows: RowAdapter
         return outs
     s = rows.scales[:, rl.col_adapter] if compiling else rows.plan_scales(rl)  # [B, R]
     h = thin_linear(x.to(rl.a.dtype), rl.a) * s[:, None, :]  # [B, T, R]: each row's h scaled by its own scales
-    for (j, c0, r, i), bs in zip(rl.parts, rl.b):
-        part = h[..., c0:c0 + r]  # [B, T, r]
+    for (j, c0, r), bs in zip(rl.parts, rl.b):
+        part = h[..., c0:c0 + r]  # [B, T, R_j]
         if compiling:
             outs[j] = outs[j] + thin_linear(part, bs).to(outs[j].dtype)
         elif outs[j].dtype == bs.dtype:  # one op: y_j += part @ B.T

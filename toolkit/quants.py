@@ -129,7 +129,7 @@ def _empty_f32(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     kernel for transparent huge pages on blocks of 4 MiB and more (madvise; torch's allocator does not unless
     THP_MEM_ALLOC_ENABLE was set before it started): a large fresh result then costs far fewer first-touch
     page faults."""
-    if device.type == "cpu" and math.prod(shape) >= 1 << 20:
+    if device.type == "cpu" and not torch.compiler.is_compiling() and math.prod(shape) >= 1 << 20:
         return torch.from_numpy(np.empty(shape, np.float32))
     return torch.empty(shape, dtype=torch.float32, device=device)
 

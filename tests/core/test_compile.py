@@ -11,7 +11,8 @@ from torch._dynamo.utils import counters
 from tiny import make_tiny_arch_gguf, make_tiny_gguf, random_lora
 from toolkit.adapter import Adapter
 from toolkit.compiled import compile_decode
-from toolkit.linear_group import RowAdapters
+from toolkit.infer.batch import BatchEngine
+from toolkit.infer.sampling import SamplingParams
 from toolkit.model import load
 
 STEPS = 6
@@ -201,43 +202,52 @@ def test_past_dynamos_recompile_limit_steps_still_run(models, monkeypatch):
             m.unload_adapter("d")
 
 
-@torch.inference_mode()
-def decode_rows(model, prompts: list[list[int]], sets: list, steps: list[list[int]], slots: list[int]) -> torch.Tensor:
-    """Teacher-forced logits [len(steps[0]), rows, V] of batched one-token steps, each row in its own cache slot
-    with its own adapters, after an eager prefill of each prompt (whole, so never a one-token chunk)."""
-    names = tuple(model.adapters)
-    model.setup_caches(4, 24)
+def engine_logits(model, jobs: list[tuple[list[int], int, dict | None]]) -> list[torch.Tensor]:
+    """Each job's logits [max_tokens, V] (prompt, max_tokens, adapters), all added at once to a greedy BatchEngine
+    of 4 slots: rows of different lengths, finishing at different steps."""
+    engine = BatchEngine(model, 4, 24, prefill_chunk=4)
+    owner, got = {}, {}
+    emit = engine._emit
+
+    def record(slot, logits, out):
+        got.setdefault(owner[slot], []).append(logits.clone())
+        emit(slot, logits, out)
+
+    engine._emit = record
     try:
-        for p, s, slot in zip(prompts, sets, slots):
-            model(torch.tensor([p]), input_pos=torch.arange(len(p))[None], slots=[slot],
-                  adapters=RowAdapters.make(names, [s]))
-        rows = RowAdapters.make(names, sets)
-        out = []
-        for i in range(len(steps[0])):
-            out.append(model(torch.tensor([[s[i]] for s in steps]), input_pos=torch.tensor([[len(p) + i] for p in prompts]),
-                             slots=torch.tensor(slots), adapters=rows)[:, -1])
-        return torch.stack(out)
+        for i, (prompt, n, sets) in enumerate(jobs):
+            owner[engine.add(prompt, SamplingParams(max_tokens=n, temperature=0.0), sets)] = i
+        while engine.active:
+            engine.step()
     finally:
-        model.clear_caches()
+        engine.close()
+    return [torch.stack(got[i]) for i in range(len(jobs))]
 
 
 def test_compiled_batch_decode_matches_eager_without_recompiling(models):
-    """Rows of different lengths, each with its own adapter set (none, one, two with scales), in slots that are not
-    consecutive (the cache rows are gathered). Changing which rows use which adapters, and the row count, is data
-    for the compiled step: one batched graph serves them all."""
+    """After a warm-up that compiles the two batched graphs (no row uses an adapter; some row does), other row
+    counts (1, padded to 2; 3; all 4 cache rows), rows finishing at different steps (padding rows in their slots),
+    and other per-row adapter sets and scales are data: no new graph. Each row's logits match the eager engine's,
+    which runs only the real rows (gathered from their slots) and which tests/infer/test_batch.py checks against
+    each request run alone."""
     eager, compiled = models
-    prompts, steps = [[1, 5, 9, 2, 7], [3, 4], [8, 8, 1, 2, 3, 4, 5, 6, 7]], [[11, 12, 13], [21, 22, 23], [31, 32, 33]]
-    layouts = [([None, {"a": 1.0}, {"a": 0.5, "b": -2.0}], [3, 0, 2]),
-               ([{"b": 1.0}, None, {"a": 2.0}], [3, 0, 2]),
-               ([{"a": -1.0}, {"b": 0.5}], [1, 3])]
-    before = None
-    for sets, slots in layouts:
-        n = len(sets)
-        want = decode_rows(eager, prompts[:n], sets, steps[:n], slots)
-        got = decode_rows(compiled, prompts[:n], sets, steps[:n], slots)
-        # as in the single-sequence tests: the same int4 kernel, fused intermediates may stay float32
-        assert close(got, want) < 1e-2
-        assert torch.equal(got.argmax(-1), want.argmax(-1))
-        if before is None:
-            before = graphs()
-    assert graphs() == before, "other per-row adapter sets or another row count compiled a new graph"
+    for m in (eager, compiled):
+        m.set_adapters({})  # rows name their own adapters
+    engine_logits(compiled, [([1, 5, 9], 3, None), ([3, 4], 3, None)])
+    engine_logits(compiled, [([1, 5, 9], 3, {"a": 1.0}), ([3, 4], 3, None)])
+    before = graphs()
+    dec, calls = compiled.__dict__["_decoder"], []
+    fn = dec.fn
+    dec.fn = lambda *args: calls.append(args[0].shape[0]) or fn(*args)  # the row count of each compiled step
+    layouts = [[([2, 7], 3, {"a": 1.0})],
+               [([1, 5, 9, 2, 7], 2, None), ([3, 4], 5, {"a": 1.0}), ([8, 8, 1, 2, 3, 4, 5], 4, {"a": 0.5, "b": -2.0})],
+               [([6, 1], 4, {"b": 1.0}), ([9], 2, None), ([4, 4, 4], 5, {"a": 2.0}), ([5, 3, 1], 3, {"a": -1.0, "b": 0.5})],
+               [([7, 7, 2], 3, None), ([1, 2], 4, None)]]
+    for jobs in layouts:
+        for got, want in zip(engine_logits(compiled, jobs), engine_logits(eager, jobs)):
+            # as in the single-sequence tests: the same int4 kernel, fused intermediates may stay float32
+            assert close(got, want) < 1e-2
+            assert torch.equal(got.argmax(-1), want.argmax(-1))
+    dec.fn = fn
+    assert graphs() == before, "another row count, padding rows or other per-row adapter sets compiled a new graph"
+    assert {2, 3, 4} <= set(calls) and 1 not in calls  # the steps did run compiled, one row padded to two
