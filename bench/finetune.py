@@ -50,7 +50,7 @@ def _token_batches(steps: int, vocab: int, batch: int) -> list[list[list[int]]]:
 
 
 def worker_toolkit(model: str, steps: int, ckpt: bool, cache: bool, rank: int, out: dict, batch: int = 1,
-                   pool_mb: float = 0.0) -> None:
+                   pool_mb: float = 0.0, mmap_mb: float = 0.0) -> None:
     """Through the public finetune() with a random-token text file, so the whole loop is measured."""
     from toolkit.train.finetune import FinetuneConfig, finetune
 
@@ -73,7 +73,8 @@ def worker_toolkit(model: str, steps: int, ckpt: bool, cache: bool, rank: int, o
 
         cfg = FinetuneConfig(model_base=model, train_data=str(Path(d, "t.txt")), ctx=CTX, batch=batch,
                              lora_r=rank, lora_alpha=2 * rank, rank_tok_embd=0, rank_out=0, adam_iter=steps, warmup=1,
-                             use_checkpointing=ckpt, cache_base=cache, base_cache_mb=pool_mb, save_every=0, checkpoint_out="", lora_out="",
+                             use_checkpointing=ckpt, cache_base=cache, base_cache_mb=pool_mb, mmap_threshold_mb=mmap_mb,
+                             save_every=0, checkpoint_out="", lora_out="",
                              log_file="", checkpoint_in=str(Path(d, "none.gguf")), quiet=True, seed=0)
         finetune(cfg, on_iteration=tick)
     steady, steady_cpu = times[1:] or times, cpu[1:] or cpu
@@ -219,6 +220,8 @@ def main() -> int:
     ap.add_argument("--steps-batched", type=int, default=3, help="steps for batch sizes above 1")
     ap.add_argument("--base-cache-mb", type=float, default=16.0,
                     help="toolkit's --base-cache-mb for the pooled column (0: leave that column out)")
+    ap.add_argument("--mmap-threshold-mb", type=float, default=0.0,
+                    help="(worker) toolkit's --mmap-threshold-mb (0: glibc's default)")
     a = ap.parse_args()
     if a.worker:
         import torch
@@ -229,7 +232,7 @@ def main() -> int:
         out: dict = {}
         if a.worker == "toolkit":
             worker_toolkit(str(smollm2_gguf()), a.steps, bool(a.ckpt), bool(a.cache), RANK, out, a.batch,
-                           a.base_cache_mb)
+                           a.base_cache_mb, a.mmap_threshold_mb)
         elif a.worker == "peft":
             worker_peft(str(smollm2_gguf()), a.steps, bool(a.ckpt), out, a.batch)
         elif a.worker == "3b":

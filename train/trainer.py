@@ -22,6 +22,7 @@ from toolkit import wpool
 from toolkit.errors import ToolkitError
 
 from . import checkpoint as ck
+from . import memory
 from .config import FinetuneConfig, FinetuneResult
 from .data import Batch, SampleOrder, Samples, eval_batches
 from .dist import Dist, no_sync, wrap
@@ -122,6 +123,8 @@ def prepare(cfg: FinetuneConfig, d: Dist, device: torch.device) -> Run:
         raise ToolkitError("--ctx and --batch must be positive")
     if cfg.micro_batch < 0:
         raise ToolkitError(f"--micro-batch {cfg.micro_batch} must be 0 (whole batches) or a number of rows")
+    if cfg.mmap_threshold_mb < 0:
+        raise ToolkitError(f"--mmap-threshold-mb {cfg.mmap_threshold_mb:g} must be 0 (glibc's default) or a size in MiB")
     if cfg.batch < d.world:
         raise ToolkitError(f"--batch {cfg.batch} is smaller than the {d.world} processes (each trains on its share "
                            "of every batch: give --batch at least the number of processes)")
@@ -145,6 +148,8 @@ def prepare(cfg: FinetuneConfig, d: Dist, device: torch.device) -> Run:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if device.type == "cpu" and cfg.mmap_threshold_mb > 0:
+        memory.tune_for_training(int(cfg.mmap_threshold_mb * 2**20))
     dtype = pick_dtype(cfg.dtype, device)
     torch.manual_seed(seed)
     model = build(g, dtype, rope_base=cfg.rope_freq_base, rope_scale=cfg.rope_freq_scale, norm_eps=cfg.norm_rms_eps)
