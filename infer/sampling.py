@@ -93,15 +93,27 @@ def min_p_filter(logits: Tensor, p: float) -> Tensor:
     return logits.masked_fill(logits < threshold, float("-inf"))
 
 
+def candidates(logits: Tensor, temperature: float, top_k: int, top_p: float, min_p: float
+               ) -> tuple[Tensor, Tensor | None]:
+    """The draw's distribution: (probabilities [k], their token ids [k], or None when they are all V in order).
+    The filters above in their order, run on the top_k candidates only (the others are out after top_k anyway;
+    sorting the whole vocabulary for top_p made sampling cost ~40x the argmax a row)."""
+    ids = None
+    if 0 < top_k < logits.shape[-1]:
+        logits, ids = torch.topk(logits, top_k)  # [k], sorted
+    logits = min_p_filter(top_p_filter(logits, top_p), min_p)
+    return (logits / temperature).softmax(-1), ids
+
+
 def sample(logits: Tensor, temperature: float = DEFAULTS.temperature, top_k: int = DEFAULTS.top_k,
            top_p: float = DEFAULTS.top_p, min_p: float = DEFAULTS.min_p,
            generator: torch.Generator | None = None) -> int:
     """One token id from logits [V]."""
     if temperature <= 0:
         return int(logits.argmax())
-    logits = min_p_filter(top_p_filter(top_k_filter(logits, top_k), top_p), min_p)
-    probs = (logits / temperature).softmax(-1)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    probs, ids = candidates(logits, temperature, top_k, top_p, min_p)
+    choice = int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    return choice if ids is None else int(ids[choice])
 
 
 # --- text -------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import torch
 from oracle_llama import llama_greedy, llama_sampler_filter
 from toolkit.infer.generate import (GenStats, apply_penalties, detokenize_stream, generate, generate_tokens,
                                     min_p_filter, sample, stream, top_k_filter, top_p_filter)
+from toolkit.infer.sampling import candidates
 from toolkit.model import load
 
 
@@ -55,6 +56,17 @@ def test_sampling_follows_the_tempered_distribution():
     probs = (lg / 0.7).softmax(-1).numpy()
     assert np.abs(counts - probs).max() < 0.03  # ~4 sigma at n=4000
     assert sample(lg, 0.0) == 0  # greedy
+
+
+@pytest.mark.parametrize("k, p, m", [(40, 0.95, 0.05), (5, 1.0, 0.0), (0, 0.9, 0.01), (1999, 0.5, 0.3), (0, 1.0, 0.0)])
+def test_the_draw_is_over_the_filter_chain(logits, k, p, m):
+    """sample() draws from the top-k candidates only: the same distribution as the whole chain of filters above
+    (each checked against llama.cpp) over the whole vocabulary, to float32 rounding of a softmax (1e-6)."""
+    probs, ids = candidates(logits, 0.8, k, p, m)
+    got = torch.zeros_like(logits).index_add_(0, ids, probs) if ids is not None else probs
+    want = (min_p_filter(top_p_filter(top_k_filter(logits, k), p), m) / 0.8).softmax(-1)
+    assert torch.allclose(got, want, atol=1e-6, rtol=0)
+    assert kept(torch.where(want > 0, want, float("-inf"))) == set(torch.nonzero(got).flatten().tolist())
 
 
 @pytest.fixture(scope="module")
