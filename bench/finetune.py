@@ -314,10 +314,11 @@ def main() -> int:
                   f"r 4, gradient checkpointing, {a.steps_3b} iteration(s) of {big['s_per_iter']:.0f} s; "
                   f"measured {big.get('measured', '')} (`--skip-3b` reuses bench/results/finetune-3b.json).",
                   "",
-                  "| | peak RSS GB | of which the model file (mmap) | training buffers |",
-                  "|---|---|---|---|",
-                  f"| toolkit | {big['peak_gb']:.2f} | {big['model_gb']:.2f} | {big['peak_gb'] - big['model_gb']:.2f} |",
-                  "| llama.cpp finetune (guide) | 3.02 + model | model | 3.02 |",
+                  "| | s / iteration | peak RSS GB | of which the model file (mmap) | training buffers |",
+                  "|---|---:|---|---|---|",
+                  f"| toolkit | {big['s_per_iter']:.1f} | {big['peak_gb']:.2f} | {big['model_gb']:.2f} | "
+                  f"{big['peak_gb'] - big['model_gb']:.2f} |",
+                  "| llama.cpp finetune (guide: 2 threads, i7-12700H) | ~168 | 3.02 + model | model | 3.02 |",
                   "",
                   "The model file is memory-mapped and stays packed; its pages count in the RSS once touched."]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
