@@ -85,7 +85,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
 def start_toolkit(base: Path, adapters: list[Path], a: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "toolkit.cli", "serve", "-m", str(base), "--host", "127.0.0.1", "--port", "0",
            "-t", str(a.threads), "--parallel", str(a.clients), "--ctx-size", str(a.ctx), "--max-queue", "256",
-           "--lora-init-without-apply", *(["--no-compile"] if a.no_compile else [])]
+           "--lora-init-without-apply", "--weights", a.weights, *(["--no-compile"] if a.no_compile else [])]
     for p in adapters:
         cmd += ["--lora", str(p)]
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
@@ -181,6 +181,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1, help="split each load into this many interleaved rounds")
     ap.add_argument("--quick", action="store_true", help="a short run: 16 requests of 16 tokens, one round")
     ap.add_argument("--no-compile", action="store_true", help="start toolkit serve with --no-compile")
+    ap.add_argument("--weights", default="auto", help="toolkit serve --weights (auto, bf16, ...)")
     ap.add_argument("--out", default=None, help="default: bench/results/serve.md (serve-quick.md with --quick)")
     a = ap.parse_args()
     if a.quick:
@@ -238,7 +239,8 @@ def main() -> int:
          f"r={a.rank} on every linear loaded without applying them. Per server and load: {a.requests} streaming "
          f"`/v1/completions` from {a.clients} concurrent clients, {a.max_tokens} generated tokens each "
          f"(ignore_eos, temperature 0.8); the loads interleave across the servers ({a.rounds} round(s)). "
-         f"toolkit serve {'without' if a.no_compile else 'with'} torch.compile (startup {startup:.0f} s). "
+         f"toolkit serve {'without' if a.no_compile else 'with'} torch.compile, `--weights {a.weights}` "
+         f"(startup {startup:.0f} s). "
          f"1-minute load average {load_before:.1f} before, {load_after:.1f} after (other jobs shared the machine)."),
         "",
         "| server | load | requests/s | generated tok/s | TTFT p50 (s) | latency p50 (s) | latency p99 (s) | "

@@ -38,6 +38,12 @@ from .linear_group import pack_plans, refresh_row_plans
 from .lora import last_version
 
 
+# Batched steps where some row uses an adapter run eagerly unless this is set: their compiled graph (every loaded
+# adapter's columns for every row, as data) measured 2x slower than the eager step at 16 rows, which computes only
+# the adapters in use with library GEMMs (bench/batch.py, README "Batched inference").
+COMPILE_ADAPTER_ROWS = False
+
+
 class Decoder:
     """The compiled decode step of one model and its steady-state bookkeeping."""
 
@@ -81,6 +87,8 @@ class Decoder:
             # of at least 2 (dynamo specializes 0 and 1), all logits; batch_rows pads an engine's steps to it
             if last_only or not isinstance(slots, int) or slots != 0 or \
                     (tokens.shape[0] < 2 and m.blk[0].kv_cache.k.shape[0] > 1):
+                return None
+            if rows is not None and rows.any and not COMPILE_ADAPTER_ROWS:
                 return None
             if rows is not None and rows.names != self.row_names:  # a batch's adapters: each plan's row form
                 refresh_row_plans([m, *m.blk], rows.names)
@@ -144,7 +152,8 @@ def _mark_static(model: nn.Module) -> None:
     mark = torch._dynamo.mark_static
     for owner in (model, *model.blk):
         for plan in owner.__dict__.get("_group_plans", {}).values():
-            for t in (getattr(plan.base, "weight", None), getattr(plan.base, "scale_zero", None), plan.bias):
+            for t in (getattr(plan.base, "weight", None), getattr(plan.base, "scale_zero", None),
+                      getattr(plan.base16, "weight", None), plan.bias):
                 if t is not None:
                     mark(t)
         cache = owner.__dict__.get("kv_cache")

@@ -92,6 +92,7 @@ class _Plan:
     sizes: list[int]
     bases: list[nn.Module]  # the members' base linears (inside any LoRA wrapper)
     base: qkernels.PackedWeight | None  # the stacked kernel weight, or None: bases run one by one
+    base16: qkernels.PackedWeight | None  # the stacked bf16 copy for many rows (bases' bf16_rows), or None
     bias: Tensor | None
     lora: Tensor | None  # float32, flat: A_stack [R, in], then each adapter's s * B [out_j, r]
     a_shape: tuple[int, int]  # (R, in)
@@ -124,6 +125,29 @@ def _stack_base(bases: list[nn.Module]) -> qkernels.PackedWeight | None:
     return qkernels.PackedWeight("bf16", w, None, w.shape[0])
 
 
+def _stack_bf16(bases: list[nn.Module], stacked: qkernels.PackedWeight | None) -> qkernels.PackedWeight | None:
+    """The members' bf16 copies stacked, when they use one for many rows (the "bf16" weights mode)."""
+    if stacked is None or not bases[0].bf16_rows:
+        return None
+    if stacked.kind == "bf16":
+        return stacked
+    if len(bases) == 1:
+        return bases[0].bf16_weight()
+    w = torch.cat([b.weight_float(torch.bfloat16) for b in bases])
+    return qkernels.PackedWeight("bf16", w, None, w.shape[0])
+
+
+def _base_matmul(plan: _Plan, x: Tensor) -> Tensor | None:
+    """x through the stacked base weight in the form the members would pick for x, or None (no stacked form)."""
+    if plan.base is None:
+        return None
+    form = plan.bases[0].kernel_form(x)
+    if form is None:
+        return None
+    y = qkernels.matmul(x, plan.base16 if form == "bf16" else plan.base)
+    return y if plan.bias is None else y + plan.bias.to(y.dtype)
+
+
 def _plan(mods: list[nn.Module], old: _Plan | None = None) -> _Plan:
     """old: the plan this one replaces; its stacked base is reused when the bases are the same (an adapter change
     must not repack the base weights: measured ~50 ms a q/k/v stack of SmolLM2, 3 s for a whole set_adapters)."""
@@ -131,6 +155,7 @@ def _plan(mods: list[nn.Module], old: _Plan | None = None) -> _Plan:
     sizes = [int(b.out_features) for b in bases]
     same = old is not None and len(old.bases) == len(bases) and all(a is b for a, b in zip(old.bases, bases))
     stacked = old.base if same else _stack_base(list(bases))
+    stacked16 = old.base16 if same else _stack_bf16(list(bases), stacked)
     bias = None
     if stacked is not None and any(b.bias is not None for b in bases):
         bias = torch.cat([b.bias.float() if b.bias is not None else torch.zeros(n, device=b.qweight.device)
@@ -152,7 +177,7 @@ def _plan(mods: list[nn.Module], old: _Plan | None = None) -> _Plan:
         flat = torch.cat([a.reshape(-1) for _, a, _ in factors] + [b.reshape(-1) for _, _, b in factors])
     # eager steps use these views as they are: slicing them anew costs ~2 us a factor, every step
     views = _factor_views(flat, a_shape, cols) if flat is not None else (None, [])
-    return _Plan(_key(mods), sizes, list(bases), stacked, bias, flat, a_shape, cols, views, trainable)
+    return _Plan(_key(mods), sizes, list(bases), stacked, stacked16, bias, flat, a_shape, cols, views, trainable)
 
 
 def _factor_views(lora: Tensor, a_shape: tuple[int, int], b_parts: list) -> tuple[Tensor, list[Tensor]]:
@@ -202,13 +227,8 @@ def _row_lora(plan: _Plan, mods: list[nn.Module], names: tuple[str, ...],
 
 def _row_forward(plan: _Plan, mods: list[nn.Module], x: Tensor, rows: RowAdapters) -> list[Tensor]:
     """Each row's own adapters over the shared base product (x [B, T, in]; rows.scales [B, n])."""
-    if plan.base is not None and plan.bases[0]._use_kernels(x):
-        y = qkernels.matmul(x, plan.base)
-        if plan.bias is not None:
-            y = y + plan.bias.to(y.dtype)
-        outs = list(y.split(plan.sizes, dim=-1))
-    else:
-        outs = [b(x) for b in plan.bases]
+    y = _base_matmul(plan, x)
+    outs = [b(x) for b in plan.bases] if y is None else list(y.split(plan.sizes, dim=-1))
     if not rows.any:
         return outs
     compiling = torch.compiler.is_compiling()
@@ -218,11 +238,13 @@ def _row_forward(plan: _Plan, mods: list[nn.Module], x: Tensor, rows: RowAdapter
     if rl is None:
         return outs
     s = rows.scales[:, rl.col_adapter] if compiling else rows.plan_scales(rl)  # [B, R]
-    h = thin_linear(x.to(rl.a.dtype), rl.a) * s[:, None, :]  # [B, T, R]: each row's h scaled by its own scales
+    # matmuls, not thin_linear's fused product-and-sum: over 2+ rows a library GEMM reuses each factor across
+    # the rows, where inductor's loops re-read it per row (measured 1.2-1.7x slower at 16 rows)
+    h = F.linear(x.to(rl.a.dtype), rl.a) * s[:, None, :]  # [B, T, R]: each row's h scaled by its own scales
     for (j, c0, r), bs in zip(rl.parts, rl.b):
         part = h[..., c0:c0 + r]  # [B, T, R_j]
         if compiling:
-            outs[j] = outs[j] + thin_linear(part, bs).to(outs[j].dtype)
+            outs[j] = outs[j] + F.linear(part, bs).to(outs[j].dtype)
         elif outs[j].dtype == bs.dtype:  # one op: y_j += part @ B.T
             outs[j].view(-1, bs.shape[0]).addmm_(part.reshape(-1, r), bs.t())
         else:
@@ -253,15 +275,11 @@ def group_forward(owner: nn.Module, names: tuple[str, ...], x: Tensor,
         plan = plans[names] = _plan(mods, plan)
     if rows is not None and not plan.per_module_lora:
         return _row_forward(plan, mods, x, rows)
-    stacked = plan.base is not None and plan.bases[0]._use_kernels(x)
+    y = _base_matmul(plan, x)
     # (b_parts, not plan.lora, says whether there are adapters: a compiled step reading plan.lora would guard it)
-    if not stacked and (not plan.b_parts or plan.per_module_lora):
+    if y is None and (not plan.b_parts or plan.per_module_lora):
         return [m(x) for m in mods]  # nothing to share
-    if stacked:
-        y = qkernels.matmul(x, plan.base)
-        if plan.bias is not None:
-            y = y + plan.bias.to(y.dtype)
-    else:
+    if y is None:
         y = torch.cat([b(x) for b in plan.bases], dim=-1)
     outs = list(y.split(plan.sizes, dim=-1))  # views of y
     if plan.per_module_lora:

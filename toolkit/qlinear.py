@@ -59,6 +59,7 @@ class QuantLinear(torch.nn.Module):
     * `use_kernels`: on CPU, inputs of up to qkernels.MAX_ROWS rows go through torch's weight-only int4 kernel
       (Q4_0/Q4_1/Q4_K, repacked losslessly apart from bf16 scales) or a bf16 copy (other types); larger inputs
       dequantize blocks as usual. Inference turns it on for CPU decoding (toolkit.qkernels says why).
+      With `bf16_rows` > 0 as well, inputs of that many rows or more (prefill included) use a bf16 copy.
     Finetune leaves both off so a quantized base stays packed in memory. It may give the layers a shared
     `weight_pool` (toolkit.wpool.WeightPool): whole-weight dequantizations then go through that byte-budgeted
     pool of recently used copies (exact values; finetune's --base-cache-mb).
@@ -66,6 +67,7 @@ class QuantLinear(torch.nn.Module):
 
     cache_weights = False
     use_kernels = False
+    bf16_rows = 0
     weight_pool = None
 
     def __init__(self, raw: torch.Tensor, qtype: QType, in_features: int, out_features: int,
@@ -134,23 +136,38 @@ class QuantLinear(torch.nn.Module):
             pw = self.__dict__["_kcache"] = qkernels.pack(self.qweight, self.qtype, self.in_features)
         return pw
 
+    def bf16_weight(self):
+        """The bf16 copy as a qkernels form (bf16_rows mode), made once; the kernel form itself where that is one."""
+        if qkernels.kind(self.qtype, self.in_features) == "bf16":
+            return self.kernel_weight()
+        pw = self.__dict__.get("_bcache")
+        if pw is None:
+            pw = self.__dict__["_bcache"] = qkernels.bf16_copy(self.qweight, self.qtype, self.in_features)
+        return pw
+
     def drop_cache(self) -> None:
         self.__dict__.pop("_wcache", None)
         self.__dict__.pop("_kcache", None)
+        self.__dict__.pop("_bcache", None)
         if self.weight_pool is not None:
             self.weight_pool.discard(self)
 
-    def _use_kernels(self, x: torch.Tensor) -> bool:
-        return (self.use_kernels and x.device.type == "cpu" and x.numel() <= qkernels.MAX_ROWS * self.in_features
-                and not (x.requires_grad and torch.is_grad_enabled()))
+    def kernel_form(self, x: torch.Tensor) -> str | None:
+        """Which kernel form multiplies x: "bf16" (the bf16 copy), "kernel" (kernel_weight()) or None (blocks)."""
+        if not self.use_kernels or x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
+            return None
+        if self.bf16_rows and x.numel() >= self.bf16_rows * self.in_features:
+            return "bf16"
+        return "kernel" if x.numel() <= qkernels.MAX_ROWS * self.in_features else None
 
     def _apply(self, fn, recurse=True):  # .to(device) and friends: the copy is rebuilt lazily
         self.drop_cache()
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._use_kernels(x):
-            y = qkernels.matmul(x, self.kernel_weight())
+        form = self.kernel_form(x)
+        if form is not None:
+            y = qkernels.matmul(x, self.bf16_weight() if form == "bf16" else self.kernel_weight())
             return y if self.bias is None else y + self.bias.to(y.dtype)
         if self.cache_weights:
             return F.linear(x, self.cached_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))

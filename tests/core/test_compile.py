@@ -9,6 +9,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from tiny import make_tiny_arch_gguf, make_tiny_gguf, random_lora
+import toolkit.compiled
 from toolkit.adapter import Adapter
 from toolkit.compiled import compile_decode
 from toolkit.infer.batch import BatchEngine
@@ -224,12 +225,14 @@ def engine_logits(model, jobs: list[tuple[list[int], int, dict | None]]) -> list
     return [torch.stack(got[i]) for i in range(len(jobs))]
 
 
-def test_compiled_batch_decode_matches_eager_without_recompiling(models):
-    """After a warm-up that compiles the two batched graphs (no row uses an adapter; some row does), other row
+def test_compiled_batch_decode_matches_eager_without_recompiling(models, monkeypatch):
+    """(With toolkit.compiled.COMPILE_ADAPTER_ROWS on, so steps with adapters compile too; by default they run
+    eagerly, next test.) After a warm-up that compiles the two batched graphs (no row uses an adapter; some row does), other row
     counts (1, padded to 2; 3; all 4 cache rows), rows finishing at different steps (padding rows in their slots),
     and other per-row adapter sets and scales are data: no new graph. Each row's logits match the eager engine's,
     which runs only the real rows (gathered from their slots) and which tests/infer/test_batch.py checks against
     each request run alone."""
+    monkeypatch.setattr(toolkit.compiled, "COMPILE_ADAPTER_ROWS", True)
     eager, compiled = models
     for m in (eager, compiled):
         m.set_adapters({})  # rows name their own adapters
@@ -251,3 +254,25 @@ def test_compiled_batch_decode_matches_eager_without_recompiling(models):
     dec.fn = fn
     assert graphs() == before, "another row count, padding rows or other per-row adapter sets compiled a new graph"
     assert {2, 3, 4} <= set(calls) and 1 not in calls  # the steps did run compiled, one row padded to two
+
+
+def test_batched_steps_with_adapters_run_eagerly_by_default(models):
+    """By default a batched step in which some row uses an adapter runs eagerly (its compiled graph measured 2x
+    slower at 16 rows); steps where no row does still run compiled. The logits match the eager engine's."""
+    eager, compiled = models
+    for m in (eager, compiled):
+        m.set_adapters({})
+    engine_logits(compiled, [([1, 5, 9], 3, None), ([3, 4], 3, None)])  # warm-up: the no-adapter graph
+    dec, calls = compiled.__dict__["_decoder"], []
+    fn = dec.fn
+    dec.fn = lambda *args: calls.append(args[-1] is not None and args[-1].any) or fn(*args)
+    try:
+        jobs = [([2, 7], 3, {"a": 1.0}), ([8, 8, 1], 3, None)]
+        for got, want in zip(engine_logits(compiled, jobs), engine_logits(eager, jobs)):
+            assert close(got, want) < 1e-2 and torch.equal(got.argmax(-1), want.argmax(-1))
+        assert not any(calls), "a step with an adapter in use ran compiled"  # (the adapter row's logits differ
+        # from the base's, so those steps did run, eagerly)
+        engine_logits(compiled, [([8, 8, 1], 3, None), ([6, 1], 3, None)])
+        assert calls and not any(calls), "steps without adapters should run compiled"
+    finally:
+        dec.fn = fn

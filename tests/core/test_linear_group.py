@@ -65,3 +65,27 @@ def test_trainable_adapters_are_never_read_from_a_stale_copy(tmp_path):
         b.add_(1.0)  # an optimizer step, in place
         second = group_forward(blk, QKV, x)[0]
         assert rel(second, each(blk, QKV, x)[0]) < 1e-6 and rel(second, first) > 1e-3
+
+
+def test_bf16_mode_stacks_a_bf16_copy_for_many_rows(tmp_path):
+    """weights="bf16": a q/k/v group multiplies a prefill-sized input through one stacked bf16 copy, with the
+    same result as each member through its own bf16 copy (both are the dequantized weights rounded to bf16), and
+    a one-row input through the stacked int4 kernel weight as in "packed"."""
+    from toolkit import qkernels
+
+    path = make_tiny_gguf(tmp_path / "q.gguf", qtype="Q4_0")
+    model, _ = load(path, device="cpu", weights="bf16")
+    packed, _ = load(path, device="cpu", weights="packed")
+    blk = model.blk[0]
+    many, one = torch.randn(1, qkernels.BF16_ROWS + 3, 64), torch.randn(1, 1, 64)
+    with torch.inference_mode():
+        attach(model, "a", 4, 1.0, 0)
+        model.set_adapters({"a": 0.5})
+        got = group_forward(blk, QKV, many)
+        plan = blk.__dict__["_group_plans"][QKV]
+        assert plan.base16.kind == "bf16" and plan.base.kind == "int4"
+        for g, w in zip(got, each(blk, QKV, many)):
+            assert rel(g, w) < 1e-5
+        model.set_adapters({})
+        for g, w in zip(group_forward(blk, QKV, one), group_forward(packed.blk[0], QKV, one)):
+            assert torch.equal(g, w)  # few rows: the int4 kernel, as "packed" runs it

@@ -70,3 +70,30 @@ def test_kernel_path_only_for_few_rows_and_never_under_autograd():
     assert x.grad is not None
     layer.to("cpu")
     assert "_kcache" not in layer.__dict__ and set(layer.state_dict()) == {"qweight"}
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
+def test_bf16_rows_use_a_bf16_copy_from_that_many_rows(qtype):
+    """The "bf16" weights mode: few rows keep the int4 / bf16 kernel form, BF16_ROWS or more (prefill included)
+    go through a bf16 copy of the dequantized weight: within bf16 rounding of the exact float path (weights and
+    activations rounded to 8 significant bits, ~2^-9 relative per term, averaging out over 512 terms)."""
+    torch.manual_seed(0)
+    layer = QuantLinear.from_float(torch.randn(96, 512), qtype)
+    few, many = torch.randn(2, 512), torch.randn(1, qkernels.BF16_ROWS, 512)
+    exact_few, exact_many = layer(few), layer(many)
+    layer.use_kernels, layer.bf16_rows = True, qkernels.BF16_ROWS
+    assert layer.kernel_form(few) == "kernel" and layer.kernel_form(many) == "bf16"
+    assert layer.kernel_form(torch.randn(1000, 512)) == "bf16"  # past MAX_ROWS too: no block path
+    got = layer(many)
+    copy = layer.bf16_weight()
+    assert copy.kind == "bf16" and copy.weight.dtype == torch.bfloat16
+    assert torch.equal(copy.weight, layer.weight_float().to(torch.bfloat16))  # the dequantized values, rounded
+    err = ((got - exact_many).abs().max() / exact_many.abs().max()).item()
+    assert 0 < err < 1e-2, err
+    assert torch.equal(layer(few), qkernels.matmul(few, layer.kernel_weight()))  # few rows: the kernel form
+    assert ("_bcache" in layer.__dict__) == (qtype == "Q4_1")  # Q8_0's kernel form is already that copy
+    layer.to("cpu")
+    assert "_bcache" not in layer.__dict__ and set(layer.state_dict()) == {"qweight"}
+    layer.bf16_rows = 0
+    assert layer.kernel_form(many) == "kernel"  # off: the packed mode's forms again
+    assert layer.kernel_form(torch.randn(1000, 512)) is None  # prefill-sized: the exact block path
