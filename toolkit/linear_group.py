@@ -121,6 +121,11 @@ def _stack_base(bases: list[nn.Module]) -> qkernels.PackedWeight | None:
         return qkernels.pack(torch.cat([b.qweight for b in bases]), bases[0].qtype, in_f)
     if any(qkernels.kind(b.qtype, in_f) != "bf16" for b in bases):
         return None  # mixed int4 / other types: each base runs on its own
+    return _cat_bf16(bases)
+
+
+def _cat_bf16(bases: list[nn.Module]) -> qkernels.PackedWeight:
+    """The members' dequantized weights in one bf16 copy (rows member by member)."""
     w = torch.cat([b.weight_float(torch.bfloat16) for b in bases])
     return qkernels.PackedWeight("bf16", w, None, w.shape[0])
 
@@ -131,10 +136,7 @@ def _stack_bf16(bases: list[nn.Module], stacked: qkernels.PackedWeight | None) -
         return None
     if stacked.kind == "bf16":
         return stacked
-    if len(bases) == 1:
-        return bases[0].bf16_weight()
-    w = torch.cat([b.weight_float(torch.bfloat16) for b in bases])
-    return qkernels.PackedWeight("bf16", w, None, w.shape[0])
+    return bases[0].bf16_weight() if len(bases) == 1 else _cat_bf16(bases)
 
 
 def _base_matmul(plan: _Plan, x: Tensor) -> Tensor | None:

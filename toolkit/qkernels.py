@@ -16,7 +16,7 @@ dequantizing blocks for prefill-sized inputs (MAX_ROWS).
 
 Where the CPU has bf16 dot products (AVX512-BF16, AMX) a bf16 copy multiplies many rows at about twice the
 float32 rate, while the int4 kernel stays at the float32 rate whatever the row count: the "bf16" weights mode
-keeps such a copy for inputs of BF16_ROWS rows or more (batched decoding, prefill), at 2 bytes a value.
+keeps such a copy for inputs of BF16_ROWS rows or more (prefill, big batches), at 2 bytes a value.
 """
 from __future__ import annotations
 

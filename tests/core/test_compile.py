@@ -227,9 +227,9 @@ def engine_logits(model, jobs: list[tuple[list[int], int, dict | None]]) -> list
 
 def test_compiled_batch_decode_matches_eager_without_recompiling(models, monkeypatch):
     """(With toolkit.compiled.COMPILE_ADAPTER_ROWS on, so steps with adapters compile too; by default they run
-    eagerly, next test.) After a warm-up that compiles the two batched graphs (no row uses an adapter; some row does), other row
-    counts (1, padded to 2; 3; all 4 cache rows), rows finishing at different steps (padding rows in their slots),
-    and other per-row adapter sets and scales are data: no new graph. Each row's logits match the eager engine's,
+    eagerly, next test.) After a warm-up that compiles the two batched graphs (no row uses an adapter; some row
+    does), other row counts (1, padded to 2; 3; all 4 cache rows), rows finishing at different steps (padding rows
+    in their slots), and other per-row adapter sets and scales are data: no new graph. Each row's logits match the eager engine's,
     which runs only the real rows (gathered from their slots) and which tests/infer/test_batch.py checks against
     each request run alone."""
     monkeypatch.setattr(toolkit.compiled, "COMPILE_ADAPTER_ROWS", True)
@@ -270,8 +270,8 @@ def test_batched_steps_with_adapters_run_eagerly_by_default(models):
         jobs = [([2, 7], 3, {"a": 1.0}), ([8, 8, 1], 3, None)]
         for got, want in zip(engine_logits(compiled, jobs), engine_logits(eager, jobs)):
             assert close(got, want) < 1e-2 and torch.equal(got.argmax(-1), want.argmax(-1))
-        assert not any(calls), "a step with an adapter in use ran compiled"  # (the adapter row's logits differ
-        # from the base's, so those steps did run, eagerly)
+        # (the adapter row's logits differ from the base's, so those steps did run, eagerly)
+        assert not any(calls), "a step with an adapter in use ran compiled"
         engine_logits(compiled, [([8, 8, 1], 3, None), ([6, 1], 3, None)])
         assert calls and not any(calls), "steps without adapters should run compiled"
     finally:
