@@ -222,8 +222,14 @@ def main() -> int:
                     help="toolkit's --base-cache-mb for the pooled column (0: leave that column out)")
     ap.add_argument("--mmap-threshold-mb", type=float, default=0.0,
                     help="(worker) toolkit's --mmap-threshold-mb (0: glibc's default)")
+    ap.add_argument("--huge-pages", default="auto", choices=["auto", "on", "off"],
+                    help="(toolkit workers) finetune's --huge-pages, set before torch loads as the command does")
     a = ap.parse_args()
     if a.worker:
+        if a.worker != "peft":
+            from toolkit.train import memory
+
+            memory.request_huge_pages(a.huge_pages, a.batch * CTX)
         import torch
 
         torch.set_num_threads(a.threads)

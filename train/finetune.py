@@ -16,6 +16,7 @@ The steps are in trainer.py; the loss in loss.py; reporting in report.py; many p
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 from typing import Callable
@@ -27,16 +28,19 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from toolkit.config import parse_config  # noqa: E402
 from toolkit.errors import ToolkitError  # noqa: E402
 
-from . import dist  # noqa: E402
+from . import memory  # noqa: E402
 from .config import FinetuneConfig, FinetuneResult  # noqa: E402,F401  (the command's types, importable here)
-from .optim import converged, make_optimizer, param_groups  # noqa: E402,F401
-from .trainer import finish, prepare, train  # noqa: E402
+
+# torch loads with the loop's modules, not with this one: main() sets its allocator's switches first (--huge-pages)
 
 
 def finetune(cfg: FinetuneConfig, on_iteration: Callable[[int, float], None] | None = None) -> FinetuneResult:
     """Train (or continue training) the LoRA; write checkpoints and adapters as configured. Under torchrun each
     process calls this; they train together and rank 0 writes."""
     from toolkit.model import pick_device
+
+    from . import dist
+    from .trainer import finish, prepare, train
 
     d, device = dist.start(pick_device(cfg.device), cfg.dist_timeout)
     ok = False
@@ -56,14 +60,36 @@ def finetune(cfg: FinetuneConfig, on_iteration: Callable[[int, float], None] | N
                 dist.stop(d, clean=False)
 
 
+def __getattr__(name: str):
+    # the optimizer's helpers, importable from here as before, without loading torch with this module
+    if name in ("converged", "make_optimizer", "param_groups"):
+        from . import optim
+
+        return getattr(optim, name)
+    raise AttributeError(name)
+
+
+def tokens_per_pass(cfg: FinetuneConfig, world: int) -> int:
+    """Tokens in one forward/backward pass of one process: --micro-batch rows, or its share of --batch."""
+    rows = cfg.micro_batch if cfg.micro_batch > 0 else math.ceil(cfg.batch / max(world, 1))
+    return rows * cfg.ctx
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = parse_config(FinetuneConfig, argv, prog="toolkit finetune",
                        description="Train a LoRA adapter on a GGUF base model (llama.cpp finetune's options).")
-    if cfg.nproc > 1 and "LOCAL_RANK" not in os.environ:  # not yet under torchrun: start the processes
+    launching = cfg.nproc > 1 and "LOCAL_RANK" not in os.environ  # not yet under torchrun: start the processes
+    world = cfg.nproc if launching else int(os.environ.get("WORLD_SIZE", 1))
+    note = memory.request_huge_pages(cfg.huge_pages, tokens_per_pass(cfg, world))  # before torch loads
+    if note:
+        print(f"finetune: {note}", file=sys.stderr)
+    if launching:
         if cfg.batch < cfg.nproc:
             raise ToolkitError(f"--batch {cfg.batch} is smaller than --nproc {cfg.nproc} (each process trains on its "
                                "share of every batch)")
+        from . import dist
+
         return dist.launch(cfg.nproc, argv, "toolkit.train.finetune")
     result = finetune(cfg)
     return 130 if result.interrupted else 0

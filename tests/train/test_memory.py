@@ -1,10 +1,11 @@
-"""train/memory.py: glibc's mmap threshold, fixed for training, puts large buffers in their own mappings (given
+"""train/memory.py: --huge-pages sets torch's huge-page switch before torch loads; glibc's mmap threshold, fixed for training, puts large buffers in their own mappings (given
 back when freed) and leaves small ones on the heap. Checked through glibc's own accounting (mallinfo2: hblkhd is
 the bytes in mmapped chunks), which counts exact chunk sizes: no memory-threshold guesswork. In a fresh process:
 glibc serves a large request from a free heap chunk that fits before it maps anything, and a long test session's
 heap has such chunks (as training's would if the threshold were set late; finetune sets it before building the model)."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -38,3 +39,46 @@ assert mapped() == before, (mapped(), before)  # unmapped at once, not kept by t
 def test_threshold_puts_large_buffers_in_mappings_and_frees_them():
     p = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
+
+
+# A fresh process: the command's main() decides before torch loads; torch's allocator then aligns buffers to pages
+# (its huge-page path, which also madvises those of 2 MiB and more) or to 64 bytes. main() fails afterwards on the missing model, which is fine here.
+HUGE = r"""
+import os, sys
+from toolkit.errors import ToolkitError
+from toolkit.train import finetune
+try:
+    finetune.main(["--model-base", "/nonexistent/m.gguf", "--train-data", "/nonexistent/d.txt", "--ctx", "256",
+                   "--batch", sys.argv[1], "--huge-pages", sys.argv[2], "--adam-iter", "1"])
+except ToolkitError:
+    pass
+import torch
+big = [torch.empty(3 << 18) for _ in range(8)]  # 3 MiB each
+aligned = sum(t.data_ptr() % 4096 == 0 for t in big)
+print(os.environ.get("THP_MEM_ALLOC_ENABLE"), aligned)
+"""
+
+
+@pytest.mark.parametrize("batch,setting,expect", [("8", "auto", ("1", 8)), ("1", "auto", ("None", None)),
+                                                  ("1", "on", ("1", 8)), ("8", "off", ("None", None))])
+def test_huge_pages_are_set_before_torch_loads(batch, setting, expect):
+    env = {k: v for k, v in os.environ.items() if k != memory.HUGE_PAGE_ENV}
+    p = subprocess.run([sys.executable, "-c", HUGE, batch, setting], capture_output=True, text=True, timeout=120,
+                       env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    flag, aligned = p.stdout.split()
+    assert flag == expect[0]
+    if expect[1] is not None:
+        assert int(aligned) == expect[1]  # every buffer on a page boundary
+    else:
+        assert int(aligned) < 8  # torch's usual 64-byte alignment: not all of them by chance
+
+
+def test_huge_pages_rule_and_a_loaded_torch():
+    assert memory.wants_huge_pages("auto", memory.HUGE_PAGE_TOKENS)
+    assert not memory.wants_huge_pages("auto", memory.HUGE_PAGE_TOKENS - 1)
+    assert memory.wants_huge_pages("on", 1) and not memory.wants_huge_pages("off", 10**6)
+    if memory.HUGE_PAGE_ENV not in os.environ:  # torch is loaded in this process: too late, and "on" says so
+        assert "already loaded" in memory.request_huge_pages("on", 1)
+        assert memory.request_huge_pages("auto", 10**6) is None
+        assert memory.HUGE_PAGE_ENV not in os.environ
