@@ -34,7 +34,9 @@ import torch
 import torch.fx.experimental._config
 from torch import Tensor, nn
 
-from .linear_group import pack_plans, refresh_row_plans
+from . import qkernels
+from .linear_group import drop_plans, pack_plans, refresh_row_plans
+from .qlinear import QuantLinear
 from .lora import last_version
 
 
@@ -131,6 +133,13 @@ def compile_decode(model: nn.Module, warmup: bool = True, **options: Any) -> Dec
     # 8 graphs per function (shared by all models in the process) is soon reached by a server that switches
     # adapters; past the limit steps run eagerly
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    if qkernels.prepacking():  # inductor cannot take oneDNN's prepacked weights: plain bf16 copies from now on
+        qkernels.set_prepacking(False)
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                m.drop_cache()
+        for owner in (model, *model.blk):
+            drop_plans(owner)
     model.__dict__["_decoder"] = dec = Decoder(model, options)
     if warmup:
         dev = model.output_norm.weight.device

@@ -126,8 +126,7 @@ def _stack_base(bases: list[nn.Module]) -> qkernels.PackedWeight | None:
 
 def _cat_bf16(bases: list[nn.Module]) -> qkernels.PackedWeight:
     """The members' dequantized weights in one bf16 copy (rows member by member)."""
-    w = torch.cat([b.weight_float(torch.bfloat16) for b in bases])
-    return qkernels.PackedWeight("bf16", w, None, w.shape[0])
+    return qkernels.bf16_form(torch.cat([b.weight_float(torch.bfloat16) for b in bases]))
 
 
 def _stack_bf16(bases: list[nn.Module], stacked: qkernels.PackedWeight | None) -> qkernels.PackedWeight | None:

@@ -589,7 +589,7 @@ def set_weight_mode(model: nn.Module, mode: str, device: torch.device) -> None:
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.use_kernels = packed and mode != "train" and device.type == "cpu"
-            m.bf16_rows = qkernels.BF16_ROWS if mode == "bf16" and m.use_kernels else 0
+            m.bf16_rows = 1 if mode == "bf16" and m.use_kernels else 0
             m.cache_weights = not packed
             m.drop_cache()
         drop_plans(m)

@@ -16,7 +16,10 @@ dequantizing blocks for prefill-sized inputs (MAX_ROWS).
 
 Where the CPU has bf16 dot products (AVX512-BF16, AMX) a bf16 copy multiplies many rows at about twice the
 float32 rate, while the int4 kernel stays at the float32 rate whatever the row count: the "bf16" weights mode
-keeps such a copy for inputs of BF16_ROWS rows or more (prefill, big batches), at 2 bytes a value.
+keeps such a copy for inputs of bf16_rows() rows or more (prefill, big batches), at 2 bytes a value. On such a CPU
+the copies are kept in oneDNN's own blocked layout (prepacked once), so a GEMM does not repack its weight on every
+call: the repacking of a cold weight was what made a plain bf16 copy only tie the int4 kernel at 16 rows. Inductor
+cannot take prepacked weights, so compiling a model's decoding turns prepacking off (compiled.compile_decode).
 """
 from __future__ import annotations
 
@@ -32,9 +35,10 @@ from .quants import dequantize_rows, f16_at, scale_min_k4
 # Above this many activation rows the float matmul on dequantized blocks is faster than the int4 kernel
 # (measured on AVX2 with 2 threads: int4 wins below ~16 rows, ties at 16-32, loses 2.5x at 512).
 MAX_ROWS = 32
-# From this many rows the bf16 copy beats the int4 kernel on a CPU with bf16 dot products (about equal at 16
-# rows, 2.5x faster at 64, with every layer's weight cold in cache as in a real step).
+# From this many rows the bf16 copy beats the int4 kernel on a CPU with bf16 dot products, every layer's weight cold
+# in cache as in a real step: a plain copy from ~24 rows, a prepacked one from ~8.
 BF16_ROWS = 24
+PREPACKED_BF16_ROWS = 8
 GROUP = 32
 INT4_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)
 _int4_mm = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
@@ -91,8 +95,42 @@ def pack(qweight: torch.Tensor, qtype: Q, in_features: int) -> PackedWeight:
 
 def bf16_copy(qweight: torch.Tensor, qtype: Q, in_features: int) -> PackedWeight:
     """The weight as a bf16 copy (the "bf16" weights mode's form for many rows)."""
-    w = dequantize_rows(qweight, qtype, in_features).to(torch.bfloat16)
-    return PackedWeight("bf16", w, None, qweight.shape[0])
+    return bf16_form(dequantize_rows(qweight, qtype, in_features).to(torch.bfloat16))
+
+
+def bf16_form(w: torch.Tensor) -> PackedWeight:
+    """A bf16 weight [out, in] as a kernel form: prepacked for oneDNN where that is on, else as it is."""
+    if prepacking() and w.device.type == "cpu":
+        w = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), PREPACK_ROWS_HINT)
+    return PackedWeight("bf16", w, None, w.shape[0])
+
+
+def dense(pw: PackedWeight) -> torch.Tensor:
+    """The kernel form's bf16 weight [out, in] as a plain tensor (a prepacked one is unpacked)."""
+    return pw.weight.to_dense() if pw.weight.is_mkldnn else pw.weight
+
+
+PREPACK_ROWS_HINT = 16  # the row count oneDNN picks its blocked layout for (decode batches)
+_prepack = {"on": None}  # None: decided on first use (native_bf16() and oneDNN present)
+
+
+def prepacking() -> bool:
+    """Whether bf16 copies are made prepacked (oneDNN's layout): on a CPU with bf16 dot products, until
+    set_prepacking(False)."""
+    if _prepack["on"] is None:
+        _prepack["on"] = native_bf16() and torch.backends.mkldnn.is_available() and \
+            hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    return bool(_prepack["on"])
+
+
+def set_prepacking(on: bool) -> None:
+    """Prepack bf16 copies made from now on (True: only where the CPU supports it), or never (False)."""
+    _prepack["on"] = None if on else False
+
+
+def bf16_rows() -> int:
+    """Rows from which the "bf16" weights mode multiplies through its bf16 copy."""
+    return PREPACKED_BF16_ROWS if prepacking() else BF16_ROWS
 
 
 def native_bf16() -> bool:
@@ -110,6 +148,8 @@ def matmul(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     xb = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # [M, in]
     if pw.kind == "int4":
         y = _int4_mm(xb, pw.weight, GROUP, pw.scale_zero)
+    elif pw.weight.is_mkldnn:
+        y = torch.ops.mkldnn._linear_pointwise(xb, pw.weight, None, "none", [], "")
     else:
         y = F.linear(xb, pw.weight)
     return y.to(x.dtype).reshape(*x.shape[:-1], pw.out_features)

@@ -74,20 +74,20 @@ def test_kernel_path_only_for_few_rows_and_never_under_autograd():
 
 @pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
 def test_bf16_rows_use_a_bf16_copy_from_that_many_rows(qtype):
-    """The "bf16" weights mode: few rows keep the int4 / bf16 kernel form, BF16_ROWS or more (prefill included)
+    """The "bf16" weights mode: few rows keep the int4 / bf16 kernel form, bf16_rows() or more (prefill included)
     go through a bf16 copy of the dequantized weight: within bf16 rounding of the exact float path (weights and
     activations rounded to 8 significant bits, ~2^-9 relative per term, averaging out over 512 terms)."""
     torch.manual_seed(0)
     layer = QuantLinear.from_float(torch.randn(96, 512), qtype)
-    few, many = torch.randn(2, 512), torch.randn(1, qkernels.BF16_ROWS, 512)
+    few, many = torch.randn(2, 512), torch.randn(1, qkernels.bf16_rows(), 512)
     exact_many = layer(many)
-    layer.use_kernels, layer.bf16_rows = True, qkernels.BF16_ROWS
+    layer.use_kernels, layer.bf16_rows = True, 1
     assert layer.kernel_form(few) == "kernel" and layer.kernel_form(many) == "bf16"
     assert layer.kernel_form(torch.randn(1000, 512)) == "bf16"  # past MAX_ROWS too: no block path
     got = layer(many)
     copy = layer.bf16_weight()
     assert copy.kind == "bf16" and copy.weight.dtype == torch.bfloat16
-    assert torch.equal(copy.weight, layer.weight_float().to(torch.bfloat16))  # the dequantized values, rounded
+    assert torch.equal(qkernels.dense(copy), layer.weight_float().to(torch.bfloat16))  # the dequantized values
     err = ((got - exact_many).abs().max() / exact_many.abs().max()).item()
     assert 0 < err < 1e-2, err
     assert torch.equal(layer(few), qkernels.matmul(few, layer.kernel_weight()))  # few rows: the kernel form
@@ -97,3 +97,34 @@ def test_bf16_rows_use_a_bf16_copy_from_that_many_rows(qtype):
     layer.bf16_rows = 0
     assert layer.kernel_form(many) == "kernel"  # off: the packed mode's forms again
     assert layer.kernel_form(torch.randn(1000, 512)) is None  # prefill-sized: the exact block path
+
+
+def _prepack_works() -> bool:
+    try:
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.randn(32, 64).bfloat16(), 16)
+        torch.ops.mkldnn._linear_pointwise(torch.randn(2, 64).bfloat16(), w, None, "none", [], "")
+        return True
+    except (RuntimeError, AttributeError):
+        return False
+
+
+@pytest.mark.skipif(not _prepack_works(), reason="this torch's oneDNN has no bf16 linear")
+@pytest.mark.parametrize("rows", [1, 8, 16, 40])
+def test_a_prepacked_bf16_copy_multiplies_as_the_plain_copy(monkeypatch, rows):
+    """On a CPU with bf16 dot products the bf16 copies are kept in oneDNN's blocked layout: the same values (unpacked
+    bit-equal), and products within bf16 output rounding of the plain copy's (both sum float32 products of the same
+    bf16 operands; only the order differs). set_prepacking(False) (what compiling does) gives plain copies again."""
+    torch.manual_seed(0)
+    w = torch.randn(96, 512).bfloat16()
+    monkeypatch.setitem(qkernels._prepack, "on", True)
+    packed = qkernels.bf16_form(w)
+    assert packed.weight.is_mkldnn and torch.equal(qkernels.dense(packed), w)
+    assert qkernels.bf16_rows() == qkernels.PREPACKED_BF16_ROWS
+    x = torch.randn(rows, 512)
+    got, want = qkernels.matmul(x, packed), qkernels.matmul(x, qkernels.PackedWeight("bf16", w, None, 96))
+    assert got.shape == want.shape == (rows, 96)
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    assert err < 2 ** -7, err  # one bf16 rounding of the output at most, seen ~2^-9
+    qkernels.set_prepacking(False)
+    plain = qkernels.bf16_form(w)
+    assert not plain.weight.is_mkldnn and qkernels.bf16_rows() == qkernels.BF16_ROWS
