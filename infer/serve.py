@@ -12,10 +12,12 @@ Layout: server_protocol.py (wire format), server_engine.py (adapters + model thr
 """
 from __future__ import annotations
 
+import concurrent.futures
 import ipaddress
 import os
 import socket
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,9 +69,14 @@ def is_loopback(host: str) -> bool:
 
 
 def build(cfg: ServeConfig, backend: Any = None) -> tuple[Any, Any]:
-    """The ASGI app and its started Engine for `cfg` (Python users can mount the app themselves)."""
+    """The ASGI app and its started Engine for `cfg` (Python users can mount the app themselves).
+
+    The model is loaded, its adapters read and its steps warmed up on the thread that then runs the engine's loop:
+    OpenMP (torch's CPU threads) keeps a pool of workers per thread that starts parallel work, and once two pools
+    exist on a machine with no spare cores its workers stop spinning between parallel regions, so a model thread
+    whose pool was not the first ran its steps ~1.5x slower (README, issue 18)."""
     from .server_app import create_app
-    from .server_engine import AdapterRegistry, Engine
+    from .server_engine import Engine
 
     if cfg.parallel < 1:
         raise ToolkitError(f"--parallel must be >= 1 (got {cfg.parallel})")
@@ -77,6 +84,26 @@ def build(cfg: ServeConfig, backend: Any = None) -> tuple[Any, Any]:
         raise ToolkitError(f"--max-queue must be >= 0 (got {cfg.max_queue})")
     if cfg.adapter_dir is not None and not os.path.isdir(cfg.adapter_dir):
         raise ToolkitError("--adapter-dir is not a folder", cfg.adapter_dir)
+    ready: concurrent.futures.Future = concurrent.futures.Future()
+
+    def model_thread() -> None:
+        try:
+            engine = _engine(cfg, backend)
+        except BaseException as e:  # noqa: BLE001 - raised again on the caller's thread
+            ready.set_exception(e)
+            return
+        engine.run(on_start=ready.set_result)
+
+    threading.Thread(target=model_thread, name=Engine.THREAD_NAME, daemon=True).start()
+    engine = ready.result()
+    api_key = cfg.api_key or os.environ.get("TOOLKIT_API_KEY") or None
+    return create_app(engine, api_key=api_key, adapter_dir=cfg.adapter_dir), engine
+
+
+def _engine(cfg: ServeConfig, backend: Any) -> Any:
+    """The backend (loaded unless given), the startup adapters and the warmed-up Engine, made on this thread."""
+    from .server_engine import AdapterRegistry, Engine
+
     if backend is None:
         from .server_backend import ModelBackend
 
@@ -92,9 +119,7 @@ def build(cfg: ServeConfig, backend: Any = None) -> tuple[Any, Any]:
     if cfg.compile:
         print("toolkit serve: compiling the batched decode step (--no-compile skips it)", file=sys.stderr, flush=True)
         engine.warmup()
-    engine.start()
-    api_key = cfg.api_key or os.environ.get("TOOLKIT_API_KEY") or None
-    return create_app(engine, api_key=api_key, adapter_dir=cfg.adapter_dir), engine
+    return engine
 
 
 def bind(host: str, port: int) -> socket.socket:

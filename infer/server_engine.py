@@ -209,6 +209,8 @@ class Engine:
     """Owns the backend and its batch on one model thread; `submit` from any thread; `call` runs a function
     there between steps."""
 
+    THREAD_NAME = "toolkit-serve-model"
+
     def __init__(self, backend: Backend, registry: AdapterRegistry, n_slots: int = 4, max_queue: int = 64):
         self.backend, self.registry, self.max_queue, self.n_slots = backend, registry, max_queue, n_slots
         self.batch = backend.new_batch(n_slots)
@@ -218,7 +220,7 @@ class Engine:
         self._calls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
         self._running: dict[int, _Running] = {}  # slot -> request; the model thread's alone
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="toolkit-serve-model", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=self.THREAD_NAME, daemon=True)
 
     def warmup(self) -> None:
         """Throwaway sequences through the batch before serving (call before start): with --compile, the batched
@@ -236,8 +238,17 @@ class Engine:
                 self.batch.step()
 
     def start(self) -> "Engine":
+        """Run the loop on a thread of its own."""
         self._thread.start()
         return self
+
+    def run(self, on_start: Callable[["Engine"], Any] | None = None) -> None:
+        """Run the loop on the calling thread until stop() (serve.build: the thread that loaded the model);
+        on_start(self) is called once this thread is the engine's (stop() joins it)."""
+        self._thread = threading.current_thread()
+        if on_start is not None:
+            on_start(self)
+        self._loop()
 
     def stop(self) -> None:
         with self._cv:

@@ -285,6 +285,42 @@ def test_client_that_gives_up_waiting_is_not_served(scripted):
     assert r.json()["choices"][0]["text"] == expected(backend, "w", {"lora0": 1.0, "lora1": 0.5}, 1, 3)
 
 
+def test_model_loads_warms_up_and_runs_on_one_thread(monkeypatch, tmp_path):
+    """serve.build loads the model, reads the startup adapters and runs every step on the engine's own thread (the
+    main thread never starts torch's parallel work, which would give OpenMP a second pool of workers that slows the
+    model thread's steps); a load error is raised on the caller's thread as before."""
+    import threading
+
+    from toolkit.errors import ToolkitError
+    from toolkit.infer import server_backend
+    from toolkit.infer.server_engine import Engine
+
+    seen = {}
+
+    class Loaded(ScriptedBackend):
+        def load_adapter(self, path, name):
+            seen["adapter"] = threading.current_thread().name
+            super().load_adapter(path, name)
+
+    def load(path, **kw):
+        seen["load"] = threading.current_thread().name
+        if path == "broken.gguf":
+            raise ToolkitError("not a GGUF file", path)
+        return Loaded()
+
+    monkeypatch.setattr(server_backend.ModelBackend, "load", staticmethod(load))
+    lora = make_adapters(tmp_path, ["a.gguf"])[0]
+    app, engine = build(ServeConfig(model="m.gguf", parallel=2, lora=[str(lora)], compile=False))
+    try:
+        step_thread = engine.call(lambda: threading.current_thread().name).result(timeout=30)
+        assert seen == {"load": Engine.THREAD_NAME, "adapter": Engine.THREAD_NAME}
+        assert step_thread == Engine.THREAD_NAME != threading.current_thread().name
+    finally:
+        engine.stop()
+    with pytest.raises(ToolkitError, match="not a GGUF file"):
+        build(ServeConfig(model="broken.gguf", compile=False))
+
+
 def test_full_queue_answers_503_json(tmp_path):
     """2 slots + 2 waiting: of 10 simultaneous requests (each 0.5 s of work) the rest get 503 at once."""
     backend = ScriptedBackend(delay=0.05)
