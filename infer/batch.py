@@ -188,6 +188,7 @@ class BatchEngine:
                     self._emit(slot, logits[b, -1], out)
         budget = self.prefill_chunk
         waiting = sorted((s.order, i) for i, s in enumerate(self._seqs) if s is not None and s.next_token is None)
+        chunks: list[tuple[int, int]] = []  # (slot, tokens of its prompt in this step)
         for _, slot in waiting:
             seq = self._seqs[slot]
             if seq.max_new <= 0:  # nothing to generate: no prefill either
@@ -197,15 +198,34 @@ class BatchEngine:
             if budget <= 0:
                 break
             n = min(budget, len(seq.prompt) - seq.prefilled)
-            chunk = seq.prompt[seq.prefilled:seq.prefilled + n]
-            pos = torch.arange(seq.prefilled, seq.prefilled + n, device=dev)[None]
-            logits = self.model(torch.tensor([chunk], device=dev), input_pos=pos, slots=[slot], last_only=True,
-                                adapters=RowAdapters.make(self._names(), [seq.adapters], dev))
-            seq.prefilled += n
+            chunks.append((slot, n))
             budget -= n
-            if seq.prefilled == len(seq.prompt):
-                self._emit(slot, logits[0, -1], out)
+        if chunks:
+            self._prefill(chunks, out)
         return out
+
+    def _prefill(self, chunks: list[tuple[int, int]], out: list) -> None:
+        """The step's prompt chunks in one forward pass: rows padded at the end to the longest chunk (the padding
+        writes the cache past the row's chunk, where the row reads nothing before its next chunk or its decoding
+        writes there again), each row's logits at its own last token. A row whose padding would run past its slot
+        is prefilled alone."""
+        dev, T = self.device, max(n for _, n in chunks)
+        fits = [(slot, n) for slot, n in chunks if self._seqs[slot].prefilled + T <= self.n_ctx]
+        groups = [fits] if len(fits) > 1 else [[c] for c in fits]
+        groups += [[c] for c in chunks if c not in fits]
+        for group in groups:
+            T = max(n for _, n in group)
+            seqs = [self._seqs[slot] for slot, _ in group]
+            tokens = torch.tensor([s.prompt[s.prefilled:s.prefilled + n] + [0] * (T - n)
+                                   for s, (_, n) in zip(seqs, group)], device=dev)
+            pos = torch.stack([torch.arange(s.prefilled, s.prefilled + T, device=dev) for s in seqs])  # [k, T]
+            last = torch.tensor([n - 1 for _, n in group], device=dev)
+            logits = self.model(tokens, input_pos=pos, slots=[slot for slot, _ in group], last_only=last,
+                                adapters=RowAdapters.make(self._names(), [s.adapters for s in seqs], dev))
+            for b, (s, (slot, n)) in enumerate(zip(seqs, group)):
+                s.prefilled += n
+                if s.prefilled == len(s.prompt):
+                    self._emit(slot, logits[b, -1], out)
 
 
 def generate_batch(model, tokenizer, prompts: Sequence[str | Sequence[int]],

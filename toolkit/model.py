@@ -489,7 +489,8 @@ class Transformer(AdapterHost, nn.Module):
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None, last_only: bool = False,
                 slots: Tensor | list[int] | None = None, adapters: RowAdapters | None = None) -> Tensor:
         """last_only: logits of the last position only ([B, 1, V]); a prompt's prefill needs no more, and the
-        vocabulary head is the largest matmul of a small model.
+        vocabulary head is the largest matmul of a small model. A long tensor [B] instead: each row's logits at
+        its own index (a batch of prompts of different lengths, padded at the end).
         Batched steps: input_pos [B, T] (each row's positions), slots [B] (each row's cache row; default the
         rows 0..B-1), adapters (each row's adapter set, replacing the active one; None: the active set)."""
         T = tokens.shape[1]
@@ -548,7 +549,9 @@ class Transformer(AdapterHost, nn.Module):
                 x = checkpoint(blk, x, cos, sin, input_pos, cis, n_pos, use_reentrant=False)
             else:
                 x = blk(x, cos, sin, input_pos, cis, n_pos, slots, rows)
-        if last_only:
+        if isinstance(last_only, Tensor):  # each row's own last position [B] (rows of different lengths)
+            x = x[torch.arange(B, device=x.device), last_only][:, None]
+        elif last_only:
             x = x[:, -1:]
         return self.output_norm(x)
 

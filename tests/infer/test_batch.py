@@ -221,6 +221,39 @@ def test_long_prompt_prefills_in_chunks_while_others_decode(tiny):
                    tok.decode(solo_greedy(model, long_prompt, 3, {"b": 0.5}))]
 
 
+def test_prompts_waiting_together_prefill_in_one_pass(tiny, monkeypatch):
+    """Prompts of different lengths, each with its own adapter set, that wait together are prefilled in one forward
+    pass (rows padded at the end, each row's logits at its own last token): each row's first logits equal its
+    prompt's alone (float weights: 1e-4, as above), and the greedy continuations equal solo runs, so the padding
+    written past a row's prompt is never read (a stale cache of large values makes any such read visible)."""
+    model, _ = tiny
+    engine = BatchEngine(model, n_slots=4, n_ctx=48, prefill_chunk=256)
+    for b in model.blk:
+        b.kv_cache.k.normal_(0, 10.0)
+        b.kv_cache.v.normal_(0, 10.0)
+    shapes, first = [], {}
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda tokens, *a, **kw: shapes.append(tuple(tokens.shape)) or
+                        forward(tokens, *a, **kw))
+    emit = engine._emit
+    monkeypatch.setattr(engine, "_emit", lambda slot, logits, out: first.setdefault(slot, logits.clone()) is None or
+                        emit(slot, logits, out))
+    try:
+        slots = [engine.add(p, SamplingParams(max_tokens=4, temperature=0.0), s) for p, s in zip(PROMPTS, SETS)]
+        tokens = {slot: [] for slot in slots}
+        while engine.active:
+            for slot, tok, _ in engine.step():
+                if tok is not None:
+                    tokens[slot].append(tok)
+    finally:
+        engine.close()
+        monkeypatch.undo()
+    assert [s for s in shapes if s[1] > 1] == [(len(PROMPTS), max(map(len, PROMPTS)))]  # one prefill pass
+    for slot, p, s in zip(slots, PROMPTS, SETS):
+        assert rel(first[slot], alone(model, p, s, [])[0]) < 1e-4
+        assert tokens[slot] == solo_greedy(model, p, 4, s)
+
+
 def test_seeded_sampling_per_row_equals_solo(tiny):
     model, tok = tiny
     prompts = ["Once upon a time", "Hello", "The quick brown fox jumps over"]
