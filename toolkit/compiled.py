@@ -36,8 +36,8 @@ from torch import Tensor, nn
 
 from . import qkernels
 from .linear_group import drop_plans, pack_plans, refresh_row_plans
-from .qlinear import QuantLinear
 from .lora import last_version
+from .qlinear import QuantLinear
 
 
 # Batched steps where some row uses an adapter run eagerly unless this is set: their compiled graph (every loaded
