@@ -4,7 +4,7 @@ from wait4). Prefill-shaped work: every chunk is one forward pass over ctx token
 processing that bounds time to first token on long prompts.
 
 Rows: toolkit with --weights auto (the default: blocks dequantized for every prefill-sized matmul), --weights
-bf16 (a bf16 copy of the weights for inputs of 24+ rows) and --weights float (a float32 copy: exact).
+bf16 (a bf16 copy of the weights for inputs of qkernels.bf16_rows() rows or more) and --weights float (a float32 copy: exact).
 Writes bench/results/perplexity.md.
 
     python bench/perplexity.py [--threads 2] [--ctx 256] [--file configs/data/planets-train.txt] [--repeat 2]

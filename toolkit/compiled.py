@@ -35,9 +35,8 @@ import torch.fx.experimental._config
 from torch import Tensor, nn
 
 from . import qkernels
-from .linear_group import drop_plans, pack_plans, refresh_row_plans
+from .linear_group import drop_weight_forms, pack_plans, refresh_row_plans
 from .lora import last_version
-from .qlinear import QuantLinear
 
 
 # Batched steps where some row uses an adapter run eagerly unless this is set: their compiled graph (every loaded
@@ -135,11 +134,7 @@ def compile_decode(model: nn.Module, warmup: bool = True, **options: Any) -> Dec
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     if qkernels.prepacking():  # inductor cannot take oneDNN's prepacked weights: plain bf16 copies from now on
         qkernels.set_prepacking(False)
-        for m in model.modules():
-            if isinstance(m, QuantLinear):
-                m.drop_cache()
-        for owner in (model, *model.blk):
-            drop_plans(owner)
+        drop_weight_forms(model)
     model.__dict__["_decoder"] = dec = Decoder(model, options)
     if warmup:
         dev = model.output_norm.weight.device

@@ -125,9 +125,8 @@ def weights_arg() -> Any:
     return arg("auto", "--weights", choices=[m for m in WEIGHT_MODES if m != "train"],  # "train": finetune's
                help="how quantized weights compute: auto (packed on CPU, float elsewhere), packed (CPU: int4/bf16 "
                     "weight-only kernels for decoding, close to float), bf16 (packed, plus a bf16 copy for "
-                    "prefill and batches of 8+ rows (24+ where the copy cannot be prepacked): faster on CPUs with bf16 "
-                    "instructions, 2 bytes a weight "
-                    "more), float (a dequantized copy: exact, 4-8x the memory)")
+                    "prefill and batches of 8+ rows (24+ where the copy cannot be prepacked): faster on CPUs with "
+                    "bf16 instructions, 2 bytes a weight more), float (a dequantized copy: exact, 4-8x the memory)")
 
 
 def compile_arg() -> Any:

@@ -92,7 +92,7 @@ class _Plan:
     sizes: list[int]
     bases: list[nn.Module]  # the members' base linears (inside any LoRA wrapper)
     base: qkernels.PackedWeight | None  # the stacked kernel weight, or None: bases run one by one
-    base16: qkernels.PackedWeight | None  # the stacked bf16 copy for many rows (bases' bf16_rows), or None
+    base16: qkernels.PackedWeight | None  # the stacked bf16 copy for many rows (bases' use_bf16_copy), or None
     bias: Tensor | None
     lora: Tensor | None  # float32, flat: A_stack [R, in], then each adapter's s * B [out_j, r]
     a_shape: tuple[int, int]  # (R, in)
@@ -131,7 +131,7 @@ def _cat_bf16(bases: list[nn.Module]) -> qkernels.PackedWeight:
 
 def _stack_bf16(bases: list[nn.Module], stacked: qkernels.PackedWeight | None) -> qkernels.PackedWeight | None:
     """The members' bf16 copies stacked, when they use one for many rows (the "bf16" weights mode)."""
-    if stacked is None or not bases[0].bf16_rows:
+    if stacked is None or not bases[0].use_bf16_copy:
         return None
     if stacked.kind == "bf16":
         return stacked
@@ -344,3 +344,12 @@ def pack_plans(owners: list[nn.Module], compute_dtype: torch.dtype = torch.float
 def drop_plans(owner: nn.Module) -> None:
     owner.__dict__.pop("_group_plans", None)
     owner.__dict__.pop("_lora_arena", None)
+
+
+def drop_weight_forms(model: nn.Module) -> None:
+    """Forget every weight form made from the packed blocks (kernel weights, bf16 and float copies, group plans):
+    they are made again, lazily, under the switches now in force."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.drop_cache()
+        drop_plans(m)

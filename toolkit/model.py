@@ -26,8 +26,7 @@ from gguf import GGMLQuantizationType as Q
 from .config import WEIGHT_MODES
 from .errors import ToolkitError
 from .gguf_io import GGUFFile, TensorInfo, open_gguf
-from . import qkernels
-from .linear_group import RowAdapters, drop_plans, group_forward
+from .linear_group import RowAdapters, drop_plans, drop_weight_forms, group_forward
 from .lora import AdapterHost, LoRAEmbedding
 from .qlinear import QuantEmbedding, QuantLinear
 from .quants import DEQUANT_TYPES, tensor_float
@@ -580,7 +579,7 @@ def set_weight_mode(model: nn.Module, mode: str, device: torch.device) -> None:
             (toolkit.qkernels: bf16 activations, so close to but not bit-equal with float), larger inputs
             dequantize blocks on the fly; other devices dequantize on every call.
     auto:   packed on CPU (decode speed is bound by the bytes of weight read), float elsewhere.
-    bf16:   packed, and on CPU inputs of qkernels.BF16_ROWS rows or more (prefill, big batches) use a bf16
+    bf16:   packed, and on CPU inputs of qkernels.bf16_rows() rows or more (prefill, big batches) use a bf16
             copy of each weight: about twice float32's rate where the CPU has bf16 instructions (AVX512-BF16,
             AMX), for 2 bytes a weight more memory. Float elsewhere, as auto.
     train:  blocks stay packed and dequantize block rows on every use, forward and backward, in float: exact, as
@@ -592,10 +591,9 @@ def set_weight_mode(model: nn.Module, mode: str, device: torch.device) -> None:
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.use_kernels = packed and mode != "train" and device.type == "cpu"
-            m.bf16_rows = 1 if mode == "bf16" and m.use_kernels else 0
+            m.use_bf16_copy = mode == "bf16" and m.use_kernels
             m.cache_weights = not packed
-            m.drop_cache()
-        drop_plans(m)
+    drop_weight_forms(model)
     _reset_decoder(model)
 
 

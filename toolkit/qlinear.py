@@ -59,7 +59,8 @@ class QuantLinear(torch.nn.Module):
     * `use_kernels`: on CPU, inputs of up to qkernels.MAX_ROWS rows go through torch's weight-only int4 kernel
       (Q4_0/Q4_1/Q4_K, repacked losslessly apart from bf16 scales) or a bf16 copy (other types); larger inputs
       dequantize blocks as usual. Inference turns it on for CPU decoding (toolkit.qkernels says why).
-      With `bf16_rows` on as well, inputs of qkernels.bf16_rows() rows or more (prefill included) use a bf16 copy.
+      With `use_bf16_copy` as well, inputs of qkernels.bf16_rows() rows or more (prefill included) use a bf16
+      copy.
     Finetune leaves both off so a quantized base stays packed in memory. It may give the layers a shared
     `weight_pool` (toolkit.wpool.WeightPool): whole-weight dequantizations then go through that byte-budgeted
     pool of recently used copies (exact values; finetune's --base-cache-mb).
@@ -67,7 +68,7 @@ class QuantLinear(torch.nn.Module):
 
     cache_weights = False
     use_kernels = False
-    bf16_rows = 0
+    use_bf16_copy = False
     weight_pool = None
 
     def __init__(self, raw: torch.Tensor, qtype: QType, in_features: int, out_features: int,
@@ -137,7 +138,7 @@ class QuantLinear(torch.nn.Module):
         return pw
 
     def bf16_weight(self):
-        """The bf16 copy as a qkernels form (bf16_rows mode), made once; the kernel form itself where that is one."""
+        """The bf16 copy as a qkernels form (use_bf16_copy), made once; the kernel form itself where that is one."""
         if qkernels.kind(self.qtype, self.in_features) == "bf16":
             return self.kernel_weight()
         pw = self.__dict__.get("_bcache")
@@ -156,7 +157,7 @@ class QuantLinear(torch.nn.Module):
         """Which kernel form multiplies x: "bf16" (the bf16 copy), "kernel" (kernel_weight()) or None (blocks)."""
         if not self.use_kernels or x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
             return None
-        if self.bf16_rows and x.numel() >= qkernels.bf16_rows() * self.in_features:
+        if self.use_bf16_copy and x.numel() >= qkernels.bf16_rows() * self.in_features:
             return "bf16"
         return "kernel" if x.numel() <= qkernels.MAX_ROWS * self.in_features else None
 

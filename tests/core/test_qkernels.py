@@ -81,7 +81,7 @@ def test_bf16_rows_use_a_bf16_copy_from_that_many_rows(qtype):
     layer = QuantLinear.from_float(torch.randn(96, 512), qtype)
     few, many = torch.randn(2, 512), torch.randn(1, qkernels.bf16_rows(), 512)
     exact_many = layer(many)
-    layer.use_kernels, layer.bf16_rows = True, 1
+    layer.use_kernels, layer.use_bf16_copy = True, True
     assert layer.kernel_form(few) == "kernel" and layer.kernel_form(many) == "bf16"
     assert layer.kernel_form(torch.randn(1000, 512)) == "bf16"  # past MAX_ROWS too: no block path
     got = layer(many)
@@ -94,7 +94,7 @@ def test_bf16_rows_use_a_bf16_copy_from_that_many_rows(qtype):
     assert ("_bcache" in layer.__dict__) == (qtype == "Q4_1")  # Q8_0's kernel form is already that copy
     layer.to("cpu")
     assert "_bcache" not in layer.__dict__ and set(layer.state_dict()) == {"qweight"}
-    layer.bf16_rows = 0
+    layer.use_bf16_copy = False
     assert layer.kernel_form(many) == "kernel"  # off: the packed mode's forms again
     assert layer.kernel_form(torch.randn(1000, 512)) is None  # prefill-sized: the exact block path
 

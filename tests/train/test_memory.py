@@ -1,8 +1,9 @@
-"""train/memory.py: --huge-pages sets torch's huge-page switch before torch loads; glibc's mmap threshold, fixed for training, puts large buffers in their own mappings (given
-back when freed) and leaves small ones on the heap. Checked through glibc's own accounting (mallinfo2: hblkhd is
-the bytes in mmapped chunks), which counts exact chunk sizes: no memory-threshold guesswork. In a fresh process:
-glibc serves a large request from a free heap chunk that fits before it maps anything, and a long test session's
-heap has such chunks (as training's would if the threshold were set late; finetune sets it before building the model)."""
+"""train/memory.py: --huge-pages sets torch's huge-page switch before torch loads; glibc's mmap threshold, fixed
+for training, puts large buffers in their own mappings (given back when freed) and leaves small ones on the heap.
+Checked through glibc's own accounting (mallinfo2: hblkhd is the bytes in mmapped chunks), which counts exact chunk
+sizes: no memory-threshold guesswork. In a fresh process: glibc serves a large request from a free heap chunk that
+fits before it maps anything, and a long test session's heap has such chunks (as training's would if the threshold
+were set late; finetune sets it before building the model)."""
 from __future__ import annotations
 
 import os
@@ -42,7 +43,8 @@ def test_threshold_puts_large_buffers_in_mappings_and_frees_them():
 
 
 # A fresh process: the command's main() decides before torch loads; torch's allocator then aligns buffers to pages
-# (its huge-page path, which also madvises those of 2 MiB and more) or to 64 bytes. main() fails afterwards on the missing model, which is fine here.
+# (its huge-page path, which also madvises those of 2 MiB and more) or to 64 bytes. main() fails afterwards on the
+# missing model, which is fine here.
 HUGE = r"""
 import os, sys
 from toolkit.errors import ToolkitError
