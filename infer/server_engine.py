@@ -33,7 +33,6 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-from toolkit import compiled
 from toolkit.errors import ToolkitError
 
 from .sampling import SamplingParams
@@ -225,11 +224,11 @@ class Engine:
     def warmup(self) -> None:
         """Throwaway sequences through the batch before serving (call before start): with --compile, the batched
         decode step compiles now rather than in the first requests: its graph for rows without adapters, and,
-        with toolkit.compiled.COMPILE_ADAPTER_ROWS on, the one for rows with some, for the adapters loaded at
-        startup (steps with adapters run eagerly otherwise); row counts, which rows use which adapters and their
-        scales then never compile again. Nothing is emitted or counted."""
+        when adapters are loaded at startup, the one for rows with some (otherwise the first request with an
+        adapter compiles it); row counts, which adapters are loaded, which rows use them and their scales then
+        never compile again. Nothing is emitted or counted."""
         prompt = self.backend.encode("Hello") or [0]
-        names = self.registry.names() if compiled.COMPILE_ADAPTER_ROWS else []
+        names = self.registry.names()
         rounds = [[{}, {}]] + ([[{names[0]: 1.0}, {}]] if names else [])
         for sets in rounds:  # 3 tokens: one from the prefill, an eager decode step (the first after compiling
             for adapters in sets[: self.n_slots]:  # makes the kernel weights), a compiled one

@@ -10,8 +10,9 @@ What keeps the compiled step cheap, and correct without checking everything ever
 * The KV cache is plain tensors (not buffers), so its length is a dynamic dimension, and so is a batch's row
   count: neither recompiles. Batched steps compile in one layout only (rows from cache row 0, at least 2 of them:
   dynamo specializes sizes 0 and 1, all logits; batch_rows pads an engine's steps to it) and without duck sizing.
-  Which rows use which adapters, and the scales, are data: a batched step has two graphs, no row uses an adapter
-  or some row does, the second again for each new set of loaded adapters (their ranks shape it).
+  A batched step has two graphs: no row uses an adapter, or some row does. In the second, each linear group's
+  row adapters are one opaque op (linear_group's toolkit::row_adapters) that runs their eager form, so which
+  adapters are loaded, which rows use them and their scales never compile a graph again.
 * Plans are refreshed eagerly: the first cached step after a reset (`.to()`, a weight mode, compile_decode) runs
   eager so every kernel weight and group plan exists; after an adapter change (lora.last_version() moved) the
   plans are rebuilt and packed (linear_group.pack_plans) before the compiled step, which reads them unchecked.
@@ -35,14 +36,8 @@ import torch.fx.experimental._config
 from torch import Tensor, nn
 
 from . import qkernels
-from .linear_group import drop_weight_forms, pack_plans, refresh_row_plans
+from .linear_group import drop_weight_forms, pack_plans, step_rows
 from .lora import last_version
-
-
-# Batched steps where some row uses an adapter run eagerly unless this is set: their compiled graph (every loaded
-# adapter's columns for every row, as data) measured 2x slower than the eager step at 16 rows, which computes only
-# the adapters in use with library GEMMs (bench/batch.py, README "Batched inference").
-COMPILE_ADAPTER_ROWS = False
 
 
 class Decoder:
@@ -59,7 +54,6 @@ class Decoder:
         self.steady = None  # the state whose steps skip the guard check
         self.refused = None  # a state whose steps dynamo runs eagerly (recompile limit): always the full check
         self.plans_version = None
-        self.row_names = None  # the adapter names the plans' row forms were made for
         self.marked = None  # the cache epoch whose tensors _mark_static marked
 
     def step(self, tokens: Tensor, pos: Tensor, input_pos: Tensor | None, n_pos: int, ropes: dict,
@@ -78,7 +72,6 @@ class Decoder:
             pack_plans([m, *m.blk], m.compute_dtype)
             _mark_static(m)
             self.plans_version = last_version()
-            self.row_names = None
         if m._cache_epoch != self.marked:  # new caches: their sizes other than the length are constants
             _mark_static(m)
             self.marked = m._cache_epoch
@@ -86,23 +79,18 @@ class Decoder:
         if input_pos.dim() == 2:
             # one batched layout only: rows from cache row 0 (slots 0, an int: a view of the cache), a dynamic count
             # of at least 2 (dynamo specializes 0 and 1), all logits; batch_rows pads an engine's steps to it
-            if last_only or not isinstance(slots, int) or slots != 0 or \
+            if last_only is not False or not isinstance(slots, int) or slots != 0 or \
                     (tokens.shape[0] < 2 and m.blk[0].kv_cache.k.shape[0] > 1):
                 return None
-            if rows is not None and rows.any and not COMPILE_ADAPTER_ROWS:
-                return None
-            if rows is not None and rows.names != self.row_names:  # a batch's adapters: each plan's row form
-                refresh_row_plans([m, *m.blk], rows.names)
-                self.row_names = rows.names
-            # which rows use which adapters, and their scales, are data; whether any row uses one is not (a step
-            # without adapters skips their work): two graphs per adapter structure
-            batch = None if rows is None else (rows.names, rows.any)
+            # whether any row uses an adapter is structure (a step without adapters skips their work); which
+            # adapters, rows and scales are the row_adapters ops' business, outside the graph
+            batch = None if rows is None else rows.any
         state = (m._cache_epoch, self.plans_version, tuple(id(t) for cs in ropes.values() for t in cs),
                  torch.is_inference_mode_enabled(), last_only, tokens.dtype, pos.dtype, batch)
         args = (tokens, pos, input_pos, n_pos, ropes, last_only, slots, rows)
         if state == self.steady and state != self.refused:
             try:
-                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=True), step_rows(rows):
                     return self.fn(*args)
             except RuntimeError as e:  # raised before the step runs: no compiled graph fits it (dynamo's
                 if "skip_guard_eval_unsafe" not in str(e):  # recompile limit was reached: it runs such steps eagerly)
@@ -111,7 +99,7 @@ class Decoder:
         # no duck sizing while tracing: it would give the row count the symbol of any other dimension of the same
         # size at trace time (a KV head count of 2, a cache length), and the guards that later pin that one would
         # pin the row count too (a graph per row count)
-        with torch.fx.experimental._config.patch(use_duck_shape=False):
+        with torch.fx.experimental._config.patch(use_duck_shape=False), step_rows(rows):
             out = self.fn(*args)
         self.steady = state
         return out

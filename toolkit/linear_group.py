@@ -32,10 +32,17 @@ scales, so with S [B, R] (row b's scale for the adapter owning column c of h, 0 
                                                             row (their s * B side by side: one product)
 
 Which rows use what is data (S), not structure; a step where no row uses an adapter does no adapter work.
+A compiled step calls the row adapters of each group as one opaque op (toolkit::row_adapters) that runs the
+eager form above: inductor compiles everything around it, and its own code over every loaded adapter's columns
+for every row was slower than these library GEMMs over the adapters in use (and took minutes to compile). The
+graph then holds no adapter structure: loading or unloading adapters never compiles it again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +58,7 @@ from .qlinear import QuantLinear
 class RowAdapters:
     """Per-row adapter scales of one batched step: scales [B, n] float32, row b's user scale of adapter names[i]
     (0: the row does not use it). used: the i that some row uses. One object can serve many steps of the same
-    rows; it caches each plan's S [B, R] (columns of h -> rows' scales)."""
+    rows; it caches what each plan's row adapters need for them (_row_terms)."""
     names: tuple[str, ...]
     scales: Tensor
     used: tuple[int, ...]
@@ -67,13 +74,6 @@ class RowAdapters:
         used = tuple(i for i in range(len(names)) if bool(scales[:, i].ne(0).any()))
         return cls(tuple(names), scales.to(device) if device is not None else scales, used, bool(used))
 
-    def plan_scales(self, rl: "_RowLora") -> Tensor:
-        """S [B, R] for one plan's row form."""
-        cache = self.__dict__.setdefault("_s", {})
-        hit = cache.get(id(rl))
-        if hit is None or hit[0] is not rl:  # (the row form is kept alive with its S: its id is not reused)
-            hit = cache[id(rl)] = (rl, self.scales.index_select(1, rl.col_adapter))
-        return hit[1]
 
 
 @dataclass
@@ -100,6 +100,22 @@ class _Plan:
     views: tuple[Tensor | None, list[Tensor]]  # A_stack and the s * B as views of lora, for eager steps
     per_module_lora: bool  # trainable or DoRA adapters: each LoRALinear adds its own
     arena_span: tuple[int, int] | None = None  # lora's place in the model's arena (pack_plans), once packed
+    group: int = 0  # the (owner, member names) id under which the row_adapters op finds this plan's successors
+
+
+_group_ids = itertools.count(1)
+_groups: dict[int, tuple[weakref.ref, tuple[str, ...]]] = {}  # group id -> (owner, member names)
+_step = {"rows": None}  # the RowAdapters of the compiled step now running (step_rows)
+
+
+def _new_plan(owner: nn.Module, names: tuple[str, ...], mods: list[nn.Module], old: _Plan | None) -> _Plan:
+    plan = _plan(mods, old)
+    ids = owner.__dict__.setdefault("_group_ids", {})
+    if names not in ids:
+        ids[names] = next(_group_ids)
+        _groups[ids[names]] = (weakref.ref(owner), names)
+    plan.group = ids[names]
+    return plan
 
 
 def _split(m: nn.Module) -> tuple[nn.Module, LoRALinear | None]:
@@ -188,11 +204,9 @@ def _factor_views(lora: Tensor, a_shape: tuple[int, int], b_parts: list) -> tupl
             [lora[offset:offset + out * r].view(out, r) for _, _, offset, out, r in b_parts])
 
 
-def _row_lora(plan: _Plan, mods: list[nn.Module], names: tuple[str, ...],
-              used: tuple[int, ...] | None = None) -> _RowLora | None:
-    """The plan's row form over the adapters `used` (indices into names; None: all of them, as compiled steps
-    read it from plan._row_lora). Eager steps take the adapters some row uses, so the A product computes no
-    columns that every row would zero."""
+def _row_lora(plan: _Plan, mods: list[nn.Module], names: tuple[str, ...], used: tuple[int, ...]) -> _RowLora | None:
+    """The plan's row form over the adapters `used` (indices into names): those some row uses, so the A product
+    computes no columns that every row would zero."""
     key = (names, tuple((id(m), getattr(m, "layout", 0)) for m in mods))
     forms = plan.__dict__.setdefault("_row_forms", {})
     hit = forms.get(used)
@@ -204,7 +218,7 @@ def _row_lora(plan: _Plan, mods: list[nn.Module], names: tuple[str, ...],
             continue
         bs, c0 = [], len(cols)
         for i, n in enumerate(names):
-            if n in m._keys and (used is None or i in used):
+            if n in m._keys and i in used:
                 a, b = m.pair(n)
                 a_list.append(a.detach().float())
                 bs.append(b.detach().float() * m.alpha_scale[n])
@@ -216,49 +230,87 @@ def _row_lora(plan: _Plan, mods: list[nn.Module], names: tuple[str, ...],
     if parts:
         rl = _RowLora(key, torch.cat(a_list), parts, b_list,
                       torch.tensor(cols, dtype=torch.long, device=a_list[0].device))
-        for t in (rl.a, rl.col_adapter, *rl.b):  # ranks static (see pack_plans); a new structure compiles anew
-            torch._dynamo.mark_static(t)
     if len(forms) > 32:  # sets of adapters in use come and go with the batch
         forms.clear()
     forms[used] = (key, rl)
-    if used is None:
-        plan.__dict__["_row_lora"] = rl
     return rl
 
 
 def _row_forward(plan: _Plan, mods: list[nn.Module], x: Tensor, rows: RowAdapters) -> list[Tensor]:
     """Each row's own adapters over the shared base product (x [B, T, in]; rows.scales [B, n])."""
     y = _base_matmul(plan, x)
+    lora = rows.any and any(isinstance(m, LoRALinear) for m in mods)
+    if lora and torch.compiler.is_compiling():
+        if y is None:
+            y = torch.cat([b(x) for b in plan.bases], dim=-1)
+        return list(torch.ops.toolkit.row_adapters(x, y, plan.group).split(plan.sizes, dim=-1))
     outs = [b(x) for b in plan.bases] if y is None else list(y.split(plan.sizes, dim=-1))
-    if not rows.any:
-        return outs
-    compiling = torch.compiler.is_compiling()
-    # compiled steps read the row form as it is (refresh_row_plans made it) and compute every adapter's columns,
-    # so which rows use which adapters stays data: no graph per combination
-    rl = plan.__dict__.get("_row_lora") if compiling else _row_lora(plan, mods, rows.names, rows.used)
-    if rl is None:
-        return outs
-    s = rows.scales[:, rl.col_adapter] if compiling else rows.plan_scales(rl)  # [B, R]
-    # matmuls, not thin_linear's fused product-and-sum: over 2+ rows a library GEMM reuses each factor across
-    # the rows, where inductor's loops re-read it per row (measured 1.2-1.7x slower at 16 rows)
-    h = F.linear(x.to(rl.a.dtype), rl.a) * s[:, None, :]  # [B, T, R]: each row's h scaled by its own scales
-    for (j, c0, r), bs in zip(rl.parts, rl.b):
-        part = h[..., c0:c0 + r]  # [B, T, R_j]
-        if compiling:
-            outs[j] = outs[j] + F.linear(part, bs).to(outs[j].dtype)
-        elif outs[j].dtype == bs.dtype:  # one op: y_j += part @ B.T
-            outs[j].view(-1, bs.shape[0]).addmm_(part.reshape(-1, r), bs.t())
-        else:
-            outs[j] += F.linear(part, bs).to(outs[j].dtype)
+    if lora:
+        _add_row_adapters(_row_terms(plan, mods, rows), x, outs)
     return outs
 
 
-def refresh_row_plans(owners: list[nn.Module], names: tuple[str, ...]) -> None:
-    """Before a compiled batched step, which reads the plans' row forms unchecked: (re)build them for `names`."""
-    for owner in owners:
-        for group, plan in owner.__dict__.get("_group_plans", {}).items():
-            if not plan.per_module_lora:
-                _row_lora(plan, [getattr(owner, n) for n in group], names, None)
+_RowTerms = tuple[Tensor, Tensor, list[tuple[int, int, int, Tensor]]]
+
+
+def _row_terms(plan: _Plan, mods: list[nn.Module], rows: RowAdapters) -> _RowTerms | None:
+    """What adding rows' adapters to plan's outputs takes, kept on `rows` for its next steps: A_all.T [in, R] of
+    the adapters some row uses, S [B, 1, R] (each row's scale of each column of h) and, per member with adapters,
+    (member, its columns c0:c1 of h, (s B).T [R_j, out_j]). None: no member has any of them."""
+    cache = rows.__dict__.setdefault("_terms", {})
+    hit = cache.get(id(plan))
+    if hit is None or hit[0] is not plan:  # (the plan is kept alive with its terms: its id is not reused)
+        rl = _row_lora(plan, mods, rows.names, rows.used)
+        terms = None if rl is None else (
+            rl.a.t(), rows.scales.index_select(1, rl.col_adapter)[:, None, :],
+            [(j, c0, c0 + r, b.t()) for (j, c0, r), b in zip(rl.parts, rl.b)])
+        hit = cache[id(plan)] = (plan, terms)
+    return hit[1]
+
+
+def _add_row_adapters(terms: _RowTerms | None, x: Tensor, outs: list[Tensor]) -> None:
+    """outs[j] += each row's adapters of member j, in place. Library GEMMs: over 2+ rows they reuse each factor
+    across the rows (inductor's loops over every adapter's columns measured 1.2-1.7x slower at 16 rows)."""
+    if terms is None:
+        return
+    a_t, s, parts = terms
+    h = torch.matmul(x.to(a_t.dtype), a_t).mul_(s)  # [B, T, R]: each row's h at its own scales
+    for j, c0, c1, b_t in parts:
+        if outs[j].dtype == b_t.dtype:  # one op: y_j += h_j @ (s B).T
+            outs[j].view(-1, b_t.shape[1]).addmm_(h[..., c0:c1].reshape(-1, c1 - c0), b_t)
+        else:
+            outs[j] += torch.matmul(h[..., c0:c1], b_t).to(outs[j].dtype)
+
+
+@torch.library.custom_op("toolkit::row_adapters", mutates_args=())
+def _row_adapters_op(x: Tensor, y: Tensor, group: int) -> Tensor:
+    """y (group `group`'s stacked base output for x) plus each row's adapters of the compiled step now running, as
+    the eager step computes them: one opaque call in the compiled graph."""
+    ref, names = _groups[group]
+    owner = ref()
+    plan = owner.__dict__["_group_plans"][names]
+    rows = _step["rows"]
+    terms = rows.__dict__.get("_terms", {}).get(id(plan))  # _row_terms' cache, read without building mods
+    terms = terms[1] if terms is not None and terms[0] is plan else \
+        _row_terms(plan, [getattr(owner, n) for n in names], rows)
+    out = y.clone()
+    _add_row_adapters(terms, x, list(out.split(plan.sizes, dim=-1)))
+    return out
+
+
+@_row_adapters_op.register_fake
+def _(x: Tensor, y: Tensor, group: int) -> Tensor:
+    return torch.empty_like(y)
+
+
+@contextlib.contextmanager
+def step_rows(rows: RowAdapters | None):
+    """Hand a compiled step's per-row adapters to its row_adapters ops (Decoder.step wraps each call)."""
+    old, _step["rows"] = _step["rows"], rows
+    try:
+        yield
+    finally:
+        _step["rows"] = old
 
 
 def group_forward(owner: nn.Module, names: tuple[str, ...], x: Tensor,
@@ -273,7 +325,7 @@ def group_forward(owner: nn.Module, names: tuple[str, ...], x: Tensor,
     if torch.compiler.is_compiling():
         pass  # the eager caller has refreshed the plans (refresh_plans): checking here would guard on versions
     elif plan is None or plan.key != _key(mods):
-        plan = plans[names] = _plan(mods, plan)
+        plan = plans[names] = _new_plan(owner, names, mods, plan)
     if rows is not None and not plan.per_module_lora:
         return _row_forward(plan, mods, x, rows)
     y = _base_matmul(plan, x)
@@ -321,7 +373,7 @@ def pack_plans(owners: list[nn.Module], compute_dtype: torch.dtype = torch.float
         for names, plan in own.items():
             mods = [getattr(owner, n) for n in names]
             if plan.key != _key(mods):
-                plan = own[names] = _plan(mods, plan)
+                plan = own[names] = _new_plan(owner, names, mods, plan)
             if plan.lora is not None:
                 plans.append(plan)
     half = compute_dtype in (torch.float16, torch.bfloat16) or all(p.base is not None for p in plans)

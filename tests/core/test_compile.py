@@ -225,14 +225,12 @@ def engine_logits(model, jobs: list[tuple[list[int], int, dict | None]]) -> list
     return [torch.stack(got[i]) for i in range(len(jobs))]
 
 
-def test_compiled_batch_decode_matches_eager_without_recompiling(models, monkeypatch):
-    """(With toolkit.compiled.COMPILE_ADAPTER_ROWS on, so steps with adapters compile too; by default they run
-    eagerly, next test.) After a warm-up that compiles the two batched graphs (no row uses an adapter; some row
-    does), other row counts (1, padded to 2; 3; all 4 cache rows), rows finishing at different steps (padding rows
-    in their slots), and other per-row adapter sets and scales are data: no new graph. Each row's logits match the eager engine's,
-    which runs only the real rows (gathered from their slots) and which tests/infer/test_batch.py checks against
-    each request run alone."""
-    monkeypatch.setattr(toolkit.compiled, "COMPILE_ADAPTER_ROWS", True)
+def test_compiled_batch_decode_matches_eager_without_recompiling(models):
+    """After a warm-up that compiles the two batched graphs (no row uses an adapter; some row does), other row
+    counts (1, padded to 2; 3; all 4 cache rows), rows finishing at different steps (padding rows in their slots),
+    other per-row adapter sets and scales, and an adapter loaded and unloaded are data: no new graph (each group's
+    row adapters are one opaque op). Each row's logits match the eager engine's, which runs only the real rows
+    (gathered from their slots) and which tests/infer/test_batch.py checks against each request run alone."""
     eager, compiled = models
     for m in (eager, compiled):
         m.set_adapters({})  # rows name their own adapters
@@ -241,38 +239,30 @@ def test_compiled_batch_decode_matches_eager_without_recompiling(models, monkeyp
     before = graphs()
     dec, calls = compiled.__dict__["_decoder"], []
     fn = dec.fn
-    dec.fn = lambda *args: calls.append(args[0].shape[0]) or fn(*args)  # the row count of each compiled step
+    # each compiled step's row count, and whether a row used an adapter
+    dec.fn = lambda *args: calls.append((args[0].shape[0], args[-1].any)) or fn(*args)
     layouts = [[([2, 7], 3, {"a": 1.0})],
                [([1, 5, 9, 2, 7], 2, None), ([3, 4], 5, {"a": 1.0}), ([8, 8, 1, 2, 3, 4, 5], 4, {"a": 0.5, "b": -2.0})],
                [([6, 1], 4, {"b": 1.0}), ([9], 2, None), ([4, 4, 4], 5, {"a": 2.0}), ([5, 3, 1], 3, {"a": -1.0, "b": 0.5})],
-               [([7, 7, 2], 3, None), ([1, 2], 4, None)]]
-    for jobs in layouts:
-        for got, want in zip(engine_logits(compiled, jobs), engine_logits(eager, jobs)):
-            # as in the single-sequence tests: the same int4 kernel, fused intermediates may stay float32
-            assert close(got, want) < 1e-2
-            assert torch.equal(got.argmax(-1), want.argmax(-1))
-    dec.fn = fn
-    assert graphs() == before, "another row count, padding rows or other per-row adapter sets compiled a new graph"
-    assert {2, 3, 4} <= set(calls) and 1 not in calls  # the steps did run compiled, one row padded to two
-
-
-def test_batched_steps_with_adapters_run_eagerly_by_default(models):
-    """By default a batched step in which some row uses an adapter runs eagerly (its compiled graph measured 2x
-    slower at 16 rows); steps where no row does still run compiled. The logits match the eager engine's."""
-    eager, compiled = models
-    for m in (eager, compiled):
-        m.set_adapters({})
-    engine_logits(compiled, [([1, 5, 9], 3, None), ([3, 4], 3, None)])  # warm-up: the no-adapter graph
-    dec, calls = compiled.__dict__["_decoder"], []
-    fn = dec.fn
-    dec.fn = lambda *args: calls.append(args[-1] is not None and args[-1].any) or fn(*args)
+               [([7, 7, 2], 3, None), ([1, 2], 4, None)],
+               "load e",  # another adapter (another rank) joins: the structure the old graphs held changed
+               [([2, 7], 3, {"e": 1.0}), ([4, 4, 4], 4, {"a": 1.0, "e": 0.5}), ([9], 2, None)]]
     try:
-        jobs = [([2, 7], 3, {"a": 1.0}), ([8, 8, 1], 3, None)]
-        for got, want in zip(engine_logits(compiled, jobs), engine_logits(eager, jobs)):
-            assert close(got, want) < 1e-2 and torch.equal(got.argmax(-1), want.argmax(-1))
-        # (the adapter row's logits differ from the base's, so those steps did run, eagerly)
-        assert not any(calls), "a step with an adapter in use ran compiled"
-        engine_logits(compiled, [([8, 8, 1], 3, None), ([6, 1], 3, None)])
-        assert calls and not any(calls), "steps without adapters should run compiled"
+        for jobs in layouts:
+            if jobs == "load e":
+                for m in (eager, compiled):
+                    m.add_adapter(adapter_on_every_linear(m, 5, 23), "e", 0.0)
+                continue
+            for got, want in zip(engine_logits(compiled, jobs), engine_logits(eager, jobs)):
+                # as in the single-sequence tests: the same int4 kernel, fused intermediates may stay float32
+                assert close(got, want) < 1e-2
+                assert torch.equal(got.argmax(-1), want.argmax(-1))
     finally:
         dec.fn = fn
+        for m in (eager, compiled):
+            if "e" in m.adapters:
+                m.unload_adapter("e")
+    assert graphs() == before, "another row count, padding rows, per-row adapter sets or a new adapter compiled a graph"
+    counts = {n for n, _ in calls}
+    assert {2, 3, 4} <= counts and 1 not in counts  # the steps did run compiled, one row padded to two
+    assert {True, False} == {a for _, a in calls}  # steps with and without adapters in use
