@@ -35,8 +35,7 @@ import torch
 import torch.fx.experimental._config
 from torch import Tensor, nn
 
-from . import qkernels
-from .linear_group import drop_weight_forms, pack_plans, step_rows
+from .linear_group import pack_plans, step_rows
 from .lora import last_version
 
 
@@ -120,9 +119,6 @@ def compile_decode(model: nn.Module, warmup: bool = True, **options: Any) -> Dec
     # 8 graphs per function (shared by all models in the process) is soon reached by a server that switches
     # adapters; past the limit steps run eagerly
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    if qkernels.prepacking():  # inductor cannot take oneDNN's prepacked weights: plain bf16 copies from now on
-        qkernels.set_prepacking(False)
-        drop_weight_forms(model)
     model.__dict__["_decoder"] = dec = Decoder(model, options)
     if warmup:
         dev = model.output_norm.weight.device
@@ -144,8 +140,8 @@ def _mark_static(model: nn.Module) -> None:
     mark = torch._dynamo.mark_static
     for owner in (model, *model.blk):
         for plan in owner.__dict__.get("_group_plans", {}).values():
-            for t in (getattr(plan.base, "weight", None), getattr(plan.base, "scale_zero", None),
-                      getattr(plan.base16, "weight", None), plan.bias):
+            forms = [f for f in (plan.base, plan.base16) if f is not None and not f.prepacked]  # (prepacked: opaque)
+            for t in [t for f in forms for t in (f.weight, f.scale_zero)] + [plan.bias]:
                 if t is not None:
                     mark(t)
         cache = owner.__dict__.get("kv_cache")

@@ -19,10 +19,13 @@ float32 rate, while the int4 kernel stays at the float32 rate whatever the row c
 keeps such a copy for inputs of bf16_rows() rows or more (prefill, big batches), at 2 bytes a value. On such a CPU
 the copies are kept in oneDNN's own blocked layout (prepacked once), so a GEMM does not repack its weight on every
 call: the repacking of a cold weight was what made a plain bf16 copy only tie the int4 kernel at 16 rows. Inductor
-cannot take prepacked weights, so compiling a model's decoding turns prepacking off (compiled.compile_decode).
+cannot take a prepacked weight as a graph input, so a compiled step multiplies by one through an opaque op
+(toolkit::prepacked_linear) that finds it by a number.
 """
 from __future__ import annotations
 
+import itertools
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +55,7 @@ class PackedWeight:
     weight: torch.Tensor
     scale_zero: torch.Tensor | None = None
     out_features: int = 0
+    prepacked: int = 0  # a prepacked bf16 weight's number (how compiled steps name it: prepacked_linear), 0: plain
 
 
 def int4_groups(qweight: torch.Tensor, qtype: Q, in_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -100,9 +104,28 @@ def bf16_copy(qweight: torch.Tensor, qtype: Q, in_features: int) -> PackedWeight
 
 def bf16_form(w: torch.Tensor) -> PackedWeight:
     """A bf16 weight [out, in] as a kernel form: prepacked for oneDNN where that is on, else as it is."""
-    if prepacking() and w.device.type == "cpu":
-        w = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), PREPACK_ROWS_HINT)
-    return PackedWeight("bf16", w, None, w.shape[0])
+    if not (prepacking() and w.device.type == "cpu"):
+        return PackedWeight("bf16", w, None, w.shape[0])
+    pw = PackedWeight("bf16", torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), PREPACK_ROWS_HINT), None,
+                      w.shape[0], next(_numbers))
+    _prepacked[pw.prepacked] = weakref.ref(pw)
+    weakref.finalize(pw, _prepacked.pop, pw.prepacked, None)
+    return pw
+
+
+_numbers = itertools.count(1)
+_prepacked: dict[int, weakref.ref] = {}  # number -> the PackedWeight of a prepacked bf16 weight
+
+
+@torch.library.custom_op("toolkit::prepacked_linear", mutates_args=())
+def _prepacked_linear(x: torch.Tensor, number: int, out_features: int) -> torch.Tensor:
+    """x [M, in] bf16 @ prepacked weight `number`.T -> [M, out] bf16 (one opaque call in a compiled graph)."""
+    return torch.ops.mkldnn._linear_pointwise(x, _prepacked[number]().weight, None, "none", [], "")
+
+
+@_prepacked_linear.register_fake
+def _(x: torch.Tensor, number: int, out_features: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)
 
 
 def dense(pw: PackedWeight) -> torch.Tensor:
@@ -124,7 +147,8 @@ def prepacking() -> bool:
 
 
 def set_prepacking(on: bool) -> None:
-    """Prepack bf16 copies made from now on (True: only where the CPU supports it), or never (False)."""
+    """Prepack bf16 copies made from now on (True: only where the CPU supports it), or never (False). Forms
+    already made stay as they are (linear_group.drop_weight_forms forgets them)."""
     _prepack["on"] = None if on else False
 
 
@@ -148,7 +172,9 @@ def matmul(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     xb = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # [M, in]
     if pw.kind == "int4":
         y = _int4_mm(xb, pw.weight, GROUP, pw.scale_zero)
-    elif pw.weight.is_mkldnn:
+    elif pw.prepacked and torch.compiler.is_compiling():
+        y = torch.ops.toolkit.prepacked_linear(xb, pw.prepacked, pw.out_features)
+    elif pw.prepacked:
         y = torch.ops.mkldnn._linear_pointwise(xb, pw.weight, None, "none", [], "")
     else:
         y = F.linear(xb, pw.weight)

@@ -15,6 +15,7 @@ from toolkit.compiled import compile_decode
 from toolkit.infer.batch import BatchEngine
 from toolkit.infer.sampling import SamplingParams
 from toolkit.model import load
+from toolkit import qkernels
 
 STEPS = 6
 
@@ -266,3 +267,32 @@ def test_compiled_batch_decode_matches_eager_without_recompiling(models):
     counts = {n for n, _ in calls}
     assert {2, 3, 4} <= counts and 1 not in counts  # the steps did run compiled, one row padded to two
     assert {True, False} == {a for _, a in calls}  # steps with and without adapters in use
+
+
+def test_compiled_steps_keep_prepacked_bf16_weights(tmp_path, monkeypatch):
+    """Prepacked bf16 copies (oneDNN's layout; Q8_0 weights' kernel form where the CPU has bf16 dot products, forced
+    on here) cannot be graph inputs: a compiled step multiplies by them through one opaque op, so compiling keeps
+    them prepacked. Single-sequence and batched compiled steps match the eager model with the same forms. (In this
+    module's run this model is compiled after the Q4_0 models: a second quant type in one process, which once gave
+    wrong logits through a recompiled embedding dequantizer.)"""
+    monkeypatch.setitem(qkernels._prepack, "on", True)
+    try:
+        torch.ops.mkldnn._linear_pointwise(torch.randn(2, 64).bfloat16(),
+                                           qkernels.bf16_form(torch.randn(8, 64).bfloat16()).weight,
+                                           None, "none", [], "")
+    except (RuntimeError, AttributeError):
+        pytest.skip("this torch's oneDNN has no bf16 linear")
+    path = make_tiny_gguf(tmp_path / "q8.gguf", qtype="Q8_0")
+    eager, _ = load(path, device="cpu", weights="packed")
+    compiled, _ = load(path, device="cpu", weights="packed")
+    compile_decode(compiled)
+    assert qkernels.prepacking()
+    prompt, steps = [1, 5, 9, 2], [7, 3, 11, 4]
+    got, want = decode(compiled, prompt, steps), decode(eager, prompt, steps)
+    assert close(got, want) < 1e-2 and torch.equal(got.argmax(-1), want.argmax(-1))
+    jobs = [([1, 5, 9], 3, None), ([3, 4], 4, None), ([8, 2, 6, 1], 2, None)]
+    for got, want in zip(engine_logits(compiled, jobs), engine_logits(eager, jobs)):
+        assert close(got, want) < 1e-2 and torch.equal(got.argmax(-1), want.argmax(-1))
+    plan = compiled.blk[0].__dict__["_group_plans"][("attn_q", "attn_k", "attn_v")]
+    assert plan.base.prepacked and plan.base.weight.is_mkldnn
+    assert compiled.__dict__["_decoder"].steady is not None  # the steps did run compiled

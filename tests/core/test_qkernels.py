@@ -113,7 +113,7 @@ def _prepack_works() -> bool:
 def test_a_prepacked_bf16_copy_multiplies_as_the_plain_copy(monkeypatch, rows):
     """On a CPU with bf16 dot products the bf16 copies are kept in oneDNN's blocked layout: the same values (unpacked
     bit-equal), and products within bf16 output rounding of the plain copy's (both sum float32 products of the same
-    bf16 operands; only the order differs). set_prepacking(False) (what compiling does) gives plain copies again."""
+    bf16 operands; only the order differs). set_prepacking(False) gives plain copies again."""
     torch.manual_seed(0)
     w = torch.randn(96, 512).bfloat16()
     monkeypatch.setitem(qkernels._prepack, "on", True)
