@@ -78,7 +78,8 @@ class RowAdapters:
 
 @dataclass
 class _RowLora:
-    """A plan's row form: every loaded adapter of its members (in RowAdapters.names order), user scales left out."""
+    """A plan's row form: the adapters some row uses, of each member (in RowAdapters.names order), user scales left
+    out."""
     key: tuple
     a: Tensor  # A_all [R, in] float32, member by member
     parts: list[tuple[int, int, int]]  # (member, first column of h, its columns R_j: all its adapters' ranks)
