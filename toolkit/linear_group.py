@@ -75,7 +75,6 @@ class RowAdapters:
         return cls(tuple(names), scales.to(device) if device is not None else scales, used, bool(used))
 
 
-
 @dataclass
 class _RowLora:
     """A plan's row form: the adapters some row uses, of each member (in RowAdapters.names order), user scales left
