@@ -11,8 +11,8 @@ weight-only kernels instead:
 * every other type keeps a bf16 copy (half the bytes of float32; on AVX2 torch's int8 kernel wins nothing
   once the activations are bf16 anyway, and per-row int8 could not hold per-block scales exactly).
 
-These kernels only pay off for a few activation rows (decode, small batches); QuantLinear falls back to
-dequantizing blocks for prefill-sized inputs (MAX_ROWS).
+These kernels pay off for a few activation rows (decode, small batches) everywhere, and for prefill-sized inputs
+too where the CPU has bf16 dot products; past max_rows() QuantLinear dequantizes blocks (exact float32).
 
 Where the CPU has bf16 dot products (AVX512-BF16, AMX) a bf16 copy multiplies many rows at about twice the
 float32 rate, while the int4 kernel stays at the float32 rate whatever the row count: the "bf16" weights mode
@@ -38,6 +38,9 @@ from .quants import dequantize_rows, f16_at, scale_min_k4
 # Above this many activation rows the float matmul on dequantized blocks is faster than the int4 kernel
 # (measured on AVX2 with 2 threads: int4 wins below ~16 rows, ties at 16-32, loses 2.5x at 512).
 MAX_ROWS = 32
+# The same on a CPU with bf16 dot products (AVX512-BF16), where the int4 kernel keeps its rate from 16 rows to
+# 1024 and dequantizing blocks only catches up near 1024 (README, "Prefill through the kernels").
+BF16_CPU_MAX_ROWS = 512
 # From this many rows the bf16 copy beats the int4 kernel on a CPU with bf16 dot products, every layer's weight cold
 # in cache as in a real step: a plain copy from ~24 rows, a prepacked one from ~8.
 BF16_ROWS = 24
@@ -157,6 +160,11 @@ def bf16_rows() -> int:
     return PREPACKED_BF16_ROWS if prepacking() else BF16_ROWS
 
 
+def max_rows() -> int:
+    """Inputs of up to this many rows go through the kernel forms (use_kernels); more dequantize blocks."""
+    return BF16_CPU_MAX_ROWS if _NATIVE_BF16 else MAX_ROWS
+
+
 def native_bf16() -> bool:
     """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX; read from Linux's cpuinfo)."""
     try:
@@ -179,3 +187,6 @@ def matmul(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     else:
         y = F.linear(xb, pw.weight)
     return y.to(x.dtype).reshape(*x.shape[:-1], pw.out_features)
+
+
+_NATIVE_BF16 = native_bf16()  # read once: kernel_form asks for every linear of every step, compiled ones too

@@ -56,7 +56,7 @@ class QuantLinear(torch.nn.Module):
     Two per-instance switches trade exactness or memory for speed (neither copy is a buffer: never saved,
     never in the state dict, rebuilt lazily after .to()):
     * `cache_weights`: a dequantized copy is made on first use and reused (exact; 4-8x the packed memory).
-    * `use_kernels`: on CPU, inputs of up to qkernels.MAX_ROWS rows go through torch's weight-only int4 kernel
+    * `use_kernels`: on CPU, inputs of up to qkernels.max_rows() rows go through torch's weight-only int4 kernel
       (Q4_0/Q4_1/Q4_K, repacked losslessly apart from bf16 scales) or a bf16 copy (other types); larger inputs
       dequantize blocks as usual. Inference turns it on for CPU decoding (toolkit.qkernels says why).
       With `use_bf16_copy` as well, inputs of qkernels.bf16_rows() rows or more (prefill included) use a bf16
@@ -159,7 +159,7 @@ class QuantLinear(torch.nn.Module):
             return None
         if self.use_bf16_copy and x.numel() >= qkernels.bf16_rows() * self.in_features:
             return "bf16"
-        return "kernel" if x.numel() <= qkernels.MAX_ROWS * self.in_features else None
+        return "kernel" if x.numel() <= qkernels.max_rows() * self.in_features else None
 
     def _apply(self, fn, recurse=True):  # .to(device) and friends: the copy is rebuilt lazily
         self.drop_cache()

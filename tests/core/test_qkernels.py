@@ -57,7 +57,7 @@ def test_kernel_path_is_float_path_within_bf16_rounding(qtype, kind):
 def test_kernel_path_only_for_few_rows_and_never_under_autograd():
     torch.manual_seed(0)
     layer = QuantLinear.from_float(torch.randn(64, 256), "Q4_0")
-    big = torch.randn(qkernels.MAX_ROWS + 1, 256)
+    big = torch.randn(qkernels.max_rows() + 1, 256)
     exact = layer(big)
     layer.use_kernels = True
     assert torch.equal(layer(big), exact)  # prefill-sized input: the exact block path
