@@ -289,10 +289,7 @@ def _row_adapters_op(x: Tensor, y: Tensor, group: int) -> Tensor:
     ref, names = _groups[group]
     owner = ref()
     plan = owner.__dict__["_group_plans"][names]
-    rows = _step["rows"]
-    terms = rows.__dict__.get("_terms", {}).get(id(plan))  # _row_terms' cache, read without building mods
-    terms = terms[1] if terms is not None and terms[0] is plan else \
-        _row_terms(plan, [getattr(owner, n) for n in names], rows)
+    terms = _row_terms(plan, [getattr(owner, n) for n in names], _step["rows"])
     out = y.clone()
     _add_row_adapters(terms, x, list(out.split(plan.sizes, dim=-1)))
     return out

@@ -111,19 +111,18 @@ def bf16_form(w: torch.Tensor) -> PackedWeight:
         return PackedWeight("bf16", w, None, w.shape[0])
     pw = PackedWeight("bf16", torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), PREPACK_ROWS_HINT), None,
                       w.shape[0], next(_numbers))
-    _prepacked[pw.prepacked] = weakref.ref(pw)
-    weakref.finalize(pw, _prepacked.pop, pw.prepacked, None)
+    _prepacked[pw.prepacked] = pw
     return pw
 
 
 _numbers = itertools.count(1)
-_prepacked: dict[int, weakref.ref] = {}  # number -> the PackedWeight of a prepacked bf16 weight
+_prepacked: weakref.WeakValueDictionary[int, PackedWeight] = weakref.WeakValueDictionary()  # number -> weight
 
 
 @torch.library.custom_op("toolkit::prepacked_linear", mutates_args=())
 def _prepacked_linear(x: torch.Tensor, number: int, out_features: int) -> torch.Tensor:
     """x [M, in] bf16 @ prepacked weight `number`.T -> [M, out] bf16 (one opaque call in a compiled graph)."""
-    return torch.ops.mkldnn._linear_pointwise(x, _prepacked[number]().weight, None, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x, _prepacked[number].weight, None, "none", [], "")
 
 
 @_prepacked_linear.register_fake
@@ -137,14 +136,14 @@ def dense(pw: PackedWeight) -> torch.Tensor:
 
 
 PREPACK_ROWS_HINT = 16  # the row count oneDNN picks its blocked layout for (decode batches)
-_prepack = {"on": None}  # None: decided on first use (native_bf16() and oneDNN present)
+_prepack = {"on": None}  # None: decided on first use (bf16 dot products and oneDNN present)
 
 
 def prepacking() -> bool:
     """Whether bf16 copies are made prepacked (oneDNN's layout): on a CPU with bf16 dot products, until
     set_prepacking(False)."""
     if _prepack["on"] is None:
-        _prepack["on"] = native_bf16() and torch.backends.mkldnn.is_available() and \
+        _prepack["on"] = _NATIVE_BF16 and torch.backends.mkldnn.is_available() and \
             hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
     return bool(_prepack["on"])
 
@@ -175,6 +174,9 @@ def native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+_NATIVE_BF16 = native_bf16()  # read once: kernel_form asks for every linear of every step, compiled ones too
+
+
 def matmul(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     """x [..., in] (any float dtype) -> [..., out] in x's dtype, through the kernel form."""
     xb = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # [M, in]
@@ -187,6 +189,3 @@ def matmul(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     else:
         y = F.linear(xb, pw.weight)
     return y.to(x.dtype).reshape(*x.shape[:-1], pw.out_features)
-
-
-_NATIVE_BF16 = native_bf16()  # read once: kernel_form asks for every linear of every step, compiled ones too
