@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import threading
 import weakref
 from dataclasses import dataclass
 
@@ -105,7 +106,7 @@ class _Plan:
 
 _group_ids = itertools.count(1)
 _groups: dict[int, tuple[weakref.ref, tuple[str, ...]]] = {}  # group id -> (owner, member names)
-_step = {"rows": None}  # the RowAdapters of the compiled step now running (step_rows)
+_step = threading.local()  # .rows: the RowAdapters of the compiled step this thread runs now (step_rows)
 
 
 def _new_plan(owner: nn.Module, names: tuple[str, ...], mods: list[nn.Module], old: _Plan | None) -> _Plan:
@@ -113,7 +114,8 @@ def _new_plan(owner: nn.Module, names: tuple[str, ...], mods: list[nn.Module], o
     ids = owner.__dict__.setdefault("_group_ids", {})
     if names not in ids:
         ids[names] = next(_group_ids)
-        _groups[ids[names]] = (weakref.ref(owner), names)
+        gid = ids[names]
+        _groups[gid] = (weakref.ref(owner, lambda _, gid=gid: _groups.pop(gid, None)), names)  # pruned with owner
     plan.group = ids[names]
     return plan
 
@@ -289,7 +291,7 @@ def _row_adapters_op(x: Tensor, y: Tensor, group: int) -> Tensor:
     ref, names = _groups[group]
     owner = ref()
     plan = owner.__dict__["_group_plans"][names]
-    terms = _row_terms(plan, [getattr(owner, n) for n in names], _step["rows"])
+    terms = _row_terms(plan, [getattr(owner, n) for n in names], getattr(_step, "rows", None))
     out = y.clone()
     _add_row_adapters(terms, x, list(out.split(plan.sizes, dim=-1)))
     return out
@@ -303,11 +305,11 @@ def _(x: Tensor, y: Tensor, group: int) -> Tensor:
 @contextlib.contextmanager
 def step_rows(rows: RowAdapters | None):
     """Hand a compiled step's per-row adapters to its row_adapters ops (Decoder.step wraps each call)."""
-    old, _step["rows"] = _step["rows"], rows
+    old, _step.rows = getattr(_step, "rows", None), rows
     try:
         yield
     finally:
-        _step["rows"] = old
+        _step.rows = old
 
 
 def group_forward(owner: nn.Module, names: tuple[str, ...], x: Tensor,

@@ -89,3 +89,21 @@ def test_bf16_mode_stacks_a_bf16_copy_for_many_rows(tmp_path):
         model.set_adapters({})
         for g, w in zip(group_forward(blk, QKV, one), group_forward(packed.blk[0], QKV, one)):
             assert torch.equal(g, w)  # few rows: the int4 kernel, as "packed" runs it
+
+
+def test_group_ids_leave_with_their_model(tmp_path):
+    """The row_adapters op's registry of group ids holds its owners weakly and drops an id with its block (a server
+    that loads and drops models must not keep an entry per block it ever saw)."""
+    import gc
+
+    from toolkit import linear_group
+
+    path = make_tiny_gguf(tmp_path / "q.gguf", qtype="Q4_0")
+    model, _ = load(path, device="cpu", weights="packed")
+    with torch.inference_mode():
+        model(torch.tensor([[1, 2, 3]]))
+    ids = {i for blk in model.blk for i in blk.__dict__.get("_group_ids", {}).values()}
+    assert ids and ids <= set(linear_group._groups)
+    del model
+    gc.collect()
+    assert not ids & set(linear_group._groups)
