@@ -50,7 +50,7 @@ def _token_batches(steps: int, vocab: int, batch: int) -> list[list[list[int]]]:
 
 
 def worker_toolkit(model: str, steps: int, ckpt: bool, cache: bool, rank: int, out: dict, batch: int = 1,
-                   pool_mb: float = 0.0, mmap_mb: float = 0.0) -> None:
+                   pool_mb: float = 0.0, mmap_mb: float = 0.0, dtype: str | None = None) -> None:
     """Through the public finetune() with a random-token text file, so the whole loop is measured."""
     from toolkit.train.finetune import FinetuneConfig, finetune
 
@@ -75,7 +75,7 @@ def worker_toolkit(model: str, steps: int, ckpt: bool, cache: bool, rank: int, o
                              lora_r=rank, lora_alpha=2 * rank, rank_tok_embd=0, rank_out=0, adam_iter=steps, warmup=1,
                              use_checkpointing=ckpt, cache_base=cache, base_cache_mb=pool_mb, mmap_threshold_mb=mmap_mb,
                              save_every=0, checkpoint_out="", lora_out="",
-                             log_file="", checkpoint_in=str(Path(d, "none.gguf")), quiet=True, seed=0)
+                             log_file="", checkpoint_in=str(Path(d, "none.gguf")), quiet=True, seed=0, dtype=dtype)
         finetune(cfg, on_iteration=tick)
     steady, steady_cpu = times[1:] or times, cpu[1:] or cpu
     n = CTX * batch
@@ -83,7 +83,7 @@ def worker_toolkit(model: str, steps: int, ckpt: bool, cache: bool, rank: int, o
                peak_gb=_peak_gb())
 
 
-def worker_peft(model: str, steps: int, ckpt: bool, out: dict, batch: int = 1) -> None:
+def worker_peft(model: str, steps: int, ckpt: bool, out: dict, batch: int = 1, dtype: str | None = None) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -92,7 +92,8 @@ def worker_peft(model: str, steps: int, ckpt: bool, out: dict, batch: int = 1) -
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
     p = Path(model)
-    m = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
+    m = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name,
+                                             dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
     m.config.use_cache = False
     if ckpt:
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -222,6 +223,7 @@ def main() -> int:
                     help="toolkit's --base-cache-mb for the pooled column (0: leave that column out)")
     ap.add_argument("--mmap-threshold-mb", type=float, default=0.0,
                     help="(worker) toolkit's --mmap-threshold-mb (0: glibc's default)")
+    ap.add_argument("--dtype", default=None, help="(workers) compute dtype: finetune's --dtype; PEFT loads the model in it (default f32)")
     ap.add_argument("--huge-pages", default="auto", choices=["auto", "on", "off"],
                     help="(toolkit workers) finetune's --huge-pages, set before torch loads as the command does")
     a = ap.parse_args()
@@ -238,9 +240,9 @@ def main() -> int:
         out: dict = {}
         if a.worker == "toolkit":
             worker_toolkit(str(smollm2_gguf()), a.steps, bool(a.ckpt), bool(a.cache), RANK, out, a.batch,
-                           a.base_cache_mb, a.mmap_threshold_mb)
+                           a.base_cache_mb, a.mmap_threshold_mb, a.dtype)
         elif a.worker == "peft":
-            worker_peft(str(smollm2_gguf()), a.steps, bool(a.ckpt), out, a.batch)
+            worker_peft(str(smollm2_gguf()), a.steps, bool(a.ckpt), out, a.batch, a.dtype)
         elif a.worker == "3b":
             worker_3b(a.steps, out)
         print("RESULT " + json.dumps(out))

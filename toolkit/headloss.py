@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-Rows = Callable[[int, int], torch.Tensor]  # (r0, r1) -> float32 rows [r1 - r0, dim] of the head's weight
+Rows = Callable[[int, int], torch.Tensor]  # (r0, r1) -> rows [r1 - r0, dim] of the head's weight, in h's dtype
 
 
 class _HeadLoss(torch.autograd.Function):
@@ -23,15 +23,16 @@ class _HeadLoss(torch.autograd.Function):
     def forward(ctx, h: torch.Tensor, y: torch.Tensor, w: torch.Tensor, rows: Rows, n_vocab: int,  # type: ignore[override]
                 step: int, want_grad: bool) -> torch.Tensor:
         n = h.shape[0]
+        f32 = h.dtype == torch.float32  # otherwise (bf16/f16 compute) the GEMMs run in h's dtype, the sums in float32
         mx = torch.full((n,), float("-inf"), device=h.device)
         se = torch.zeros(n, device=h.device)
         tgt = torch.zeros(n, device=h.device)
-        acc = torch.zeros_like(h) if want_grad else None  # sum over chunks of exp(z - mx) @ W_chunk   [N, dim]
-        wy = torch.zeros_like(h) if want_grad else None  # the target's row of W                       [N, dim]
+        acc = torch.zeros_like(h, dtype=torch.float32) if want_grad else None  # sum of exp(z - mx) @ W_chunk [N, dim]
+        wy = torch.zeros_like(h, dtype=torch.float32) if want_grad else None  # the target's row of W        [N, dim]
         for r0 in range(0, n_vocab, step):
             r1 = min(r0 + step, n_vocab)
-            wc = rows(r0, r1)  # [Vc, dim]
-            z = h @ wc.t()  # [N, Vc]
+            wc = rows(r0, r1)  # [Vc, dim], h's dtype
+            z = h @ wc.t() if f32 else (h @ wc.t()).float()  # [N, Vc]
             cm = torch.maximum(mx, z.amax(1))
             inside = (y >= r0) & (y < r1)
             local = (y - r0).clamp(0, r1 - r0 - 1)
@@ -40,13 +41,16 @@ class _HeadLoss(torch.autograd.Function):
             p = z.sub_(cm[:, None]).exp_()  # in place: unnormalised probabilities of this chunk
             se = se * rescale + p.sum(1)
             if want_grad:
-                acc.mul_(rescale[:, None]).addmm_(p, wc)
+                if f32:
+                    acc.mul_(rescale[:, None]).addmm_(p, wc)
+                else:
+                    acc.mul_(rescale[:, None]).add_(p.to(wc.dtype) @ wc)
                 idx = inside.nonzero()[:, 0]
-                wy[idx] = wc[local[idx]]
+                wy[idx] = wc[local[idx]].float()
             mx = cm
         lse = mx + torch.log(se)
         if want_grad:
-            ctx.save_for_backward((acc / se[:, None] - wy) * w[:, None])
+            ctx.save_for_backward(((acc / se[:, None] - wy) * w[:, None]).to(h.dtype))
         return ((lse - tgt) * w).sum()
 
     @staticmethod
@@ -56,7 +60,9 @@ class _HeadLoss(torch.autograd.Function):
 
 
 def head_loss(h: torch.Tensor, y: torch.Tensor, w: torch.Tensor, rows: Rows, n_vocab: int, step: int) -> torch.Tensor:
-    """sum_i w_i * CE(h_i @ W.T, y_i) for h [N, dim] float32, targets y [N], weights w [N]; W (frozen, [n_vocab, dim])
-    is read through `rows` in chunks of `step` rows. Differentiable with respect to h."""
+    """sum_i w_i * CE(h_i @ W.T, y_i) for h [N, dim], targets y [N], weights w [N] (float32); W (frozen, [n_vocab,
+    dim]) is read through `rows` in chunks of `step` rows, in h's dtype. Differentiable with respect to h. With h in
+    bf16/f16 the two GEMMs a chunk run in that dtype (as the model's own linears do) and the log-sum-exp, the loss
+    and the gradient's sums stay float32."""
     want_grad = torch.is_grad_enabled() and h.requires_grad
     return _HeadLoss.apply(h, y, w, rows, n_vocab, step, want_grad)

@@ -20,27 +20,28 @@ from .data import Batch
 Rows = Callable[[int, int], torch.Tensor]
 
 
-def head_rows(head: nn.Module) -> Rows | None:
-    """Rows [r0, r1) of the output head's weight as float32, or None when the head is not a plain frozen linear
+def head_rows(head: nn.Module, dtype: torch.dtype = torch.float32) -> Rows | None:
+    """Rows [r0, r1) of the output head's weight in `dtype`, or None when the head is not a plain frozen linear
     (a LoRA on the output, an unknown module): then the loss goes through the model's own logits."""
     from toolkit.qlinear import QuantLinear
 
     if isinstance(head, QuantLinear):
         if head.cache_weights:
-            cached = head.cached_weight(torch.float32)
+            cached = head.cached_weight(dtype)
             return lambda r0, r1: cached[r0:r1]
-        return lambda r0, r1: head._chunk(r0, r1, torch.float32)
+        return lambda r0, r1: head._chunk(r0, r1, dtype)
     if isinstance(head, nn.Linear) and not head.weight.requires_grad and head.bias is None:
-        return lambda r0, r1: head.weight[r0:r1].float()
+        return lambda r0, r1: head.weight[r0:r1].to(dtype)
     return None
 
 
 def chunked_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
     """Sum of weighted token losses through the chunked head, or None if the model's head does not allow it."""
-    rows = head_rows(model.output)
+    dtype = model.compute_dtype  # bf16/f16 compute: the head's GEMMs too, as a model's logits would be
+    rows = head_rows(model.output, dtype)
     if rows is None or model.args.final_softcap:
         return None
-    h = model.hidden(x).flatten(0, 1).float()  # [B*T, dim]
+    h = model.hidden(x).flatten(0, 1).to(dtype)  # [B*T, dim]
     n_vocab = int(model.args.vocab_size)
     # chunks of ~16 MiB of logits and of dequantized head rows (the head is the largest matrix of small models)
     step = max(256, min((1 << 22) // max(h.shape[0], 1), (1 << 22) // h.shape[1]))

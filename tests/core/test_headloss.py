@@ -29,3 +29,25 @@ def test_head_loss_value_and_gradient_equal_cross_entropy(step):
     torch.testing.assert_close(h.grad, h2.grad, rtol=1e-4, atol=1e-5 * float(h2.grad.abs().max()))
     with torch.no_grad():  # evaluation: no gradient is accumulated, the value is the same
         torch.testing.assert_close(head_loss(h, y, w, lambda r0, r1: W[r0:r1], vocab, step), got.detach())
+
+
+def test_head_loss_in_bf16_runs_its_gemms_in_bf16_and_its_sums_in_float32():
+    """bf16 compute (finetune --dtype bf16): h and the head's rows in bf16. Oracle: the loss and gradient of what a
+    bf16 model computes, cross-entropy over the bf16 GEMM's logits upcast to float32 (as transformers does);
+    tolerance 2^-7 relative: one bf16 rounding of the logits and of the gradient GEMM's operands (8-bit mantissas)."""
+    g = torch.Generator().manual_seed(1)
+    n, dim, vocab = 29, 64, 700
+    W = (torch.randn(vocab, dim, generator=g) * 0.3).bfloat16()
+    h = torch.randn(n, dim, generator=g).bfloat16().requires_grad_(True)
+    y = torch.randint(0, vocab, (n,), generator=g)
+    w = torch.ones(n)
+    h2 = h.detach().clone().requires_grad_(True)
+    ref = F.cross_entropy((h2 @ W.t()).float(), y, reduction="sum")
+    got = head_loss(h, y, w, lambda r0, r1: W[r0:r1], vocab, 96)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=2**-7, atol=0)
+    got.backward()
+    ref.backward()
+    assert h.grad.dtype == torch.bfloat16
+    scale = float(h2.grad.float().abs().max())
+    torch.testing.assert_close(h.grad.float(), h2.grad.float(), rtol=0, atol=2**-7 * scale)

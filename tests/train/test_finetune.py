@@ -197,16 +197,18 @@ def test_adamw_step_is_ggml_adam():
         torch.testing.assert_close(p.detach(), want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
-def test_chunked_head_loss_equals_cross_entropy(tmp_path, qtype):
+@pytest.mark.parametrize("qtype,dtype", [("F32", None), ("Q8_0", None), ("Q8_0", "bf16")])
+def test_chunked_head_loss_equals_cross_entropy(tmp_path, qtype, dtype):
     """The vocabulary-chunked loss (no [N, V] logits) against F.cross_entropy on the full logits: value and
-    LoRA gradients, with a loss mask."""
+    LoRA gradients, with a loss mask. bf16 compute (--dtype bf16): the chunked head's GEMMs run in bf16 like the
+    model's own head, so the tolerance is bf16's (2^-7 relative: one rounding of 8-bit mantissas, summed in
+    different orders)."""
     from tiny import make_tiny_gguf
 
     from toolkit.model import load
     from toolkit.train.loss import chunked_loss
 
-    model, _ = load(make_tiny_gguf(tmp_path / "m.gguf", qtype=qtype), device="cpu", weights="float")
+    model, _ = load(make_tiny_gguf(tmp_path / "m.gguf", qtype=qtype), device="cpu", weights="float", dtype=dtype)
     ranks = {n: 4 for n in model.lora_targets() if n.startswith("blk.")}
     params = model.add_trainable_adapter("t", ranks, 8.0)
     with torch.no_grad():
@@ -224,14 +226,20 @@ def test_chunked_head_loss_equals_cross_entropy(tmp_path, qtype):
         loss.backward()
         return [p.grad.clone() for p in params]
 
-    ref = (torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="none")
+    ref = (torch.nn.functional.cross_entropy(model(x).float().flatten(0, 1), y.flatten(), reduction="none")
            * w.flatten()).sum()
     ref_g = grads(ref)
     got = chunked_loss(model, x, y, w)
     got_g = grads(got)
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+    rtol, atol = (1e-5, 1e-4) if dtype is None else (2**-7, 0.0)
+    torch.testing.assert_close(got, ref, rtol=rtol, atol=atol)
     for a, b in zip(got_g, ref_g):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()))  # f32 summation order
+        scale = float(b.float().abs().max())
+        if dtype is None:
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * scale)  # f32 summation order
+        else:
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=2**-6 * scale)
 
 
 def test_presets_parse_and_the_command_line_wins():

@@ -1,0 +1,142 @@
+"""Finetune speed, toolkit vs PEFT + transformers, alternating steps in one process.
+
+    python bench/finetune_ab.py [--dtype f32|bf16] [--batch 1] [--ckpt] [--threads 2] [--rounds 6]
+
+bench/finetune.py runs each engine in a process of its own (so that each peak RSS is its own), and on a shared
+machine two processes minutes apart can differ by 30%. Here both engines live in one process and take turns, a
+few steps each, for several rounds: what disturbs one round disturbs both, so the per-round ratio is what to
+read. Speed only (no memory figures). Same settings as bench/finetune.py: SmolLM2-135M-Instruct Q4_1, ctx 256,
+LoRA r 8 / alpha 16 on every linear of every block, AdamW; toolkit with the base packed (train_step of the real
+trainer), PEFT on transformers' float copy of the same GGUF. --dtype bf16: toolkit's --dtype bf16, PEFT's model
+loaded in bfloat16. Writes bench/results/finetune-ab-<dtype>-b<batch>[-ckpt].md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CTX, RANK = 256, 8
+
+
+def peft_step(model_path: str, dtype: str, batch: int, ckpt: bool):
+    import logging
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    p = Path(model_path)
+    m = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name,
+                                             dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+    m.config.use_cache = False
+    if ckpt:
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.enable_input_require_grads()
+    lc = LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0, task_type="CAUSAL_LM",
+                    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    m = get_peft_model(m, lc)
+    m.train()
+    params = [q for q in m.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1)
+    rng = random.Random(0)
+    vocab = m.config.vocab_size
+
+    def step() -> None:
+        x = torch.tensor([[rng.randrange(100, vocab) for _ in range(CTX + 1)] for _ in range(batch)])
+        loss = m(input_ids=x[:, :-1], labels=x[:, :-1]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def toolkit_step(model_path: str, dtype: str, batch: int, ckpt: bool, folder: str):
+    from toolkit.model import pick_device
+    from toolkit.train import dist, trainer
+    from toolkit.train.finetune import FinetuneConfig
+
+    rng = random.Random(0)
+    words = ["alpha", "river", "stone", "violet", "engine", "quiet", "orbit", "maple", "copper", "tiger"]
+    Path(folder, "t.txt").write_text(" ".join(rng.choice(words) for _ in range(4000)))
+    cfg = FinetuneConfig(model_base=model_path, train_data=str(Path(folder, "t.txt")), ctx=CTX, batch=batch,
+                         lora_r=RANK, lora_alpha=2 * RANK, rank_tok_embd=0, rank_out=0, adam_iter=10**6, warmup=1,
+                         use_checkpointing=ckpt, base_cache_mb=0, save_every=0, checkpoint_out="", lora_out="",
+                         log_file="", checkpoint_in=str(Path(folder, "none.gguf")), quiet=True, seed=0,
+                         dtype=None if dtype == "f32" else dtype)
+    d, device = dist.start(pick_device(cfg.device), cfg.dist_timeout)
+    run = trainer.prepare(cfg, d, device)
+    return lambda: trainer.train_step(run, 1.0)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--ckpt", action="store_true", help="gradient checkpointing on both sides")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=2, help="steps per engine per round")
+    a = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(a.threads)
+    from toolkit.bundled import smollm2_gguf
+
+    model = str(smollm2_gguf())
+    with tempfile.TemporaryDirectory() as folder:
+        engines = {"PEFT": peft_step(model, a.dtype, a.batch, a.ckpt),
+                   "toolkit": toolkit_step(model, a.dtype, a.batch, a.ckpt, folder)}
+        for step in engines.values():  # warm-up: first-touch, allocator, lazy inits
+            step()
+        cpu: dict[str, list[float]] = {k: [] for k in engines}
+        wall: dict[str, list[float]] = {k: [] for k in engines}
+        order = list(engines)
+        for r in range(a.rounds):
+            for name in (order if r % 2 == 0 else order[::-1]):  # alternate who goes first
+                c0, w0 = time.process_time(), time.perf_counter()
+                for _ in range(a.steps):
+                    engines[name]()
+                cpu[name].append((time.process_time() - c0) / a.steps)
+                wall[name].append((time.perf_counter() - w0) / a.steps)
+            print(f"round {r + 1}: " + ", ".join(f"{k} {cpu[k][-1]:.2f} CPU-s/step" for k in engines), flush=True)
+    n = CTX * a.batch
+    ratios = [p / t for p, t in zip(cpu["PEFT"], cpu["toolkit"])]
+    wratios = [p / t for p, t in zip(wall["PEFT"], wall["toolkit"])]
+    tag = f"{a.dtype}-b{a.batch}" + ("-ckpt" if a.ckpt else "")
+    lines = [
+        f"# finetune speed, toolkit vs PEFT, alternating in one process ({tag})",
+        "",
+        f"`python bench/finetune_ab.py --dtype {a.dtype} --batch {a.batch}{' --ckpt' if a.ckpt else ''} "
+        f"--threads {a.threads} --rounds {a.rounds} --steps {a.steps}`; SmolLM2-135M-Instruct Q4_1, ctx {CTX}, "
+        f"batch {a.batch}, r {RANK} on every linear, gradient checkpointing {'on' if a.ckpt else 'off'}, "
+        f"{a.threads} threads (OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}), torch {torch.__version__}; measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"load average {os.getloadavg()[0]:.1f} at the end.",
+        "",
+        "| engine | tok/CPU-s (median of rounds) | tok/s wall (median) |",
+        "|---|---:|---:|",
+    ]
+    for k in engines:
+        lines.append(f"| {k} | {n / statistics.median(cpu[k]):.1f} | {n / statistics.median(wall[k]):.1f} |")
+    lines += ["", "toolkit / PEFT per round, tokens per CPU-second: " + ", ".join(f"{x:.2f}x" for x in ratios)
+              + f" (median **{statistics.median(ratios):.2f}x**); wall: " + ", ".join(f"{x:.2f}x" for x in wratios)
+              + f" (median {statistics.median(wratios):.2f}x)."]
+    out = ROOT / "bench" / "results" / f"finetune-ab-{tag}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
