@@ -8,7 +8,7 @@ few steps each, for several rounds: what disturbs one round disturbs both, so th
 read. Speed only (no memory figures). Same settings as bench/finetune.py: SmolLM2-135M-Instruct Q4_1, ctx 256,
 LoRA r 8 / alpha 16 on every linear of every block, AdamW; toolkit with the base packed (train_step of the real
 trainer), PEFT on transformers' float copy of the same GGUF. --dtype bf16: toolkit's --dtype bf16, PEFT's model
-loaded in bfloat16. Writes bench/results/finetune-ab-<dtype>-b<batch>[-ckpt].md.
+loaded in bfloat16. Writes bench/results/finetune-ab-<dtype>-b<batch>[-ckpt]-t<threads>.md.
 """
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def main() -> int:
     n = CTX * a.batch
     ratios = [p / t for p, t in zip(cpu["PEFT"], cpu["toolkit"])]
     wratios = [p / t for p, t in zip(wall["PEFT"], wall["toolkit"])]
-    tag = f"{a.dtype}-b{a.batch}" + ("-ckpt" if a.ckpt else "")
+    tag = f"{a.dtype}-b{a.batch}" + ("-ckpt" if a.ckpt else "") + f"-t{a.threads}"
     lines = [
         f"# finetune speed, toolkit vs PEFT, alternating in one process ({tag})",
         "",
