@@ -49,18 +49,22 @@ def _token_batches(steps: int, vocab: int, batch: int) -> list[list[list[int]]]:
     return [[[rng.randrange(100, vocab) for _ in range(CTX + 1)] for _ in range(batch)] for _ in range(steps)]
 
 
+def write_words(path: Path) -> None:
+    """A text of unrelated words for toolkit's side: a sample at every token position (no --sample-start)."""
+    import random
+
+    rng = random.Random(0)
+    words = ["alpha", "river", "stone", "violet", "engine", "quiet", "orbit", "maple", "copper", "tiger"]
+    path.write_text(" ".join(rng.choice(words) for _ in range(4000)))
+
+
 def worker_toolkit(model: str, steps: int, ckpt: bool, cache: bool, rank: int, out: dict, batch: int = 1,
                    pool_mb: float = 0.0, mmap_mb: float = 0.0, dtype: str | None = None) -> None:
     """Through the public finetune() with a random-token text file, so the whole loop is measured."""
     from toolkit.train.finetune import FinetuneConfig, finetune
 
     with tempfile.TemporaryDirectory() as d:
-        # a text of unrelated words: a sample at every token position (no --sample-start), ctx tokens each
-        import random
-
-        rng = random.Random(0)
-        words = ["alpha", "river", "stone", "violet", "engine", "quiet", "orbit", "maple", "copper", "tiger"]
-        Path(d, "t.txt").write_text(" ".join(rng.choice(words) for _ in range(4000)))
+        write_words(Path(d, "t.txt"))
         times: list[float] = []
         cpu: list[float] = []
         last = [time.perf_counter(), time.process_time()]
@@ -83,12 +87,14 @@ def worker_toolkit(model: str, steps: int, ckpt: bool, cache: bool, rank: int, o
                peak_gb=_peak_gb())
 
 
-def worker_peft(model: str, steps: int, ckpt: bool, out: dict, batch: int = 1, dtype: str | None = None) -> None:
+def peft_trainer(model: str, ckpt: bool, dtype: str | None = None):
+    """PEFT LoRA (r RANK on every linear) on transformers' float copy of the GGUF, torch AdamW, gradient clipping
+    as finetune's: returns (step, vocab size); step(seqs) trains on token rows [B][CTX + 1]."""
+    import logging
+
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
-
-    import logging
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
     p = Path(model)
@@ -102,16 +108,26 @@ def worker_peft(model: str, steps: int, ckpt: bool, out: dict, batch: int = 1, d
                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     m = get_peft_model(m, lc)
     m.train()
-    opt = torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-3, weight_decay=0.1)
-    times, cpu = [], []
-    for seqs in _token_batches(steps, m.config.vocab_size, batch):
-        t0, c0 = time.perf_counter(), time.process_time()
+    params = [q for q in m.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1)
+
+    def step(seqs: list[list[int]]) -> None:
         x = torch.tensor(seqs)
         loss = m(input_ids=x[:, :-1], labels=x[:, :-1]).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([q for q in m.parameters() if q.requires_grad], 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    return step, m.config.vocab_size
+
+
+def worker_peft(model: str, steps: int, ckpt: bool, out: dict, batch: int = 1, dtype: str | None = None) -> None:
+    step, vocab = peft_trainer(model, ckpt, dtype)
+    times, cpu = [], []
+    for seqs in _token_batches(steps, vocab, batch):
+        t0, c0 = time.perf_counter(), time.process_time()
+        step(seqs)
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     steady, steady_cpu = times[1:] or times, cpu[1:] or cpu

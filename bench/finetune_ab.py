@@ -21,43 +21,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from finetune import CTX, RANK, peft_trainer, write_words  # bench/finetune.py: the same settings and PEFT side
+
 ROOT = Path(__file__).resolve().parents[1]
-CTX, RANK = 256, 8
 
 
 def peft_step(model_path: str, dtype: str, batch: int, ckpt: bool):
-    import logging
-
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    p = Path(model_path)
-    m = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name,
-                                             dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
-    m.config.use_cache = False
-    if ckpt:
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        m.enable_input_require_grads()
-    lc = LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0, task_type="CAUSAL_LM",
-                    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    m = get_peft_model(m, lc)
-    m.train()
-    params = [q for q in m.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1)
+    step, vocab = peft_trainer(model_path, ckpt, dtype)
     rng = random.Random(0)
-    vocab = m.config.vocab_size
-
-    def step() -> None:
-        x = torch.tensor([[rng.randrange(100, vocab) for _ in range(CTX + 1)] for _ in range(batch)])
-        loss = m(input_ids=x[:, :-1], labels=x[:, :-1]).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
+    return lambda: step([[rng.randrange(100, vocab) for _ in range(CTX + 1)] for _ in range(batch)])
 
 
 def toolkit_step(model_path: str, dtype: str, batch: int, ckpt: bool, folder: str):
@@ -65,9 +37,7 @@ def toolkit_step(model_path: str, dtype: str, batch: int, ckpt: bool, folder: st
     from toolkit.train import dist, trainer
     from toolkit.train.finetune import FinetuneConfig
 
-    rng = random.Random(0)
-    words = ["alpha", "river", "stone", "violet", "engine", "quiet", "orbit", "maple", "copper", "tiger"]
-    Path(folder, "t.txt").write_text(" ".join(rng.choice(words) for _ in range(4000)))
+    write_words(Path(folder, "t.txt"))
     cfg = FinetuneConfig(model_base=model_path, train_data=str(Path(folder, "t.txt")), ctx=CTX, batch=batch,
                          lora_r=RANK, lora_alpha=2 * RANK, rank_tok_embd=0, rank_out=0, adam_iter=10**6, warmup=1,
                          use_checkpointing=ckpt, base_cache_mb=0, save_every=0, checkpoint_out="", lora_out="",
