@@ -553,12 +553,32 @@ def _q_q4_0(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((_f16_bytes(d), qs), dim=1)
 
 
+def _min_max_finite(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """_first_min_max over dim 1 when every block's range is finite, else None: one aminmax (it propagates NaN
+    and inf, which then show in the range), and the first-of-equal rule only for blocks whose min or max is a
+    zero (the one case where equal values differ in bits: -0 / +0)."""
+    mn, mx = torch.aminmax(x, dim=1)
+    if not bool(torch.isfinite(mx - mn).all()):
+        return None
+    zero = (mn == 0) | (mx == 0)
+    if bool(zero.any()):
+        idx = zero.nonzero()[:, 0]
+        mn[idx], mx[idx] = _first_min_max(x[idx])
+    return mn, mx
+
+
 def _q_q4_1(x: torch.Tensor) -> torch.Tensor:
     x = x.reshape(-1, 32)
-    mn, mx = _first_min_max(x)
+    fast = _min_max_finite(x)
+    mn, mx = fast if fast is not None else _first_min_max(x)
     d = _cdiv(mx - mn, 15.0)
     idv = _inv_or_zero(d)
-    xi = _u8(torch.clamp_max(_as_i8(_cvt_i32((x - mn[:, None]) * idv[:, None] + 0.5)), 15))
+    if fast is not None and bool(torch.isfinite(idv).all()):
+        # (x - min) * id + 0.5 then lies in [0, ~15.5] (an id past FLT_MAX, from a tiny subnormal d, would not):
+        # C's (int8_t) cast is a plain truncation there
+        xi = (x - mn[:, None]).mul_(idv[:, None]).add_(0.5).to(torch.uint8).clamp_max_(15)
+    else:
+        xi = _u8(torch.clamp_max(_as_i8(_cvt_i32((x - mn[:, None]) * idv[:, None] + 0.5)), 15))
     qs = xi[:, :16] | (xi[:, 16:] << 4)
     return torch.cat((_f16_bytes(d), _f16_bytes(mn), qs), dim=1)
 
@@ -582,10 +602,14 @@ def _q_q5_0(x: torch.Tensor) -> torch.Tensor:
 
 def _q_q5_1(x: torch.Tensor) -> torch.Tensor:
     x = x.reshape(-1, 32)
-    mn, mx = _first_min_max(x)
+    fast = _min_max_finite(x)
+    mn, mx = fast if fast is not None else _first_min_max(x)
     d = _cdiv(mx - mn, 31.0)
     idv = _inv_or_zero(d)
-    xi = _u8(_cvt_i32((x - mn[:, None]) * idv[:, None] + 0.5))
+    if fast is not None and bool(torch.isfinite(idv).all()):  # in [0, ~31.5] (see _q_q4_1): the cast truncates
+        xi = (x - mn[:, None]).mul_(idv[:, None]).add_(0.5).to(torch.uint8)
+    else:
+        xi = _u8(_cvt_i32((x - mn[:, None]) * idv[:, None] + 0.5))
     qs = (xi[:, :16] & 0xF) | ((xi[:, 16:] & 0xF) << 4)
     return torch.cat((_f16_bytes(d), _f16_bytes(mn), _pack_bits((xi >> 4) & 1), qs), dim=1)
 
