@@ -789,15 +789,15 @@ def _make_qx_quants(x: torch.Tensor, nmax: int, finite: bool) -> tuple[torch.Ten
     cbest = torch.mul(cand, sumlx, out=terms[1])
     sq = torch.mul(sumlx, sumlx, out=v).masked_fill_((suml2 > 0).logical_not_(), -math.inf)  # never taken
     best = cbest[0].clone()
-    best_t = torch.zeros(S, dtype=torch.long, device=x.device)
     prod = torch.empty_like(best)
-    upd = torch.empty(S, dtype=torch.bool, device=x.device)
+    upd = torch.zeros((T, S), dtype=torch.bool, device=x.device)  # row t: try t replaced the best
     for t in range(1, T):
-        torch.gt(sq[t], torch.mul(best, suml2[t], out=prod), out=upd)
-        torch.where(upd, cbest[t], best, out=best)
-        best_t.masked_fill_(upd, t)
-    scale = cand.gather(0, best_t[None])[0]
-    isc = iscale.gather(0, best_t[None])[0]
+        torch.gt(sq[t], torch.mul(best, suml2[t], out=prod), out=upd[t])
+        torch.where(upd[t], cbest[t], best, out=best)
+    # the try kept is the last one that replaced the best (tries go in order): one reduction after the loop
+    best_t = (upd * torch.arange(T, dtype=torch.uint8, device=x.device)[:, None]).amax(0).long()[None]
+    scale = cand.gather(0, best_t)[0]
+    isc = iscale.gather(0, best_t)[0]
     L = _round_clamp(x * isc, -nmax, nmax - 1, finite).add_(nmax).masked_fill_(zero, 0.0)
     return scale.masked_fill_(zero, 0.0), L
 
