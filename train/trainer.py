@@ -454,4 +454,6 @@ def finish(run: Run) -> FinetuneResult:
             + (f" ({res.stop_reason})" if res.stop_reason else ""))
     for f in res.lora_files[-2:]:
         say(f"adapter: {f}")
+    if res.peft_dir:
+        say(f"PEFT adapter: {res.peft_dir}/")
     return res

@@ -257,6 +257,7 @@ def test_presets_parse_and_the_command_line_wins():
     demo = parse_config(FinetuneConfig, ["--config", str(root / "smollm2-demo.yaml"), "-m", "b.gguf",
                                          "--use-checkpointing"], prog="t")
     assert demo.use_checkpointing and demo.train_data == "configs/data/planets-train.txt" and demo.sample_start == "### "
+    assert demo.peft_out == "smollm2-planets-peft"  # the demo writes both adapter forms
     assert (root / "data" / "planets-train.txt").stat().st_size > 10000
 
 
