@@ -168,24 +168,15 @@ class BatchEngine:
 
     @torch.inference_mode()
     def step(self) -> list[tuple[int, int | None, bool]]:
-        """One engine step: a prefill chunk for slots still prefilling and one decode token for every decoding
-        slot. Returns (slot, new token id or None, finished) for each slot that produced something or finished;
-        a finished slot is freed (EOS in stop_ids ends it without yielding the token, as does max_tokens)."""
+        """One engine step: a prefill chunk for slots still prefilling, then one decode token for every decoding
+        slot (a slot whose prompt completed in this step's prefill included: it yields two tokens). Returns (slot,
+        new token id or None, finished) for each token a slot produced or its finishing, in order; a finished slot
+        is freed (EOS in stop_ids ends it without yielding the token, as does max_tokens)."""
         self._install()
         out: list[tuple[int, int | None, bool]] = []
         dev = self.device
-        decoding = [i for i, s in enumerate(self._seqs) if s is not None and s.next_token is not None]
-        if decoding:
-            rows = batch_rows(self.model, decoding)  # under compile_decode: padded to the compiled layout
-            real = set(decoding)
-            seqs = [self._seqs[i] if i in real else None for i in rows]
-            tokens = torch.tensor([[s.next_token if s else 0] for s in seqs], device=dev)
-            pos = torch.tensor([[len(s.history) - 1 if s else self._pad_position(i)] for s, i in zip(seqs, rows)],
-                               device=dev)
-            logits = self.model(tokens, input_pos=pos, slots=rows, adapters=self._row_adapters(rows, real))
-            for b, slot in enumerate(rows):
-                if slot in real:
-                    self._emit(slot, logits[b, -1], out)
+        # prompt chunks first: a slot whose prompt completes here yields its first token now and decodes its
+        # second in this same step (time to first token is one decode pass shorter)
         budget = self.prefill_chunk
         waiting = sorted((s.order, i) for i, s in enumerate(self._seqs) if s is not None and s.next_token is None)
         chunks: list[tuple[int, int]] = []  # (slot, tokens of its prompt in this step)
@@ -202,6 +193,18 @@ class BatchEngine:
             budget -= n
         if chunks:
             self._prefill(chunks, out)
+        decoding = [i for i, s in enumerate(self._seqs) if s is not None and s.next_token is not None]
+        if decoding:
+            rows = batch_rows(self.model, decoding)  # under compile_decode: padded to the compiled layout
+            real = set(decoding)
+            seqs = [self._seqs[i] if i in real else None for i in rows]
+            tokens = torch.tensor([[s.next_token if s else 0] for s in seqs], device=dev)
+            pos = torch.tensor([[len(s.history) - 1 if s else self._pad_position(i)] for s, i in zip(seqs, rows)],
+                               device=dev)
+            logits = self.model(tokens, input_pos=pos, slots=rows, adapters=self._row_adapters(rows, real))
+            for b, slot in enumerate(rows):
+                if slot in real:
+                    self._emit(slot, logits[b, -1], out)
         return out
 
     def _prefill(self, chunks: list[tuple[int, int]], out: list) -> None:

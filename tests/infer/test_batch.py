@@ -276,9 +276,11 @@ def test_stop_ids_end_a_row_without_yielding(tiny):
     engine = BatchEngine(model, n_slots=2, n_ctx=32)
     try:
         s0 = engine.add(PROMPTS[1], SamplingParams(max_tokens=5, temperature=0.0, stop_ids=frozenset({first})))
-        s1 = engine.add(PROMPTS[0], SamplingParams(max_tokens=2, temperature=0.0))
+        s1 = engine.add(PROMPTS[0], SamplingParams(max_tokens=3, temperature=0.0))
         res = engine.step()
         assert (s0, None, True) in res and s0 not in engine.active and s1 in engine.active
+        # the step prefilled s1 and then decoded it: its first two tokens, the solo greedy ones, in order
+        assert [t for s, t, _ in res if s == s1] == solo_greedy(model, PROMPTS[0], 2)
     finally:
         engine.close()
 
