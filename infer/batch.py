@@ -175,8 +175,8 @@ class BatchEngine:
         self._install()
         out: list[tuple[int, int | None, bool]] = []
         dev = self.device
-        # prompt chunks first: a slot whose prompt completes here yields its first token now and decodes its
-        # second in this same step (time to first token is one decode pass shorter)
+        # prompt chunks first: a slot whose prompt completes here yields its first token and decodes its second in
+        # this same step (it starts decoding a step earlier; the events still reach the caller at the step's end)
         budget = self.prefill_chunk
         waiting = sorted((s.order, i) for i, s in enumerate(self._seqs) if s is not None and s.next_token is None)
         chunks: list[tuple[int, int]] = []  # (slot, tokens of its prompt in this step)
