@@ -10,7 +10,7 @@ take the next one.
     engine = BatchEngine(model, n_slots=8, n_ctx=2048)
     slot = engine.add(tok.encode("Hello"), SamplingParams(temperature=0), adapters={"a": 1.0})
     while engine.active:
-        for slot, token, finished in engine.step(): ...
+        for slot, token, finished in engine.step(): ...  # or prefill() and decode(), the step's two halves
 """
 from __future__ import annotations
 
@@ -166,17 +166,18 @@ class BatchEngine:
         else:
             seq.next_token = tok
 
-    @torch.inference_mode()
     def step(self) -> list[tuple[int, int | None, bool]]:
-        """One engine step: a prefill chunk for slots still prefilling, then one decode token for every decoding
-        slot (a slot whose prompt completed in this step's prefill included: it yields two tokens). Returns (slot,
-        new token id or None, finished) for each token a slot produced or its finishing, in order; a finished slot
-        is freed (EOS in stop_ids ends it without yielding the token, as does max_tokens)."""
+        """One engine step: `prefill()` then `decode()`. Returns (slot, new token id or None, finished) for each
+        token a slot produced or its finishing, in order; a finished slot is freed (EOS in stop_ids ends it
+        without yielding the token, as does max_tokens)."""
+        return self.prefill() + self.decode()
+
+    @torch.inference_mode()
+    def prefill(self) -> list[tuple[int, int | None, bool]]:
+        """The waiting prompts' next chunks, up to prefill_chunk tokens, in one forward pass; a slot whose prompt
+        completes yields its first token (and decodes in the `decode()` that follows). Events as step's."""
         self._install()
         out: list[tuple[int, int | None, bool]] = []
-        dev = self.device
-        # prompt chunks first: a slot whose prompt completes here yields its first token and decodes its second in
-        # this same step (it starts decoding a step earlier; the events still reach the caller at the step's end)
         budget = self.prefill_chunk
         waiting = sorted((s.order, i) for i, s in enumerate(self._seqs) if s is not None and s.next_token is None)
         chunks: list[tuple[int, int]] = []  # (slot, tokens of its prompt in this step)
@@ -193,8 +194,16 @@ class BatchEngine:
             budget -= n
         if chunks:
             self._prefill(chunks, out)
+        return out
+
+    @torch.inference_mode()
+    def decode(self) -> list[tuple[int, int | None, bool]]:
+        """One token for every decoding slot, in one forward pass. Events as step's."""
+        self._install()
+        out: list[tuple[int, int | None, bool]] = []
         decoding = [i for i, s in enumerate(self._seqs) if s is not None and s.next_token is not None]
         if decoding:
+            dev = self.device
             rows = batch_rows(self.model, decoding)  # under compile_decode: padded to the compiled layout
             real = set(decoding)
             seqs = [self._seqs[i] if i in real else None for i in rows]

@@ -54,6 +54,8 @@ class Batch(Protocol):
 
     def add(self, prompt_ids: list[int], params: SamplingParams, adapters: dict[str, float] | None = None) -> int: ...
     def step(self) -> list[tuple[int, int | None, bool]]: ...
+    def prefill(self) -> list[tuple[int, int | None, bool]]: ...
+    def decode(self) -> list[tuple[int, int | None, bool]]: ...
     def cancel(self, slot: int) -> None: ...
 
 
@@ -365,18 +367,27 @@ class Engine:
             self._running[slot] = _Running(job, self.backend.detokenizer(), StopMatcher(job.stops))
 
     def _step(self) -> None:
-        try:
-            events = self.batch.step()
-        except Exception as e:  # noqa: BLE001 - fail the requests of this batch, keep serving
-            for slot, r in list(self._running.items()):
-                try:
-                    self.batch.cancel(slot)
-                except Exception:  # noqa: BLE001,S110 - already freed by the failed step
-                    pass
-                self._finish(slot, error=(500, f"generation failed: {type(e).__name__}: {e}"))
-            return
-        if any(tok is not None for _, tok, _ in events):
+        """The batch's step in its two halves, each one's events handled as soon as it returns: a request whose
+        prompt completes gets its first token before the decode pass runs, and a stop string seen there frees
+        the slot before it decodes."""
+        produced = False
+        for half in (self.batch.prefill, self.batch.decode):
+            try:
+                events = half()
+            except Exception as e:  # noqa: BLE001 - fail the requests of this batch, keep serving
+                for slot, r in list(self._running.items()):
+                    try:
+                        self.batch.cancel(slot)
+                    except Exception:  # noqa: BLE001,S110 - already freed by the failed step
+                        pass
+                    self._finish(slot, error=(500, f"generation failed: {type(e).__name__}: {e}"))
+                return
+            produced = produced or any(tok is not None for _, tok, _ in events)
+            self._handle(events)
+        if produced:
             self.stats.steps += 1
+
+    def _handle(self, events: list[tuple[int, int | None, bool]]) -> None:
         for slot, tok, finished in events:
             r = self._running.get(slot)
             if r is None:

@@ -86,7 +86,8 @@ class _Seq:
 
 class FakeBatch:
     """BatchEngine's contract (BATCH_API.md) in pure Python, for the scheduler's tests: slots, prompts prefilled
-    in chunks over steps, one token per decoding slot per step, max_tokens and stop ids end a slot, cancel."""
+    in chunks over steps (the last chunk yields the first token), then one token per decoding slot per step's
+    decode half, max_tokens and stop ids end a slot, cancel."""
 
     def __init__(self, backend: ScriptedBackend, n_slots: int):
         self.backend, self.n_slots = backend, n_slots
@@ -118,6 +119,23 @@ class FakeBatch:
         self.cancelled.append(slot)
 
     def step(self) -> list[tuple[int, int | None, bool]]:
+        return self.prefill() + self.decode()
+
+    def prefill(self) -> list[tuple[int, int | None, bool]]:
+        """Prompts advance a chunk; the one whose last chunk this is yields its first token."""
+        b = self.backend
+        b.threads.add(threading.current_thread().name)
+        out = []
+        for slot, s in list(self.seqs.items()):
+            assert set(s.adapters) <= b.loaded, f"slot {slot} runs with an unloaded adapter: {s.adapters}"
+            if s.prefilled < len(s.prompt):
+                s.prefilled = min(len(s.prompt), s.prefilled + b.prefill_chunk)
+                if s.prefilled == len(s.prompt):
+                    self._token(slot, s, out)
+        return out
+
+    def decode(self) -> list[tuple[int, int | None, bool]]:
+        """One token for every slot past its prompt (the ones prefilled just now included)."""
         b = self.backend
         b.threads.add(threading.current_thread().name)
         time.sleep(b.delay)
@@ -125,24 +143,26 @@ class FakeBatch:
         for slot, s in list(self.seqs.items()):
             assert set(s.adapters) <= b.loaded, f"slot {slot} runs with an unloaded adapter: {s.adapters}"
             if s.prefilled < len(s.prompt):
-                s.prefilled = min(len(s.prompt), s.prefilled + b.prefill_chunk)
-                if s.prefilled < len(s.prompt):
-                    continue  # the last prefill chunk gives the first token's logits
-            decoding += 1
-            tok = b.token(s.prompt, s.adapters, s.params.seed, s.n)
-            if tok in s.params.stop_ids:
-                out.append((slot, None, True))
-                del self.seqs[slot]
                 continue
-            s.n += 1
-            b.tokens += 1
-            done = s.n >= s.params.max_tokens
-            out.append((slot, tok, done))
-            if done:
-                del self.seqs[slot]
+            decoding += 1
+            self._token(slot, s, out)
         if decoding:
             b.batch_sizes.append(decoding)
         return out
+
+    def _token(self, slot: int, s: _Seq, out: list) -> None:
+        b = self.backend
+        tok = b.token(s.prompt, s.adapters, s.params.seed, s.n)
+        if tok in s.params.stop_ids:
+            out.append((slot, None, True))
+            del self.seqs[slot]
+            return
+        s.n += 1
+        b.tokens += 1
+        done = s.n >= s.params.max_tokens
+        out.append((slot, tok, done))
+        if done:
+            del self.seqs[slot]
 
 
 @contextmanager

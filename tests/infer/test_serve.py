@@ -172,6 +172,17 @@ def test_completion_and_chat_shapes_and_streaming(scripted):
     assert events[-1]["usage"]["completion_tokens"] == 12 and events[-1]["choices"] == []
 
 
+def test_a_stop_in_the_first_token_frees_the_slot_before_it_decodes(scripted):
+    """The scheduler handles the prefill half's events before the decode half runs: a request whose first token
+    completes its stop string never decodes (and its first token reaches the client one decode pass sooner)."""
+    c, backend, _ = scripted
+    first = expected(backend, "hello", {"lora0": 1.0, "lora1": 0.5}, 9, 1)
+    before = backend.tokens
+    r = c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 8, "seed": 9, "stop": first}).json()
+    assert r["choices"][0]["text"] == "" and r["choices"][0]["finish_reason"] == "stop"
+    assert backend.tokens - before == 1  # a step run whole would have made its second token too
+
+
 def test_concurrent_requests_with_different_adapter_sets_do_not_cross(scripted):
     c, backend, _ = scripted
     sets = [None, [], [{"id": 0, "scale": 1.0}], [{"id": 1, "scale": 0.25}],
