@@ -121,6 +121,11 @@ class FinetuneConfig:
                                        "then takes float memory (default: it stays packed in its GGUF blocks)")
     base_cache_mb: float = arg(0.0, help="MiB of recently dequantized base weights to reuse (forward -> backward, "
                                          "recompute -> backward; exact values); 0: dequantize on every use")
+    omp_wait: str = arg("auto", choices=["auto", "spin", "passive"],
+                        help="what OpenMP's idle threads do between ops: spin (libgomp's default; fastest on CPUs "
+                             "of your own), passive (sleep; far faster when other jobs share the CPUs), auto "
+                             "(passive if other processes keep the CPUs busy at start); OMP_WAIT_POLICY, if set, "
+                             "wins")
     huge_pages: str = arg("auto", choices=["auto", "on", "off"],
                           help="CPU: torch's transparent huge pages for buffers of 2 MiB and more (THP_MEM_ALLOC_ENABLE, "
                                "which torch reads when it starts: the command line and torchrun set it, Python callers "

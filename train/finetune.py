@@ -21,15 +21,11 @@ import os
 import sys
 from typing import Callable
 
-# OpenMP threads that spin while waiting turn a busy machine (other jobs on the same cores) into a 5-10x
-# slowdown; sleeping waiters cost little when the machine is quiet. Only applies if torch is not loaded yet.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from toolkit.config import parse_config
+from toolkit.errors import ToolkitError
 
-from toolkit.config import parse_config  # noqa: E402
-from toolkit.errors import ToolkitError  # noqa: E402
-
-from . import memory  # noqa: E402
-from .config import FinetuneConfig, FinetuneResult  # noqa: E402,F401  (the command's types, importable here)
+from . import memory
+from .config import FinetuneConfig, FinetuneResult  # noqa: F401  (the command's types, importable here)
 
 # torch loads with the loop's modules, not with this one: main() sets its allocator's switches first (--huge-pages)
 
@@ -81,9 +77,10 @@ def main(argv: list[str] | None = None) -> int:
                        description="Train a LoRA adapter on a GGUF base model (llama.cpp finetune's options).")
     launching = cfg.nproc > 1 and "LOCAL_RANK" not in os.environ  # not yet under torchrun: start the processes
     world = cfg.nproc if launching else int(os.environ.get("WORLD_SIZE", 1))
-    note = memory.request_huge_pages(cfg.huge_pages, tokens_per_pass(cfg, world))  # before torch loads
-    if note:
-        print(f"finetune: {note}", file=sys.stderr)
+    for note in (memory.request_huge_pages(cfg.huge_pages, tokens_per_pass(cfg, world)),  # before torch loads
+                 memory.choose_omp_wait(cfg.omp_wait)):
+        if note:
+            print(f"finetune: {note}", file=sys.stderr)
     if launching:
         if cfg.batch < cfg.nproc:
             raise ToolkitError(f"--batch {cfg.batch} is smaller than --nproc {cfg.nproc} (each process trains on its "

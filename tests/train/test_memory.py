@@ -84,3 +84,37 @@ def test_huge_pages_rule_and_a_loaded_torch():
         assert "already loaded" in memory.request_huge_pages("on", 1)
         assert memory.request_huge_pages("auto", 10**6) is None
         assert memory.HUGE_PAGE_ENV not in os.environ
+
+
+# A fresh process: main() picks OpenMP's wait policy before torch loads (busy share injected); libgomp reads it then.
+OMP = r"""
+import os, sys
+from toolkit.errors import ToolkitError
+from toolkit.train import finetune, memory
+memory.cpu_busy_fraction = lambda seconds=0.25: float(sys.argv[2])
+try:
+    finetune.main(["--model-base", "/nonexistent/m.gguf", "--train-data", "/nonexistent/d.txt",
+                   "--omp-wait", sys.argv[1], "--adam-iter", "1"])
+except ToolkitError:
+    pass
+print(os.environ.get("OMP_WAIT_POLICY"))
+"""
+
+
+@pytest.mark.parametrize("setting,busy,expect", [("auto", "0.9", "PASSIVE"), ("auto", "0.1", "None"),
+                                                 ("passive", "0.0", "PASSIVE"), ("spin", "1.0", "None")])
+def test_omp_wait_policy_is_chosen_before_torch_loads(setting, busy, expect):
+    env = {k: v for k, v in os.environ.items() if k not in (memory.OMP_WAIT_ENV, "TOOLKIT_OMP_WAIT_DECIDED")}
+    p = subprocess.run([sys.executable, "-c", OMP, setting, busy], capture_output=True, text=True, timeout=120,
+                       env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split()[-1] == expect
+    assert ("keep 90% of the CPUs busy" in p.stderr) == (setting == "auto" and expect == "PASSIVE")
+
+
+def test_omp_wait_keeps_the_users_choice_and_measures_the_cpus(monkeypatch):
+    monkeypatch.setenv(memory.OMP_WAIT_ENV, "ACTIVE")
+    assert memory.choose_omp_wait("passive", busy=lambda: 1.0) is None
+    assert os.environ[memory.OMP_WAIT_ENV] == "ACTIVE"
+    share = memory.cpu_busy_fraction(0.05)
+    assert share is None or 0.0 <= share <= 1.0
