@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     launching = cfg.nproc > 1 and "LOCAL_RANK" not in os.environ  # not yet under torchrun: start the processes
     world = cfg.nproc if launching else int(os.environ.get("WORLD_SIZE", 1))
     for note in (memory.request_huge_pages(cfg.huge_pages, tokens_per_pass(cfg, world)),  # before torch loads
-                 memory.choose_omp_wait(cfg.omp_wait)):
+                 memory.choose_omp_wait(cfg.omp_wait, processes=world if launching else
+                                        int(os.environ.get("LOCAL_WORLD_SIZE", 1)))):
         if note:
             print(f"finetune: {note}", file=sys.stderr)
     if launching:

@@ -105,9 +105,10 @@ def cpu_busy_fraction(seconds: float = 0.25) -> float | None:
         return None
 
 
-def choose_omp_wait(setting: str, busy=None) -> str | None:
+def choose_omp_wait(setting: str, busy=None, processes: int = 1) -> str | None:
     """Set OMP_WAIT_POLICY=PASSIVE for --omp-wait passive, or for auto when `busy()` (the CPUs' busy share) is at
-    least BUSY_FRACTION; leave libgomp's default otherwise. A value the user set, or the launching process's
+    least BUSY_FRACTION or `processes` (training processes on this machine) is more than one; leave libgomp's
+    default otherwise. A value the user set, or the launching process's
     choice, is kept, and nothing is changed once torch is loaded. Returns a line to tell, or None."""
     if OMP_WAIT_ENV in os.environ or _DECIDED_ENV in os.environ or setting == "spin":
         return None
@@ -115,6 +116,9 @@ def choose_omp_wait(setting: str, busy=None) -> str | None:
         return "--omp-wait passive has no effect: torch is already loaded" if setting == "passive" else None
     os.environ[_DECIDED_ENV] = "1"
     if setting == "passive":
+        os.environ[OMP_WAIT_ENV] = "PASSIVE"
+        return None
+    if processes > 1:  # several training processes on this machine: each one's siblings are the other jobs
         os.environ[OMP_WAIT_ENV] = "PASSIVE"
         return None
     share = (busy or cpu_busy_fraction)()
