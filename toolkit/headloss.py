@@ -32,7 +32,7 @@ class _HeadLoss(torch.autograd.Function):
         for r0 in range(0, n_vocab, step):
             r1 = min(r0 + step, n_vocab)
             wc = rows(r0, r1)  # [Vc, dim], h's dtype
-            z = h @ wc.t() if f32 else (h @ wc.t()).float()  # [N, Vc]
+            z = (h @ wc.t()).float()  # [N, Vc] (float() is a no-op in float32)
             cm = torch.maximum(mx, z.amax(1))
             inside = (y >= r0) & (y < r1)
             local = (y - r0).clamp(0, r1 - r0 - 1)

@@ -78,7 +78,6 @@ def request_huge_pages(setting: str, tokens_per_pass: int) -> str | None:
 
 OMP_WAIT_ENV = "OMP_WAIT_POLICY"
 BUSY_FRACTION = 0.5  # "auto": passive waits when other processes use at least this share of the CPUs at start
-_DECIDED_ENV = "TOOLKIT_OMP_WAIT_DECIDED"  # set for the processes a launcher starts: they keep its choice
 
 
 def cpu_busy_fraction(seconds: float = 0.25) -> float | None:
@@ -108,13 +107,12 @@ def cpu_busy_fraction(seconds: float = 0.25) -> float | None:
 def choose_omp_wait(setting: str, busy=None, processes: int = 1) -> str | None:
     """Set OMP_WAIT_POLICY=PASSIVE for --omp-wait passive, or for auto when `busy()` (the CPUs' busy share) is at
     least BUSY_FRACTION or `processes` (training processes on this machine) is more than one; leave libgomp's
-    default otherwise. A value the user set, or the launching process's
-    choice, is kept, and nothing is changed once torch is loaded. Returns a line to tell, or None."""
-    if OMP_WAIT_ENV in os.environ or _DECIDED_ENV in os.environ or setting == "spin":
+    default otherwise. A value the user set (or a launcher's PASSIVE, which its
+    processes inherit) is kept, and nothing is changed once torch is loaded. Returns a line to tell, or None."""
+    if OMP_WAIT_ENV in os.environ or setting == "spin":
         return None
     if "torch" in sys.modules:
         return "--omp-wait passive has no effect: torch is already loaded" if setting == "passive" else None
-    os.environ[_DECIDED_ENV] = "1"
     if setting == "passive":
         os.environ[OMP_WAIT_ENV] = "PASSIVE"
         return None
