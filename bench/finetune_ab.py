@@ -1,6 +1,6 @@
 """Finetune speed, toolkit vs PEFT + transformers, alternating steps in one process.
 
-    python bench/finetune_ab.py [--dtype f32|bf16] [--batch 1] [--ckpt] [--threads 2] [--rounds 6]
+    python bench/finetune_ab.py [--dtype f32|bf16] [--batch 1] [--ckpt] [--threads 2] [--rounds 6] [--model M] [--codecs]
 
 bench/finetune.py runs each engine in a process of its own (so that each peak RSS is its own), and on a shared
 machine two processes minutes apart can differ by 30%. Here both engines live in one process and take turns, a
@@ -8,7 +8,8 @@ few steps each, for several rounds: what disturbs one round disturbs both, so th
 read. Speed only (no memory figures). Same settings as bench/finetune.py: SmolLM2-135M-Instruct Q4_1, ctx 256,
 LoRA r 8 / alpha 16 on every linear of every block, AdamW; toolkit with the base packed (train_step of the real
 trainer), PEFT on transformers' float copy of the same GGUF. --dtype bf16: toolkit's --dtype bf16, PEFT's model
-loaded in bfloat16. Writes bench/results/finetune-ab-<dtype>-b<batch>[-ckpt]-t<threads>.md.
+loaded in bfloat16. --codecs runs toolkit twice, with libggml's codec and with the torch codec. Writes
+bench/results/finetune-ab-[<model>-]<dtype>-b<batch>[-ckpt][-codecs]-t<threads>.md.
 """
 from __future__ import annotations
 
@@ -56,6 +57,10 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--steps", type=int, default=2, help="steps per engine per round")
+    ap.add_argument("--model", default=None, help="GGUF base (default: the bundled SmolLM2 Q4_1)")
+    ap.add_argument("--codecs", action="store_true",
+                    help="toolkit twice: libggml's codec (the default where llama-cpp-python is installed) and the "
+                         "torch codec (TOOLKIT_CODEC=torch), switched before each engine's steps")
     a = ap.parse_args()
 
     import torch
@@ -63,10 +68,19 @@ def main() -> int:
     torch.set_num_threads(a.threads)
     from toolkit.bundled import smollm2_gguf
 
-    model = str(smollm2_gguf())
+    from toolkit import ggml_codec
+
+    model = a.model or str(smollm2_gguf())
     with tempfile.TemporaryDirectory() as folder:
         engines = {"PEFT": peft_step(model, a.dtype, a.batch, a.ckpt),
                    "toolkit": toolkit_step(model, a.dtype, a.batch, a.ckpt, folder)}
+        if a.codecs:
+            if not ggml_codec.available():
+                print(f"--codecs: {ggml_codec.unavailable_reason()}", file=sys.stderr)
+                return 1
+            tk = engines.pop("toolkit")
+            engines["toolkit"] = lambda: (ggml_codec.set_codec("ggml"), tk())
+            engines["toolkit, torch codec"] = lambda: (ggml_codec.set_codec("torch"), tk())
         for step in engines.values():  # warm-up: first-touch, allocator, lazy inits
             step()
         cpu: dict[str, list[float]] = {k: [] for k in engines}
@@ -81,26 +95,27 @@ def main() -> int:
                 wall[name].append((time.perf_counter() - w0) / a.steps)
             print(f"round {r + 1}: " + ", ".join(f"{k} {cpu[k][-1]:.2f} CPU-s/step" for k in engines), flush=True)
     n = CTX * a.batch
-    ratios = [p / t for p, t in zip(cpu["PEFT"], cpu["toolkit"])]
-    wratios = [p / t for p, t in zip(wall["PEFT"], wall["toolkit"])]
-    tag = f"{a.dtype}-b{a.batch}" + ("-ckpt" if a.ckpt else "") + f"-t{a.threads}"
+    tag = (f"{Path(a.model).stem}-" if a.model else "") + f"{a.dtype}-b{a.batch}" + ("-ckpt" if a.ckpt else "") \
+        + ("-codecs" if a.codecs else "") + f"-t{a.threads}"
     lines = [
         f"# finetune speed, toolkit vs PEFT, alternating in one process ({tag})",
         "",
-        f"`python bench/finetune_ab.py --dtype {a.dtype} --batch {a.batch}{' --ckpt' if a.ckpt else ''} "
-        f"--threads {a.threads} --rounds {a.rounds} --steps {a.steps}`; SmolLM2-135M-Instruct Q4_1, ctx {CTX}, "
+        f"`python bench/finetune_ab.py {' '.join(sys.argv[1:])}`; {Path(model).name}, ctx {CTX}, "
         f"batch {a.batch}, r {RANK} on every linear, gradient checkpointing {'on' if a.ckpt else 'off'}, "
-        f"{a.threads} threads (OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}), torch {torch.__version__}; measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-        f"load average {os.getloadavg()[0]:.1f} at the end.",
+        f"{a.threads} threads (OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}), torch {torch.__version__}; "
+        f"measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {os.getloadavg()[0]:.1f} at the end.",
         "",
         "| engine | tok/CPU-s (median of rounds) | tok/s wall (median) |",
         "|---|---:|---:|",
     ]
     for k in engines:
         lines.append(f"| {k} | {n / statistics.median(cpu[k]):.1f} | {n / statistics.median(wall[k]):.1f} |")
-    lines += ["", "toolkit / PEFT per round, tokens per CPU-second: " + ", ".join(f"{x:.2f}x" for x in ratios)
-              + f" (median **{statistics.median(ratios):.2f}x**); wall: " + ", ".join(f"{x:.2f}x" for x in wratios)
-              + f" (median {statistics.median(wratios):.2f}x)."]
+    for k in [k for k in engines if k != "PEFT"]:
+        ratios = [p / t for p, t in zip(cpu["PEFT"], cpu[k])]
+        wratios = [p / t for p, t in zip(wall["PEFT"], wall[k])]
+        lines += ["", f"{k} / PEFT per round, tokens per CPU-second: " + ", ".join(f"{x:.2f}x" for x in ratios)
+                  + f" (median **{statistics.median(ratios):.2f}x**); wall: " + ", ".join(f"{x:.2f}x" for x in wratios)
+                  + f" (median {statistics.median(wratios):.2f}x)."]
     out = ROOT / "bench" / "results" / f"finetune-ab-{tag}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")

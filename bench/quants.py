@@ -8,6 +8,8 @@ MB/s counts the float32 side (64 MiB for 4096x4096). libggml's ggml_quantize_chu
 single-threaded calls, so they are run on N row ranges from N Python threads (ctypes releases the GIL);
 torch gets torch.set_num_threads(N). gguf-py's numpy is single-threaded whatever N is, and cannot quantize
 K-quants at all. Every timing is the best of R runs; our bytes are checked against libggml's each time.
+"ours" is the torch codec (TOOLKIT_CODEC=torch); the second table times toolkit's default, which on the CPU hands
+the block types to libggml itself (toolkit.ggml_codec), so its ratio shows what the dispatch costs.
 --clock cpu times the process's CPU (all threads; for 1 thread on a shared machine, where other jobs disturb
 wall time far more) instead of the wall clock.
 Writes a markdown table to bench/results/quants.md.
@@ -38,6 +40,7 @@ import gguf
 import oracle_ggml
 from gguf import GGMLQuantizationType
 
+from toolkit import ggml_codec
 from toolkit.qlinear import QuantLinear
 from toolkit.quants import dequantize, quantize
 
@@ -100,12 +103,13 @@ def main(argv=None) -> int:
     x = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
     xt = torch.from_numpy(x).to(args.device)
     mb = x.nbytes / 1e6
-    rows, decode_rows = [], []
+    rows, decode_rows, default_rows = [], [], []
 
     def measure(name: str, pool: ThreadPoolExecutor) -> None:
         qt = GGMLQuantizationType[name]
         # quantize: libggml, ours, gguf-py (where it can)
         t_c, ref = best(lambda: ggml_quantize_mt(x, qt, pool, args.threads), args.repeat)
+        ggml_codec.set_codec("torch")
         t_t, ours = best(lambda: quantize(xt, qt), max(1, args.repeat - 1))
         exact_q = ours.cpu().numpy().tobytes() == ref
         try:
@@ -120,6 +124,14 @@ def main(argv=None) -> int:
         d_t, ours_f = best(lambda: dequantize(raw_t, qt, (n, n)), dr)
         d_g, _ = best(lambda: gguf.quants.dequantize(raw, qt), dr)
         exact_d = np.array_equal(ours_f.cpu().numpy().view(np.uint32), ref_f.view(np.uint32))
+        ggml_codec.set_codec("auto")
+        used = "libggml" if ggml_codec.handles(qt, "dequantize", xt.device) else "torch"
+        t_a, ours_a = best(lambda: quantize(xt, qt), max(1, args.repeat - 1))
+        d_a, ours_af = best(lambda: dequantize(raw_t, qt, (n, n)), dr)
+        same_a = ours_a.cpu().numpy().tobytes() == ref and np.array_equal(ours_af.cpu().numpy().view(np.uint32),
+                                                                           ref_f.view(np.uint32))
+        default_rows.append((name, used, mb / t_a, t_c / t_a, mb / d_a, d_c / d_a, same_a))
+        ggml_codec.set_codec("torch")
         rows.append((name, mb / t_t, mb / t_c, None if t_g is None else mb / t_g, t_c / t_t,
                      None if t_g is None else t_g / t_t, exact_q, mb / d_t, mb / d_c, mb / d_g,
                      d_c / d_t, d_g / d_t, exact_d))
@@ -166,6 +178,15 @@ def main(argv=None) -> int:
         lines.append(f"| {r[0]} | {r[1]:.0f} | {r[2]:.0f} | {fmt(r[3], '.0f')} | {r[4]:.2f}x | {fmt(r[5], '.2f')}"
                      f"{'' if r[5] is None else 'x'} | {'yes' if r[6] else 'NO'} | {r[7]:.0f} | {r[8]:.0f} | {r[9]:.0f} | "
                      f"{r[10]:.2f}x | {r[11]:.2f}x | {'yes' if r[12] else 'NO'} |")
+    lines += [
+        "",
+        "toolkit's default codec (TOOLKIT_CODEC=auto: libggml for CPU block types when llama-cpp-python is installed):",
+        "",
+        "| type | codec | quantize MB/s | vs libggml | dequantize MB/s | vs libggml | exact |",
+        "|---|---|---:|---:|---:|---:|:-:|",
+    ]
+    for r in default_rows:
+        lines.append(f"| {r[0]} | {r[1]} | {r[2]:.0f} | {r[3]:.2f}x | {r[4]:.0f} | {r[5]:.2f}x | {'yes' if r[6] else 'NO'} |")
     lines += [
         "",
         f"QuantLinear decode (x: [1, {n}]): packed weight dequantized on the fly (training's path), the CPU kernel",

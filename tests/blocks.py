@@ -1,4 +1,4 @@
-"""Random packed GGUF blocks for codec and layer tests."""
+"""Codec and layer test inputs: random packed GGUF blocks, float inputs for the quantizers, a bitwise compare."""
 from __future__ import annotations
 
 import numpy as np
@@ -36,3 +36,44 @@ def finite_blocks(qtype: Q, rows: int, cols: int, seed: int = 0) -> np.ndarray:
         d = (rng.random(len(blocks)) * 1e-2).astype(np.float16)
         blocks[:, off:off + 2] = d.view(np.uint8).reshape(-1, 2)
     return raw
+
+
+def distributions(rows: int, n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Float32 [rows, n] inputs that exercise every branch of the reference quantizers."""
+    rng = np.random.default_rng(seed)
+
+    def normal() -> np.ndarray:
+        return rng.standard_normal((rows, n)).astype(np.float32)
+
+    d: dict[str, np.ndarray] = {"normal": normal()}
+    x = normal()
+    x[rng.random(x.shape) < 0.01] *= 1e4
+    d["outliers"] = x
+    x = normal()
+    m = rng.random(x.shape) < 0.005
+    x[m] = rng.choice(np.array([3e38, -3e38, 1e30, -1e37], np.float32), int(m.sum()))
+    d["huge"] = x  # x*x overflows to inf inside the searches
+    d["zeros"] = np.zeros((rows, n), np.float32)
+    x = np.zeros((rows, n), np.float32)
+    x[:, ::7] = -0.0
+    x[1::3, 5::11] = 1e-3
+    d["signed_zeros"] = x
+    d["subnormal"] = (rng.standard_normal((rows, n)) * 1e-39).astype(np.float32)
+    d["tiny"] = (rng.standard_normal((rows, n)) * 1e-30).astype(np.float32)
+    x = normal()
+    x[rows // 2] = 0.37  # one constant row among normal ones
+    d["constant_row"] = x
+    d["negative"] = -np.abs(normal())
+    d["positive"] = np.abs(normal())
+    d["ties"] = (rng.integers(-64, 64, (rows, n)) / 8).astype(np.float32)  # exact halves, +a/-a ties
+    d["sparse"] = (rng.standard_normal((rows, n)) * (rng.random((rows, n)) < 0.1)).astype(np.float32)
+    d["fp16_overflow"] = (rng.standard_normal((rows, n)) * 1e6).astype(np.float32)  # block scales -> inf
+    with np.errstate(over="ignore"):
+        d["log_scale"] = (rng.standard_normal((rows, n)) * 10.0 ** rng.uniform(-44, 38, (rows, 1))).astype(np.float32)
+    return d
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bitwise equal floats, except that any NaN equals any NaN."""
+    nan = np.isnan(a)
+    return bool(np.array_equal(nan, np.isnan(b)) and np.array_equal(a[~nan].view(np.uint32), b[~nan].view(np.uint32)))

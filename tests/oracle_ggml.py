@@ -6,89 +6,31 @@
   in libggml-base; older builds keep it in libggml / `ggml_internal_get_type_traits`).
 - `available()`: whether llama_cpp and its libggml could be loaded (tests skip otherwise).
 
-Both release the GIL (ctypes), so callers may run row chunks in threads.
+Both release the GIL (ctypes), so callers may run row chunks in threads. The library is found and loaded by
+toolkit.ggml_codec (the toolkit's CPU codec when llama-cpp-python is installed), so the tests of the torch codec
+against this oracle set the torch codec first.
 """
 from __future__ import annotations
-
-import ctypes
-import functools
-import os
-from pathlib import Path
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+from toolkit import ggml_codec  # the ctypes loading only; these wrappers are numpy-in, numpy-out
 
 
-class _TypeTraits(ctypes.Structure):
-    _fields_ = [
-        ("type_name", ctypes.c_char_p),
-        ("blck_size", ctypes.c_int64),
-        ("blck_size_interleave", ctypes.c_int64),
-        ("type_size", ctypes.c_size_t),
-        ("is_quantized", ctypes.c_bool),
-        ("to_float", ctypes.c_void_p),
-        ("from_float_ref", ctypes.c_void_p),
-    ]
+def _lib():
+    return ggml_codec.library()
 
 
-def _lib_dir() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or spec.origin is None:
-        raise OSError("llama_cpp (llama-cpp-python) is not installed")
-    return Path(spec.origin).parent / "lib"
-
-
-def _find(names: tuple[str, ...]) -> str | None:
-    d = _lib_dir()
-    for n in names:
-        for ext in (".so", ".dylib", ".dll"):
-            p = d / f"{n}{ext}"
-            if p.exists():
-                return str(p)
-    return None
-
-
-@functools.cache
-def _lib() -> ctypes.CDLL:
-    """The library that exports ggml_quantize_chunk (libggml-base in current builds, libggml before)."""
-    mode = getattr(os, "RTLD_GLOBAL", 0)
-    for names in (("libggml-base", "ggml-base"), ("libggml", "ggml")):
-        path = _find(names)
-        if path is None:
-            continue
-        lib = ctypes.CDLL(path, mode=mode)
-        if hasattr(lib, "ggml_quantize_chunk"):
-            lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-            lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                                ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-            return lib
-    raise OSError(f"no libggml exporting ggml_quantize_chunk under {_lib_dir()}")
-
-
-@functools.cache
 def _to_float(qtype: int):
-    lib = _lib()
-    getter = getattr(lib, "ggml_get_type_traits", None) or getattr(lib, "ggml_internal_get_type_traits", None)
-    if getter is None:
-        raise OSError("libggml exports no ggml_get_type_traits")
-    getter.restype = ctypes.POINTER(_TypeTraits)
-    getter.argtypes = [ctypes.c_int]
-    traits = getter(int(qtype)).contents
-    if not traits.to_float:
+    fn = ggml_codec.to_float(int(qtype))
+    if fn is None:
         raise ValueError(f"ggml has no to_float for {GGMLQuantizationType(qtype).name}")
-    return _TO_FLOAT(traits.to_float)
+    return fn
 
 
 def available() -> bool:
-    try:
-        _lib()
-        return True
-    except OSError:
-        return False
+    return ggml_codec.available()
 
 
 def ggml_quantize(x: np.ndarray, qtype: GGMLQuantizationType | str) -> bytes:

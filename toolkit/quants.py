@@ -4,6 +4,8 @@
   `dequantize_row_*` functions of ggml-quants.c), vectorised over blocks, CPU or CUDA.
 - `quantize(x, qtype)`: float rows -> uint8 [rows, row_bytes], identical to `ggml_quantize_chunk` without an
   importance matrix (the `quantize_row_*_ref` reference quantizers), K-quants' iterative searches included.
+- On the CPU, both hand the block types to llama.cpp's own C codec when llama-cpp-python is installed
+  (toolkit.ggml_codec; TOOLKIT_CODEC=torch keeps this module's): same bytes, fewer passes over memory.
 - `tensor_float(t)`: any GGUF tensor (TensorInfo) as torch values; `encode(w, qtype)`: float values -> the data
   `write_gguf` stores for `qtype`. Every reader and writer of GGUF tensor values goes through these two.
 
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from . import ggml_codec
 from .errors import ToolkitError
 from .gguf_io import QType, TensorInfo, as_qtype, row_bytes
 
@@ -338,7 +341,10 @@ _WRITES_OUT = {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q
 
 
 def _run_dequant(qtype: Q, blocks: torch.Tensor) -> torch.Tensor:
-    """blocks [nb, block_bytes] -> float32 [nb, block_values], chunked on CPU."""
+    """blocks [nb, block_bytes] -> float32 [nb, block_values]: libggml's to_float where toolkit.ggml_codec takes
+    the type, else the torch codec (chunked on CPU)."""
+    if ggml_codec.handles(qtype, "dequantize", blocks.device):
+        return ggml_codec.dequantize(blocks, qtype)
     fn = _DEQUANT[qtype]
     bv = GGML_QUANT_SIZES[qtype][0]
     nb = blocks.shape[0]
@@ -1030,6 +1036,8 @@ def quantize(x: torch.Tensor, qtype: QType) -> torch.Tensor:
     if rows == 0 or n == 0:
         return out
     x = x.detach()
+    if ggml_codec.handles(qtype, "quantize", x.device):
+        return ggml_codec.quantize(x, qtype)
     if qtype in (Q.F32, Q.F16, Q.BF16):
         return fn(x.to(_F32).contiguous()).reshape(rows, rb)
     step = max(1, QUANT_CHUNK // n)

@@ -6,9 +6,10 @@ import numpy as np
 import oracle_ggml
 import pytest
 import torch
-from blocks import random_blocks
+from blocks import distributions, random_blocks, same_bits
 from gguf import GGMLQuantizationType as Q
 
+from toolkit import ggml_codec
 from toolkit.errors import ToolkitError
 from toolkit.quants import DEQUANT_TYPES, QUANT_TYPES, dequantize, quantize
 
@@ -18,39 +19,12 @@ needs_ggml = [pytest.mark.llamacpp,
 GGUF_PY_QUANTIZES = [Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0]
 
 
-def distributions(rows: int, n: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Float32 [rows, n] inputs that exercise every branch of the reference quantizers."""
-    rng = np.random.default_rng(seed)
-
-    def normal() -> np.ndarray:
-        return rng.standard_normal((rows, n)).astype(np.float32)
-
-    d: dict[str, np.ndarray] = {"normal": normal()}
-    x = normal()
-    x[rng.random(x.shape) < 0.01] *= 1e4
-    d["outliers"] = x
-    x = normal()
-    m = rng.random(x.shape) < 0.005
-    x[m] = rng.choice(np.array([3e38, -3e38, 1e30, -1e37], np.float32), int(m.sum()))
-    d["huge"] = x  # x*x overflows to inf inside the searches
-    d["zeros"] = np.zeros((rows, n), np.float32)
-    x = np.zeros((rows, n), np.float32)
-    x[:, ::7] = -0.0
-    x[1::3, 5::11] = 1e-3
-    d["signed_zeros"] = x
-    d["subnormal"] = (rng.standard_normal((rows, n)) * 1e-39).astype(np.float32)
-    d["tiny"] = (rng.standard_normal((rows, n)) * 1e-30).astype(np.float32)
-    x = normal()
-    x[rows // 2] = 0.37  # one constant row among normal ones
-    d["constant_row"] = x
-    d["negative"] = -np.abs(normal())
-    d["positive"] = np.abs(normal())
-    d["ties"] = (rng.integers(-64, 64, (rows, n)) / 8).astype(np.float32)  # exact halves, +a/-a ties
-    d["sparse"] = (rng.standard_normal((rows, n)) * (rng.random((rows, n)) < 0.1)).astype(np.float32)
-    d["fp16_overflow"] = (rng.standard_normal((rows, n)) * 1e6).astype(np.float32)  # block scales -> inf
-    with np.errstate(over="ignore"):
-        d["log_scale"] = (rng.standard_normal((rows, n)) * 10.0 ** rng.uniform(-44, 38, (rows, 1))).astype(np.float32)
-    return d
+@pytest.fixture(autouse=True)
+def _torch_codec():
+    """These tests check the torch codec: libggml is their oracle, so it must not also be the code under test."""
+    prev = ggml_codec.set_codec("torch")
+    yield
+    ggml_codec.set_codec(prev)
 
 
 @pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda q: q.name)
@@ -169,12 +143,6 @@ def test_roundtrip_error_is_small(qtype):
     limit = {"Q2_K": 0.45, "Q3_K": 0.25, "Q4_0": 0.15, "Q4_1": 0.15, "Q4_K": 0.1, "Q5_0": 0.07,
              "Q5_1": 0.07, "Q5_K": 0.05, "Q6_K": 0.03, "Q8_0": 0.01, "F16": 1e-3, "BF16": 1e-2, "F32": 0}
     assert rel <= limit[qtype.name], rel
-
-
-def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
-    """Bitwise equal floats, except that any NaN equals any NaN."""
-    nan = np.isnan(a)
-    return bool(np.array_equal(nan, np.isnan(b)) and np.array_equal(a[~nan].view(np.uint32), b[~nan].view(np.uint32)))
 
 
 @pytest.mark.parametrize("qtype", DEQUANT_TYPES, ids=lambda q: q.name)

@@ -1,0 +1,206 @@
+"""llama.cpp's own codec on the CPU: libggml's `to_float` and `ggml_quantize_chunk`, called through ctypes on the
+libggml-base that llama-cpp-python ships (an optional dependency: `pip install toolkit[ggml]`).
+
+toolkit.quants hands CPU tensors of the block types here when the library is found; the torch codec in quants
+(bit-identical, checked against this library in the tests) does everything else: CUDA/MPS tensors, float types,
+compiled graphs, machines without llama-cpp-python. The C loops make one pass over the output where eager torch
+makes several, so they are 1.1-15x faster on the CPU (README, codec table).
+
+Which codec runs is one setting: `TOOLKIT_CODEC` = `auto` (default: libggml where it loads), `torch`, or
+`ggml` (libggml or a clear error); `set_codec()` changes it in-process. The package is located, never imported
+(importing llama_cpp loads libllama too). A library whose type table disagrees with gguf-py's block sizes is
+not used.
+
+Large tensors are cut into row ranges run on a thread pool (as many parts as torch's thread count): ctypes
+releases the GIL for the call, so the parts run in parallel.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+
+from .errors import ToolkitError
+
+__all__ = ["CODECS", "available", "codec", "dequantize", "handles", "quantize", "set_codec", "unavailable_reason"]
+
+CODECS = ("auto", "torch", "ggml")
+MIN_PART = 1 << 18  # values per thread: below this a hand-off costs more than the second core saves
+_FLOAT = (Q.F32, Q.F16, Q.BF16)
+_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+
+
+class _TypeTraits(ctypes.Structure):  # struct ggml_type_traits (ggml.h)
+    _fields_ = [
+        ("type_name", ctypes.c_char_p),
+        ("blck_size", ctypes.c_int64),
+        ("blck_size_interleave", ctypes.c_int64),
+        ("type_size", ctypes.c_size_t),
+        ("is_quantized", ctypes.c_bool),
+        ("to_float", ctypes.c_void_p),
+        ("from_float_ref", ctypes.c_void_p),
+    ]
+
+
+def _check(name: str) -> str:
+    if name not in CODECS:
+        raise ToolkitError(f"TOOLKIT_CODEC={name!r}: expected one of {', '.join(CODECS)}")
+    return name
+
+
+_setting = os.environ.get("TOOLKIT_CODEC", "auto").strip().lower() or "auto"
+
+
+def codec() -> str:
+    """The current setting: auto, torch or ggml."""
+    return _check(_setting)
+
+
+def set_codec(name: str) -> str:
+    """Choose the CPU codec for this process; returns the previous setting. `ggml` fails here if libggml does
+    not load."""
+    global _setting
+    prev, _setting = _setting, _check(name)
+    if name == "ggml" and not available():
+        _setting = prev
+        raise ToolkitError(f"codec ggml: {unavailable_reason()}")
+    return prev
+
+
+def _lib_dir() -> Path:
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        raise OSError("llama-cpp-python is not installed (pip install llama-cpp-python)")
+    return Path(spec.origin).parent / "lib"
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    """libggml-base (libggml in older builds): the library exporting ggml_quantize_chunk and the type traits."""
+    d = _lib_dir()
+    for stem in ("libggml-base", "ggml-base", "libggml", "ggml"):
+        for ext in (".so", ".dylib", ".dll"):
+            path = d / f"{stem}{ext}"
+            if not path.exists():
+                continue
+            lib = ctypes.CDLL(str(path), mode=getattr(os, "RTLD_GLOBAL", 0))
+            if not hasattr(lib, "ggml_quantize_chunk"):
+                continue
+            lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+            lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                                ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+            getter = getattr(lib, "ggml_get_type_traits", None) or getattr(lib, "ggml_internal_get_type_traits", None)
+            if getter is None:
+                continue
+            getter.restype = ctypes.POINTER(_TypeTraits)
+            getter.argtypes = [ctypes.c_int]
+            return lib
+    raise OSError(f"no libggml with ggml_quantize_chunk and type traits under {d}")
+
+
+def unavailable_reason() -> str | None:
+    """Why libggml cannot be used, or None when it can."""
+    try:
+        library()
+        return None
+    except OSError as e:
+        return str(e)
+
+
+def available() -> bool:
+    return unavailable_reason() is None
+
+
+@functools.cache
+def _traits(qtype: int) -> _TypeTraits | None:
+    """The library's traits for a block type, None where its block sizes differ from gguf-py's (another ABI)."""
+    traits = library().ggml_get_type_traits(int(qtype)).contents
+    bv, bb = GGML_QUANT_SIZES[Q(qtype)]
+    if traits.blck_size != bv or traits.type_size != bb:
+        return None
+    return traits
+
+
+@functools.cache
+def to_float(qtype: int):
+    """libggml's to_float(blocks, out, n) for a block type, or None."""
+    t = _traits(int(qtype))
+    return _TO_FLOAT(t.to_float) if t is not None and t.to_float else None
+
+
+def handles(qtype: Q, op: str, device: torch.device) -> bool:
+    """Whether `op` ("dequantize" / "quantize") of `qtype` on `device` goes to libggml under the current setting."""
+    setting = codec()
+    if setting == "torch" or device.type != "cpu" or qtype in _FLOAT or torch.compiler.is_compiling():
+        return False
+    if not available():
+        if setting == "ggml":
+            raise ToolkitError(f"TOOLKIT_CODEC=ggml: {unavailable_reason()}")
+        return False
+    if _traits(int(qtype)) is None:
+        return False
+    return op == "quantize" or to_float(int(qtype)) is not None
+
+
+_pool_lock = threading.Lock()
+_pool: tuple[int, int, ThreadPoolExecutor] | None = None
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:  # one pool per process (a forked child makes its own) and size
+        if _pool is None or _pool[0] != os.getpid() or _pool[1] < workers:
+            _pool = (os.getpid(), workers, ThreadPoolExecutor(workers, thread_name_prefix="ggml-codec"))
+        return _pool[2]
+
+
+def _run_parts(rows: int, values_per_row: int, one) -> None:
+    """one(r0, r1) over row ranges: this thread takes the first, the pool the rest."""
+    parts = max(1, min(torch.get_num_threads(), rows, rows * values_per_row // MIN_PART))
+    cuts = [rows * i // parts for i in range(parts + 1)]
+    ranges = list(zip(cuts[:-1], cuts[1:]))
+    futures = [_executor(parts - 1).submit(one, *rr) for rr in ranges[1:]] if parts > 1 else []
+    one(*ranges[0])
+    for f in futures:
+        f.result()
+
+
+def dequantize(blocks: torch.Tensor, qtype: Q) -> torch.Tensor:
+    """uint8 blocks [nb, block_bytes] (CPU) -> float32 [nb, block_values], libggml's to_float."""
+    bv, bb = GGML_QUANT_SIZES[qtype]
+    blocks = blocks.contiguous()
+    nb = blocks.shape[0]
+    out = torch.empty((nb, bv), dtype=torch.float32)
+    fn, src, dst = to_float(int(qtype)), blocks.data_ptr(), out.data_ptr()
+
+    def one(b0: int, b1: int) -> None:
+        fn(src + b0 * bb, dst + b0 * bv * 4, (b1 - b0) * bv)
+
+    _run_parts(nb, bv, one)
+    return out
+
+
+def quantize(x: torch.Tensor, qtype: Q) -> torch.Tensor:
+    """float32 rows [rows, n] (CPU, n a whole number of blocks) -> uint8 [rows, row_bytes], ggml_quantize_chunk
+    without an importance matrix (the reference quantizers)."""
+    bv, bb = GGML_QUANT_SIZES[qtype]
+    x = x.detach().to(torch.float32).contiguous()
+    rows, n = x.shape
+    rb = n // bv * bb
+    out = torch.empty((rows, rb), dtype=torch.uint8)
+    lib, src, dst = library(), x.data_ptr(), out.data_ptr()
+
+    def one(r0: int, r1: int) -> None:
+        written = lib.ggml_quantize_chunk(int(qtype), src + r0 * n * 4, dst + r0 * rb, 0, r1 - r0, n, None)
+        if written != (r1 - r0) * rb:
+            raise ToolkitError(f"libggml wrote {written} bytes quantizing to {qtype.name}, expected {(r1 - r0) * rb}")
+
+    _run_parts(rows, n, one)
+    return out
