@@ -19,11 +19,8 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
         gate, up = ctx.saved_tensors
-        s = torch.sigmoid(gate)
-        silu = gate * s
-        g_up = g * silu
-        g_gate = g * up * (s + silu * (1 - s))  # d silu / d gate = s (1 + gate (1 - s))
-        return g_gate, g_up
+        # aten's fused silu backward: four passes over [tokens, ffn] instead of eight written out
+        return torch.ops.aten.silu_backward(g * up, gate), g * F.silu(gate)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
