@@ -172,12 +172,17 @@ def _run_parts(rows: int, values_per_row: int, one) -> None:
         f.result()
 
 
-def dequantize(blocks: torch.Tensor, qtype: Q) -> torch.Tensor:
-    """uint8 blocks [nb, block_bytes] (CPU) -> float32 [nb, block_values], libggml's to_float."""
+def dequantize(blocks: torch.Tensor, qtype: Q, out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 blocks [nb, block_bytes] (CPU) -> float32 [nb, block_values], libggml's to_float (into `out`, a
+    contiguous float32 tensor of that many values, when given)."""
     bv, bb = GGML_QUANT_SIZES[qtype]
     blocks = blocks.contiguous()
     nb = blocks.shape[0]
-    out = torch.empty((nb, bv), dtype=torch.float32)
+    if out is None:
+        out = torch.empty((nb, bv), dtype=torch.float32)
+    if out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != nb * bv:
+        raise ValueError(f"dequantize: out must be contiguous float32 of {nb * bv} values")
+    out = out.view(nb, bv)
     fn, src, dst = to_float(int(qtype)), blocks.data_ptr(), out.data_ptr()
 
     def one(b0: int, b1: int) -> None:

@@ -344,7 +344,8 @@ def _run_dequant(qtype: Q, blocks: torch.Tensor) -> torch.Tensor:
     """blocks [nb, block_bytes] -> float32 [nb, block_values]: libggml's to_float where toolkit.ggml_codec takes
     the type, else the torch codec (chunked on CPU)."""
     if ggml_codec.handles(qtype, "dequantize", blocks.device):
-        return ggml_codec.dequantize(blocks, qtype)
+        bv = GGML_QUANT_SIZES[qtype][0]
+        return ggml_codec.dequantize(blocks, qtype, _empty_f32((blocks.shape[0], bv), blocks.device))
     fn = _DEQUANT[qtype]
     bv = GGML_QUANT_SIZES[qtype][0]
     nb = blocks.shape[0]
