@@ -75,7 +75,7 @@ def test_ggml_codec_is_llama_cpp_on_nan(qtype):
 def test_auto_uses_libggml_on_cpu_only_for_block_types(monkeypatch):
     calls = []
     real = ggml_codec.dequantize
-    monkeypatch.setattr(ggml_codec, "dequantize", lambda b, q: calls.append(q) or real(b, q))
+    monkeypatch.setattr(ggml_codec, "dequantize", lambda b, q, out=None: calls.append(q) or real(b, q, out))
     raw = torch.from_numpy(random_blocks(Q.Q4_K, 2, 256))
     with_codec("auto", lambda: dequantize(raw, Q.Q4_K, (2, 256)))
     assert calls == [Q.Q4_K]
