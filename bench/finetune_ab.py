@@ -9,7 +9,7 @@ read. Speed only (no memory figures). Same settings as bench/finetune.py: SmolLM
 LoRA r 8 / alpha 16 on every linear of every block, AdamW; toolkit with the base packed (train_step of the real
 trainer), PEFT on transformers' float copy of the same GGUF. --dtype bf16: toolkit's --dtype bf16, PEFT's model
 loaded in bfloat16. --codecs runs toolkit twice, with libggml's codec and with the torch codec. Writes
-bench/results/finetune-ab-[<model>-]<dtype>-b<batch>[-ckpt][-codecs]-t<threads>.md.
+bench/results/finetune-ab-[<model>-]<dtype>-b<batch>[-ckpt][-codecs]-t<threads>[-passive].md.
 """
 from __future__ import annotations
 
@@ -96,7 +96,8 @@ def main() -> int:
             print(f"round {r + 1}: " + ", ".join(f"{k} {cpu[k][-1]:.2f} CPU-s/step" for k in engines), flush=True)
     n = CTX * a.batch
     tag = (f"{Path(a.model).stem}-" if a.model else "") + f"{a.dtype}-b{a.batch}" + ("-ckpt" if a.ckpt else "") \
-        + ("-codecs" if a.codecs else "") + f"-t{a.threads}"
+        + ("-codecs" if a.codecs else "") + f"-t{a.threads}" \
+        + ("-passive" if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" else "")
     lines = [
         f"# finetune speed, toolkit vs PEFT, alternating in one process ({tag})",
         "",
