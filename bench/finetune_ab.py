@@ -1,6 +1,6 @@
 """Finetune speed, toolkit vs PEFT + transformers, alternating steps in one process.
 
-    python bench/finetune_ab.py [--dtype f32|bf16] [--batch 1] [--ckpt] [--threads 2] [--rounds 6] [--model M] [--codecs]
+    python bench/finetune_ab.py [--dtype f32|bf16] [--batch 1] [--ckpt] [--threads 2] [--rounds 6] [--model M] [--codecs] [--base-cache-mb N]
 
 bench/finetune.py runs each engine in a process of its own (so that each peak RSS is its own), and on a shared
 machine two processes minutes apart can differ by 30%. Here both engines live in one process and take turns, a
@@ -33,7 +33,7 @@ def peft_step(model_path: str, dtype: str, batch: int, ckpt: bool):
     return lambda: step([[rng.randrange(100, vocab) for _ in range(CTX + 1)] for _ in range(batch)])
 
 
-def toolkit_step(model_path: str, dtype: str, batch: int, ckpt: bool, folder: str):
+def toolkit_step(model_path: str, dtype: str, batch: int, ckpt: bool, folder: str, pool_mb: float = 0.0):
     from toolkit.model import pick_device
     from toolkit.train import dist, trainer
     from toolkit.train.finetune import FinetuneConfig
@@ -41,7 +41,7 @@ def toolkit_step(model_path: str, dtype: str, batch: int, ckpt: bool, folder: st
     write_words(Path(folder, "t.txt"))
     cfg = FinetuneConfig(model_base=model_path, train_data=str(Path(folder, "t.txt")), ctx=CTX, batch=batch,
                          lora_r=RANK, lora_alpha=2 * RANK, rank_tok_embd=0, rank_out=0, adam_iter=10**6, warmup=1,
-                         use_checkpointing=ckpt, base_cache_mb=0, save_every=0, checkpoint_out="", lora_out="",
+                         use_checkpointing=ckpt, base_cache_mb=pool_mb, save_every=0, checkpoint_out="", lora_out="",
                          log_file="", checkpoint_in=str(Path(folder, "none.gguf")), quiet=True, seed=0,
                          dtype=None if dtype == "f32" else dtype)
     d, device = dist.start(pick_device(cfg.device), cfg.dist_timeout)
@@ -57,6 +57,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--steps", type=int, default=2, help="steps per engine per round")
+    ap.add_argument("--base-cache-mb", type=float, default=0.0, help="toolkit's --base-cache-mb (default 0: no pool)")
     ap.add_argument("--model", default=None, help="GGUF base (default: the bundled SmolLM2 Q4_1)")
     ap.add_argument("--codecs", action="store_true",
                     help="toolkit twice: libggml's codec (the default where llama-cpp-python is installed) and the "
@@ -73,7 +74,7 @@ def main() -> int:
     model = a.model or str(smollm2_gguf())
     with tempfile.TemporaryDirectory() as folder:
         engines = {"PEFT": peft_step(model, a.dtype, a.batch, a.ckpt),
-                   "toolkit": toolkit_step(model, a.dtype, a.batch, a.ckpt, folder)}
+                   "toolkit": toolkit_step(model, a.dtype, a.batch, a.ckpt, folder, a.base_cache_mb)}
         if a.codecs:
             if not ggml_codec.available():
                 print(f"--codecs: {ggml_codec.unavailable_reason()}", file=sys.stderr)
@@ -96,7 +97,7 @@ def main() -> int:
             print(f"round {r + 1}: " + ", ".join(f"{k} {cpu[k][-1]:.2f} CPU-s/step" for k in engines), flush=True)
     n = CTX * a.batch
     tag = (f"{Path(a.model).stem}-" if a.model else "") + f"{a.dtype}-b{a.batch}" + ("-ckpt" if a.ckpt else "") \
-        + ("-codecs" if a.codecs else "") + f"-t{a.threads}" \
+        + ("-codecs" if a.codecs else "") + (f"-pool{a.base_cache_mb:g}" if a.base_cache_mb else "") + f"-t{a.threads}" \
         + ("-passive" if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" else "")
     lines = [
         f"# finetune speed, toolkit vs PEFT, alternating in one process ({tag})",

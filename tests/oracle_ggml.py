@@ -3,7 +3,7 @@
 - `ggml_quantize(x, qtype) -> bytes`: `ggml_quantize_chunk(type, x, dst, 0, rows, n_per_row, imatrix=NULL)`,
   i.e. the `quantize_row_*_ref` reference quantizers.
 - `ggml_dequantize(raw, qtype, n) -> np.float32[n]`: the type traits' `to_float` (`ggml_get_type_traits`,
-  in libggml-base; older builds keep it in libggml / `ggml_internal_get_type_traits`).
+  in libggml-base).
 - `available()`: whether llama_cpp and its libggml could be loaded (tests skip otherwise).
 
 Both release the GIL (ctypes), so callers may run row chunks in threads. The library is found and loaded by

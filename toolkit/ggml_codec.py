@@ -96,13 +96,15 @@ def library() -> ctypes.CDLL:
             lib.ggml_quantize_chunk.restype = ctypes.c_size_t
             lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                                 ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-            getter = getattr(lib, "ggml_get_type_traits", None) or getattr(lib, "ggml_internal_get_type_traits", None)
+            # the pointer-returning getter (ggml since late 2024); the older ggml_internal_get_type_traits returned
+            # a differently laid out struct by value, which these declarations must never be applied to
+            getter = getattr(lib, "ggml_get_type_traits", None)
             if getter is None:
                 continue
             getter.restype = ctypes.POINTER(_TypeTraits)
             getter.argtypes = [ctypes.c_int]
             return lib
-    raise OSError(f"no libggml with ggml_quantize_chunk and type traits under {d}")
+    raise OSError(f"no libggml with ggml_quantize_chunk and ggml_get_type_traits under {d} (llama-cpp-python >= 0.3)")
 
 
 def unavailable_reason() -> str | None:
