@@ -4,7 +4,7 @@ libggml-base that llama-cpp-python ships (an optional dependency: `pip install t
 toolkit.quants hands CPU tensors of the block types here when the library is found; the torch codec in quants
 (bit-identical, checked against this library in the tests) does everything else: CUDA/MPS tensors, float types,
 compiled graphs, machines without llama-cpp-python. The C loops make one pass over the output where eager torch
-makes several, so they are 1.1-15x faster on the CPU (README, codec table).
+makes several (README, "llama.cpp's codec on the CPU", has the figures).
 
 Which codec runs is one setting: `TOOLKIT_CODEC` = `auto` (default: libggml where it loads), `torch`, or
 `ggml` (libggml or a clear error); `set_codec()` changes it in-process. The package is located, never imported
