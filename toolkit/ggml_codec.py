@@ -29,7 +29,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 from .errors import ToolkitError
 
-__all__ = ["CODECS", "available", "codec", "dequantize", "handles", "quantize", "set_codec", "unavailable_reason"]
+__all__ = ["CODECS", "available", "codec", "dequantize", "handles", "name", "quantize", "set_codec",
+           "unavailable_reason"]
 
 CODECS = ("auto", "torch", "ggml")
 MIN_PART = 1 << 18  # values per thread: below this a hand-off costs more than the second core saves
@@ -149,6 +150,11 @@ def handles(qtype: Q, op: str, device: torch.device) -> bool:
     if _traits(int(qtype)) is None:
         return False
     return op == "quantize" or to_float(int(qtype)) is not None
+
+
+def name(device: torch.device) -> str:
+    """Which codec the block types get on `device` under the current setting: "libggml" or "torch"."""
+    return "libggml" if handles(Q.Q8_0, "quantize", device) else "torch"
 
 
 _pool_lock = threading.Lock()

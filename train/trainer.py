@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from toolkit import wpool
+from toolkit import ggml_codec, wpool
 from toolkit.errors import ToolkitError
 
 from . import checkpoint as ck
@@ -180,8 +180,17 @@ def prepare(cfg: FinetuneConfig, d: Dist, device: torch.device) -> Run:
     n_params = sum(p.numel() for p in params.values())
     say(f"{len(ranks)} tensors, {n_params:,} trainable parameters; {len(data.train)} samples, "
         f"{len(data.train.tokens)} tokens; ctx {cfg.ctx}, batch {cfg.batch}x{cfg.grad_acc}, device {device}"
-        + (f", {d.world} processes" if d.on else ""))
+        + (f", {d.world} processes" if d.on else "") + _codec_note(model, device))
     return run
+
+
+def _codec_note(model: nn.Module, device: torch.device) -> str:
+    """'; blocks dequantized by libggml|torch' when the base has quantized packed weights (which codec runs them)."""
+    from toolkit.qlinear import QuantLinear
+    from toolkit.quants import FLOAT_TYPES
+
+    packed = any(isinstance(m, QuantLinear) and m.qtype not in FLOAT_TYPES for m in model.modules())
+    return f"; blocks dequantized by {ggml_codec.name(device)}" if packed else ""
 
 
 def _lora_layout(cfg: FinetuneConfig, g: Any, args: Any, resume_from: ck.Checkpoint | None) -> tuple[dict, float]:

@@ -123,3 +123,11 @@ def test_env_setting_in_a_fresh_process(tmp_path, tiny_llama):
     assert bad.returncode == 1, bad.stderr
     assert bad.stderr.strip().splitlines() == ["toolkit: error: TOOLKIT_CODEC='fast': expected one of auto, torch, ggml"]
     assert not (tmp_path / "q.gguf").exists()
+
+
+def test_name_says_which_codec_runs():
+    """finetune's start line names the codec: libggml only on the CPU, with the library, under auto/ggml."""
+    cpu = torch.device("cpu")
+    assert with_codec("torch", lambda: ggml_codec.name(cpu)) == "torch"
+    assert ggml_codec.name(torch.device("meta")) == "torch"
+    assert with_codec("auto", lambda: ggml_codec.name(cpu)) == ("libggml" if ggml_codec.available() else "torch")
