@@ -83,15 +83,21 @@ def _lib_dir() -> Path:
 
 
 @functools.cache
-def library() -> ctypes.CDLL:
-    """libggml-base (libggml in older builds): the library exporting ggml_quantize_chunk and the type traits."""
-    d = _lib_dir()
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    """(libggml-base, None), or (None, why not): tried once per process (a missing package is the common case)."""
+    try:
+        d = _lib_dir()
+    except OSError as e:
+        return None, str(e)
     for stem in ("libggml-base", "ggml-base", "libggml", "ggml"):
         for ext in (".so", ".dylib", ".dll"):
             path = d / f"{stem}{ext}"
             if not path.exists():
                 continue
-            lib = ctypes.CDLL(str(path), mode=getattr(os, "RTLD_GLOBAL", 0))
+            try:
+                lib = ctypes.CDLL(str(path), mode=getattr(os, "RTLD_GLOBAL", 0))
+            except OSError as e:
+                return None, f"{path}: {e}"
             if not hasattr(lib, "ggml_quantize_chunk"):
                 continue
             lib.ggml_quantize_chunk.restype = ctypes.c_size_t
@@ -104,17 +110,21 @@ def library() -> ctypes.CDLL:
                 continue
             getter.restype = ctypes.POINTER(_TypeTraits)
             getter.argtypes = [ctypes.c_int]
-            return lib
-    raise OSError(f"no libggml with ggml_quantize_chunk and ggml_get_type_traits under {d} (llama-cpp-python >= 0.3)")
+            return lib, None
+    return None, f"no libggml with ggml_quantize_chunk and ggml_get_type_traits under {d} (llama-cpp-python >= 0.3)"
+
+
+def library() -> ctypes.CDLL:
+    """libggml-base (libggml in older builds): the library exporting ggml_quantize_chunk and the type traits."""
+    lib, why = _load()
+    if lib is None:
+        raise OSError(why)
+    return lib
 
 
 def unavailable_reason() -> str | None:
     """Why libggml cannot be used, or None when it can."""
-    try:
-        library()
-        return None
-    except OSError as e:
-        return str(e)
+    return _load()[1]
 
 
 def available() -> bool:
@@ -165,6 +175,8 @@ def _executor(workers: int) -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:  # one pool per process (a forked child makes its own) and size
         if _pool is None or _pool[0] != os.getpid() or _pool[1] < workers:
+            if _pool is not None and _pool[0] == os.getpid():
+                _pool[2].shutdown(wait=False)  # outgrown (torch's thread count went up)
             _pool = (os.getpid(), workers, ThreadPoolExecutor(workers, thread_name_prefix="ggml-codec"))
         return _pool[2]
 

@@ -86,14 +86,19 @@ def test_auto_uses_libggml_on_cpu_only_for_block_types(monkeypatch):
     assert not ggml_codec.handles(Q.Q4_K, "dequantize", torch.device("meta"))
 
 
-def test_setting_errors(monkeypatch):
+def test_setting_errors(monkeypatch, request):
     with pytest.raises(ToolkitError, match="TOOLKIT_CODEC='fast'"):
         ggml_codec.set_codec("fast")
 
+    calls = []
+
     def missing():
+        calls.append(1)
         raise OSError("llama-cpp-python is not installed (pip install llama-cpp-python)")
 
-    monkeypatch.setattr(ggml_codec, "library", missing)
+    monkeypatch.setattr(ggml_codec, "_lib_dir", missing)
+    ggml_codec._load.cache_clear()
+    request.addfinalizer(ggml_codec._load.cache_clear)  # the real library again for the tests after this one
     prev = ggml_codec.codec()
     with pytest.raises(ToolkitError, match="codec ggml: llama-cpp-python is not installed"):
         ggml_codec.set_codec("ggml")
@@ -105,6 +110,8 @@ def test_setting_errors(monkeypatch):
     scale = d[:, :2].contiguous().view(torch.float16).float()
     ref = (d[:, 2:].contiguous().view(torch.int8).float() * scale).reshape(2, 64)
     assert same_bits(ref.numpy(), got.numpy())
+    with_codec("auto", lambda: [dequantize(raw, Q.Q8_0, (2, 64)) for _ in range(3)])
+    assert len(calls) == 1  # looked for once per process, not on every call
 
 
 def test_env_setting_in_a_fresh_process(tmp_path, tiny_llama):
