@@ -20,7 +20,7 @@ from gguf import LlamaFileType as FT
 
 from toolkit.config import arg, parse_config
 from toolkit.errors import ToolkitError
-from toolkit.gguf_io import GGUFFile, TensorInfo, TensorSpec, copy_metadata, open_gguf, write_gguf
+from toolkit.gguf_io import FLOAT_TYPES, GGUFFile, TensorInfo, TensorSpec, copy_metadata, open_gguf, write_gguf
 from toolkit.quants import encode, tensor_float
 
 # llama.cpp's type names (llama-quantize's list) -> (file type, default tensor type)
@@ -35,7 +35,6 @@ FTYPES: dict[str, tuple[FT, Q]] = {
     "F16": (FT.MOSTLY_F16, Q.F16), "BF16": (FT.MOSTLY_BF16, Q.BF16), "F32": (FT.ALL_F32, Q.F32),
 }
 ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}  # as llama-quantize accepts them
-FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
 QNT_VERSION = 2  # GGML_QNT_VERSION, written as general.quantization_version
 
 

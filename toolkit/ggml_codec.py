@@ -28,13 +28,13 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 from .errors import ToolkitError
+from .gguf_io import FLOAT_TYPES
 
 __all__ = ["CODECS", "available", "codec", "dequantize", "handles", "name", "quantize", "set_codec",
            "unavailable_reason"]
 
 CODECS = ("auto", "torch", "ggml")
 MIN_PART = 1 << 18  # values per thread: below this a hand-off costs more than the second core saves
-_FLOAT = (Q.F32, Q.F16, Q.BF16)
 _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
 
 
@@ -151,7 +151,7 @@ def to_float(qtype: int):
 def handles(qtype: Q, op: str, device: torch.device) -> bool:
     """Whether `op` ("dequantize" / "quantize") of `qtype` on `device` goes to libggml under the current setting."""
     setting = codec()
-    if setting == "torch" or device.type != "cpu" or qtype in _FLOAT or torch.compiler.is_compiling():
+    if setting == "torch" or device.type != "cpu" or qtype in FLOAT_TYPES or torch.compiler.is_compiling():
         return False
     if not available():
         if setting == "ggml":
@@ -186,7 +186,8 @@ def _run_parts(rows: int, values_per_row: int, one) -> None:
     parts = max(1, min(torch.get_num_threads(), rows, rows * values_per_row // MIN_PART))
     cuts = [rows * i // parts for i in range(parts + 1)]
     ranges = list(zip(cuts[:-1], cuts[1:]))
-    futures = [_executor(parts - 1).submit(one, *rr) for rr in ranges[1:]] if parts > 1 else []
+    pool = _executor(parts - 1) if parts > 1 else None
+    futures = [pool.submit(one, *rr) for rr in ranges[1:]] if pool is not None else []
     one(*ranges[0])
     for f in futures:
         f.result()
@@ -212,14 +213,18 @@ def dequantize(blocks: torch.Tensor, qtype: Q, out: torch.Tensor | None = None) 
     return out
 
 
-def quantize(x: torch.Tensor, qtype: Q) -> torch.Tensor:
+def quantize(x: torch.Tensor, qtype: Q, out: torch.Tensor | None = None) -> torch.Tensor:
     """float32 rows [rows, n] (CPU, n a whole number of blocks) -> uint8 [rows, row_bytes], ggml_quantize_chunk
-    without an importance matrix (the reference quantizers)."""
+    without an importance matrix (the reference quantizers); written into `out` (contiguous uint8 [rows,
+    row_bytes]) when given."""
     bv, bb = GGML_QUANT_SIZES[qtype]
     x = x.detach().to(torch.float32).contiguous()
     rows, n = x.shape
     rb = n // bv * bb
-    out = torch.empty((rows, rb), dtype=torch.uint8)
+    if out is None:
+        out = torch.empty((rows, rb), dtype=torch.uint8)
+    if out.dtype != torch.uint8 or not out.is_contiguous() or out.shape != (rows, rb):
+        raise ValueError(f"quantize: out must be contiguous uint8 [{rows}, {rb}]")
     lib, src, dst = library(), x.data_ptr(), out.data_ptr()
 
     def one(r0: int, r1: int) -> None:

@@ -22,6 +22,8 @@ from .fileutil import atomic_path
 
 GGUF_MAGIC = b"GGUF"
 QType = Union[GGMLQuantizationType, str]
+# the tensor types that hold plain floats (no blocks to quantize or dequantize)
+FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 
 
 def as_qtype(qtype: QType | int) -> GGMLQuantizationType:

@@ -21,11 +21,10 @@ from typing import Any, Iterable, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from gguf import GGMLQuantizationType as Q
 
 from .config import WEIGHT_MODES
 from .errors import ToolkitError
-from .gguf_io import GGUFFile, TensorInfo, open_gguf
+from .gguf_io import FLOAT_TYPES, GGUFFile, TensorInfo, open_gguf
 from .linear_group import RowAdapters, drop_plans, drop_weight_forms, group_forward
 from .lora import AdapterHost, LoRAEmbedding
 from .qlinear import QuantEmbedding, QuantLinear
@@ -42,7 +41,6 @@ ARCHS: dict[str, dict[str, Any]] = {
     "gemma2": dict(neox=True, gemma=True, post_norms=True, swa_pattern=2),
     "gemma3": dict(neox=True, gemma=True, post_norms=True, qk_norm=True, swa_pattern=6),
 }
-FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
 
 
 @dataclass

@@ -27,7 +27,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from . import ggml_codec
 from .errors import ToolkitError
-from .gguf_io import QType, TensorInfo, as_qtype, row_bytes
+from .gguf_io import FLOAT_TYPES, QType, TensorInfo, as_qtype, row_bytes
 
 Q = GGMLQuantizationType
 QK_K = 256
@@ -320,7 +320,7 @@ def _as_blocks(raw: torch.Tensor, qtype: Q, n: int) -> torch.Tensor:
     if n % bv:
         raise ToolkitError(f"{n} values are not a whole number of {qtype.name} blocks of {bv}")
     if raw.dtype != torch.uint8:
-        if qtype in (Q.F32, Q.F16, Q.BF16) and raw.is_floating_point():
+        if qtype in FLOAT_TYPES and raw.is_floating_point():
             raw = raw.contiguous().reshape(-1).view(torch.uint8)
         else:
             raise ToolkitError(f"dequantize expects uint8 blocks, got {raw.dtype}")
@@ -343,11 +343,10 @@ _WRITES_OUT = {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q
 def _run_dequant(qtype: Q, blocks: torch.Tensor) -> torch.Tensor:
     """blocks [nb, block_bytes] -> float32 [nb, block_values]: libggml's to_float where toolkit.ggml_codec takes
     the type, else the torch codec (chunked on CPU)."""
+    bv = GGML_QUANT_SIZES[qtype][0]
     if ggml_codec.handles(qtype, "dequantize", blocks.device):
-        bv = GGML_QUANT_SIZES[qtype][0]
         return ggml_codec.dequantize(blocks, qtype, _empty_f32((blocks.shape[0], bv), blocks.device))
     fn = _DEQUANT[qtype]
-    bv = GGML_QUANT_SIZES[qtype][0]
     nb = blocks.shape[0]
     step = max(1, DEQUANT_CHUNK // bv)
     if blocks.is_cuda or nb <= step or qtype not in _WRITES_OUT:
@@ -385,9 +384,6 @@ def dequantize(raw: torch.Tensor, qtype: QType, shape: Sequence[int] | int) -> t
 def dequantize_rows(raw: torch.Tensor, qtype: Q, cols: int) -> torch.Tensor:
     """uint8 [rows, row_bytes] -> float32 [rows, cols] (a layer's packed weight, or a slice of its rows)."""
     return _run_dequant(qtype, _as_blocks(raw, qtype, raw.shape[0] * cols)).reshape(raw.shape[0], cols)
-
-
-FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
 
 
 def tensor_float(t: TensorInfo, dtype: torch.dtype | None = torch.float32, copy: bool = False) -> torch.Tensor:
@@ -1038,8 +1034,8 @@ def quantize(x: torch.Tensor, qtype: QType) -> torch.Tensor:
         return out
     x = x.detach()
     if ggml_codec.handles(qtype, "quantize", x.device):
-        return ggml_codec.quantize(x, qtype)
-    if qtype in (Q.F32, Q.F16, Q.BF16):
+        return ggml_codec.quantize(x, qtype, out)
+    if qtype in FLOAT_TYPES:
         return fn(x.to(_F32).contiguous()).reshape(rows, rb)
     step = max(1, QUANT_CHUNK // n)
     with torch.no_grad():

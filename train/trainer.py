@@ -187,7 +187,7 @@ def prepare(cfg: FinetuneConfig, d: Dist, device: torch.device) -> Run:
 def _codec_note(model: nn.Module, device: torch.device) -> str:
     """'; blocks dequantized by libggml|torch' when the base has quantized packed weights (which codec runs them)."""
     from toolkit.qlinear import QuantLinear
-    from toolkit.quants import FLOAT_TYPES
+    from toolkit.gguf_io import FLOAT_TYPES
 
     packed = any(isinstance(m, QuantLinear) and m.qtype not in FLOAT_TYPES for m in model.modules())
     return f"; blocks dequantized by {ggml_codec.name(device)}" if packed else ""
