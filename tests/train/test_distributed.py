@@ -3,6 +3,7 @@ global batch, resume bit for bit, hand a checkpoint to one process, and a killed
 one line instead of a hang."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -49,13 +50,34 @@ def _env() -> dict[str, str]:
 
 
 def _nproc(n: int, opts: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`toolkit finetune --nproc n ...` in a subprocess (torch.distributed.run starts the processes)."""
+    """`toolkit finetune --nproc n ...` in a subprocess (torch.distributed.run starts the processes). A run that
+    outlives `timeout` fails the test with every process's Python stack: the launcher and its workers (one
+    session) get SIGABRT, which PYTHONFAULTHANDLER turns into a traceback dump on stderr."""
+    opts = {"dist_timeout": 120, **opts}  # a stuck collective becomes the workers' own error line before `timeout`
     cmd = [sys.executable, "-m", "toolkit.cli", "finetune", "--nproc", str(n), *_flags(**opts)]
     # (cwd: `python -m` puts it first on sys.path; the processes must import the toolkit under test)
-    p = subprocess.run(cmd, env=_env(), cwd=Path(opts["log_file"]).parent, capture_output=True, text=True,
-                       timeout=timeout)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return p
+    p = subprocess.Popen(cmd, env=dict(_env(), PYTHONFAULTHANDLER="1"), cwd=Path(opts["log_file"]).parent,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in [*_descendants(p.pid), p.pid]:  # (torchrun starts each worker in a session of its own)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGABRT)
+        out, err = p.communicate()
+        raise AssertionError(f"finetune --nproc {n} still running after {timeout:g} s; its stacks:\n{err[-12000:]}")
+    assert p.returncode == 0, err[-3000:]
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes under `pid`, children first (from /proc: Linux)."""
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            parent[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    kids = [c for c, pp in parent.items() if pp == pid]
+    return kids + [g for c in kids for g in _descendants(c)]
 
 
 def _losses(log: Path) -> list[float]:
