@@ -35,7 +35,7 @@ from toolkit.merge import (
     merged_weight,
     touched,
 )
-from toolkit.quants import DEQUANT_TYPES, encode, tensor_float
+from toolkit.quants import dequant_problem, encode, quantize_problem, tensor_float
 
 from .quantize import ALIASES, FTYPES, fallback, parse_ftype
 
@@ -108,13 +108,19 @@ def export_lora(base: str | Path, out: str | Path, loras: Sequence[tuple[str, fl
     adapters = load_adapters(g, loras)
     changed = touched(adapters)
     for n in sorted(changed & set(g.tensors)):  # before the output file is started
-        if g.tensors[n].qtype not in DEQUANT_TYPES:
-            raise ToolkitError(f"tensor '{n}' has type {g.tensors[n].qtype.name}, which has no dequantizer", g.path)
+        why = dequant_problem(g.tensors[n].qtype)
+        if why is not None:
+            raise ToolkitError(f"tensor '{n}': {why}", g.path)
     names = tensor_names(g, adapters)
     shapes = {n: merged_shape(g, n, adapters) if n in changed else g.tensors[base_tensor_name(g, n)].shape
               for n in names}
     types = {n: (out_type(g, n, outtype, shapes[n]) if n in changed else g.tensors[base_tensor_name(g, n)].qtype)
              for n in names}
+    for n in sorted(changed & set(names)):
+        why = quantize_problem(types[n])
+        if why is not None:
+            raise ToolkitError(f"merged tensor '{n}' cannot be written as {types[n].name} ({why}): give --outtype "
+                               "f16, q8_0 or another type", g.path)
     meta = copy_metadata(g)
     meta["general.file_type"] = file_type(types, g)
     grown_vocab(g, meta, adapters)

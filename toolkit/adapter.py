@@ -41,7 +41,7 @@ from . import names as N
 from .errors import ToolkitError
 from .fileutil import atomic_path
 from .gguf_io import GGUFFile, TensorInfo, TensorSpec, open_gguf, write_gguf
-from .quants import DEQUANT_TYPES, FLOAT_TYPES, block_size, encode, tensor_float
+from .quants import block_size, dequant_problem, encode, tensor_float
 
 Tensor = torch.Tensor
 EMBD = "token_embd.weight"
@@ -268,8 +268,10 @@ def read_adapter(path: str | Path, base: BaseInfo | GGUFFile | str | Path | None
 
 def _to_f32(t: TensorInfo, path: str = "") -> Tensor:
     """An adapter tensor's float32 values (quants.tensor_float, memory of its own); integer types are refused."""
-    if t.qtype not in FLOAT_TYPES and t.qtype not in DEQUANT_TYPES:  # I8..I64
-        raise ToolkitError(f"tensor '{t.name}' has type {t.qtype.name}, which a LoRA adapter cannot hold", path or None)
+    why = dequant_problem(t.qtype)  # I8..I64, or a block type nothing here reads
+    if why is not None:
+        raise ToolkitError(f"tensor '{t.name}' has type {t.qtype.name}, which a LoRA adapter cannot hold ({why})",
+                           path or None)
     return tensor_float(t, copy=True)
 
 

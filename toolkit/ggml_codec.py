@@ -3,7 +3,8 @@ libggml-base that llama-cpp-python ships (an optional dependency: `pip install t
 
 toolkit.quants hands CPU tensors of the block types here when the library is found; the torch codec in quants
 (bit-identical, checked against this library in the tests) does everything else: CUDA/MPS tensors, float types,
-compiled graphs, machines without llama-cpp-python. The C loops make one pass over the output where eager torch
+compiled graphs, machines without llama-cpp-python. Block types the torch codec lacks (IQ1-IQ3, TQ1_0/TQ2_0,
+MXFP4, NVFP4, Q1_0) are read and written here only, on the CPU, whatever the setting and device. The C loops make one pass over the output where eager torch
 makes several (README, "llama.cpp's codec on the CPU", has the figures).
 
 Which codec runs is one setting: `TOOLKIT_CODEC` = `auto` (default: libggml where it loads), `torch`, or
@@ -30,8 +31,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 from .errors import ToolkitError
 from .gguf_io import FLOAT_TYPES
 
-__all__ = ["CODECS", "available", "codec", "dequantize", "handles", "name", "quantize", "set_codec",
-           "unavailable_reason"]
+__all__ = ["CODECS", "available", "codec", "dequantize", "handles", "name", "quantize", "quantize_problem",
+           "reads", "set_codec", "unavailable_reason"]
 
 CODECS = ("auto", "torch", "ggml")
 MIN_PART = 1 << 18  # values per thread: below this a hand-off costs more than the second core saves
@@ -179,6 +180,33 @@ def _executor(workers: int) -> ThreadPoolExecutor:
                 _pool[2].shutdown(wait=False)  # outgrown (torch's thread count went up)
             _pool = (os.getpid(), workers, ThreadPoolExecutor(workers, thread_name_prefix="ggml-codec"))
         return _pool[2]
+
+
+def reads(qtype: Q) -> bool:
+    """Whether the library is found and has a to_float for the block type (whatever the codec setting)."""
+    return available() and qtype not in FLOAT_TYPES and _traits(int(qtype)) is not None \
+        and to_float(int(qtype)) is not None
+
+
+@functools.cache
+def _needs_imatrix(qtype: int) -> bool:
+    f = getattr(library(), "ggml_quantize_requires_imatrix", None)
+    if f is None:
+        return False
+    f.restype, f.argtypes = ctypes.c_bool, [ctypes.c_int]
+    return bool(f(int(qtype)))
+
+
+def quantize_problem(qtype: Q) -> str | None:
+    """Why the library cannot quantize to `qtype` here (a line), or None. ggml_quantize_chunk aborts the process
+    on a type it has no quantizer for, or on one that needs an importance matrix: both are refused here first."""
+    if not available():
+        return unavailable_reason()
+    if not reads(qtype):
+        return f"libggml has no codec for {qtype.name}"
+    if _needs_imatrix(int(qtype)):
+        return f"{qtype.name} needs an importance matrix (llama.cpp's llama-quantize --imatrix)"
+    return None
 
 
 def _run_parts(rows: int, values_per_row: int, one) -> None:

@@ -28,7 +28,7 @@ from .gguf_io import FLOAT_TYPES, GGUFFile, TensorInfo, open_gguf
 from .linear_group import RowAdapters, drop_plans, drop_weight_forms, group_forward
 from .lora import AdapterHost, LoRAEmbedding
 from .qlinear import QuantEmbedding, QuantLinear
-from .quants import DEQUANT_TYPES, tensor_float
+from .quants import dequant_problem, tensor_float
 from .trainops import swiglu
 
 # llama.cpp's rope type per architecture (LLAMA_ROPE_TYPE_NORM = adjacent pairs, NEOX = two halves)
@@ -653,8 +653,9 @@ def _check_shapes(g: GGUFFile, args: ModelArgs) -> None:
         t = g.tensors.get(name)
         if t is not None and tuple(t.shape) != shape:
             raise ToolkitError(f"tensor '{name}' has shape {list(t.shape)}, expected {list(shape)}", g.path)
-        if t is not None and t.qtype not in FLOAT_TYPES and t.qtype not in DEQUANT_TYPES:
-            raise ToolkitError(f"tensor '{name}' has type {t.qtype.name}, which has no dequantizer", g.path)
+        why = dequant_problem(t.qtype) if t is not None else None
+        if why is not None:
+            raise ToolkitError(f"tensor '{name}': {why}", g.path)
     for name, t in g.tensors.items():
         if name.endswith("norm.weight") and t.qtype not in FLOAT_TYPES:
             raise ToolkitError(f"tensor '{name}' has type {t.qtype.name}; norms are float", g.path)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from . import qkernels
 from .errors import ToolkitError
 from .gguf_io import QType, as_qtype, row_bytes
-from .quants import DEQUANT_TYPES, dequantize_rows, quantize
+from .quants import dequant_problem, dequantize_rows, quantize
 
 __all__ = ["CHUNK_ELEMENTS", "QuantEmbedding", "QuantLinear"]
 
@@ -38,8 +38,9 @@ class _QuantMatmul(torch.autograd.Function):
 
 def _packed_rows(raw: torch.Tensor, qtype: QType, rows: int, cols: int, what: str) -> torch.Tensor:
     """raw GGUF blocks as uint8 [rows, row_bytes], checked against the type and the shape they must fill."""
-    if qtype not in DEQUANT_TYPES:
-        raise ToolkitError(f"no dequantizer for {qtype.name}")
+    why = dequant_problem(qtype)
+    if why is not None:
+        raise ToolkitError(why)
     rb = row_bytes(qtype, cols)
     if raw.dtype != torch.uint8:
         raw = raw.contiguous().reshape(-1).view(torch.uint8)

@@ -36,11 +36,13 @@ __all__ = [
     "DEQUANT_TYPES",
     "QUANT_TYPES",
     "block_size",
+    "dequant_problem",
     "dequantize",
     "dequantize_rows",
     "encode",
     "f16_at",
     "quantize",
+    "quantize_problem",
     "row_bytes",
     "scale_min_k4",
     "tensor_float",
@@ -312,7 +314,33 @@ _DEQUANT = {
     Q.Q2_K: _dq_q2_k, Q.Q3_K: _dq_q3_k, Q.Q4_K: _dq_q4_k, Q.Q5_K: _dq_q5_k, Q.Q6_K: _dq_q6_k,
     Q.IQ4_NL: _dq_iq4_nl, Q.IQ4_XS: _dq_iq4_xs,
 }
-DEQUANT_TYPES = tuple(_DEQUANT)
+DEQUANT_TYPES = tuple(_DEQUANT)  # the torch codec's; dequant_problem() tells about the others
+
+
+def _not_blocks(qtype: Q) -> str:
+    return f"{qtype.name} holds integers, not float values" if qtype.name.startswith("I") else \
+        f"{qtype.name} is not supported"
+
+
+def dequant_problem(qtype: QType) -> str | None:
+    """Why values stored as `qtype` cannot be read here (a line), or None: the torch codec's types always can,
+    the block types only libggml reads (IQ1-IQ3, TQ*, MXFP4, NVFP4, Q1_0) where llama-cpp-python is installed,
+    integer types never."""
+    qtype = as_qtype(qtype)
+    if qtype in _DEQUANT or ggml_codec.reads(qtype):
+        return None
+    if qtype not in GGML_QUANT_SIZES or GGML_QUANT_SIZES[qtype][0] == 1:
+        return _not_blocks(qtype)
+    why = ggml_codec.unavailable_reason()
+    if why is None:
+        return f"no dequantizer for {qtype.name}"
+    return f"{qtype.name} blocks are read by llama.cpp's libggml, which is not usable here: {why}"
+
+
+@torch.compiler.disable  # a C call on host memory: a graph break, never traced
+def _ggml_only(blocks: torch.Tensor, qtype: Q) -> torch.Tensor:
+    """A type only libggml reads, on any device: dequantized on the CPU, the result moved back."""
+    return ggml_codec.dequantize(blocks.cpu(), qtype).to(blocks.device)
 
 
 def _as_blocks(raw: torch.Tensor, qtype: Q, n: int) -> torch.Tensor:
@@ -344,6 +372,8 @@ def _run_dequant(qtype: Q, blocks: torch.Tensor) -> torch.Tensor:
     """blocks [nb, block_bytes] -> float32 [nb, block_values]: libggml's to_float where toolkit.ggml_codec takes
     the type, else the torch codec (chunked on CPU)."""
     bv = GGML_QUANT_SIZES[qtype][0]
+    if qtype not in _DEQUANT:
+        return _ggml_only(blocks, qtype)
     if ggml_codec.handles(qtype, "dequantize", blocks.device):
         return ggml_codec.dequantize(blocks, qtype, _empty_f32((blocks.shape[0], bv), blocks.device))
     fn = _DEQUANT[qtype]
@@ -369,9 +399,9 @@ def dequantize(raw: torch.Tensor, qtype: QType, shape: Sequence[int] | int) -> t
     Identical to ggml's `to_float` for the type (dequantize_row_* in ggml-quants.c).
     """
     qtype = as_qtype(qtype)
-    fn = _DEQUANT.get(qtype)
-    if fn is None:
-        raise ToolkitError(f"dequantizing {qtype.name} is not supported")
+    why = dequant_problem(qtype)
+    if why is not None:
+        raise ToolkitError(f"cannot dequantize: {why}")
     if isinstance(raw, np.ndarray):
         raw = torch.from_numpy(np.ascontiguousarray(raw).reshape(-1).view(np.uint8))
     shape = (shape,) if isinstance(shape, int) else tuple(int(s) for s in shape)
@@ -1012,15 +1042,28 @@ QUANT_TYPES = tuple(_QUANT)
 QUANT_CHUNK = 1 << 18
 
 
+def quantize_problem(qtype: QType) -> str | None:
+    """Why values cannot be written as `qtype` here (a line), or None: the torch codec's types always can; the
+    block types only libggml writes where llama-cpp-python is installed and the type needs no importance matrix."""
+    qtype = as_qtype(qtype)
+    if qtype in _QUANT:
+        return None
+    if qtype not in GGML_QUANT_SIZES or GGML_QUANT_SIZES[qtype][0] == 1:
+        return _not_blocks(qtype)
+    return ggml_codec.quantize_problem(qtype)
+
+
 def quantize(x: torch.Tensor, qtype: QType) -> torch.Tensor:
     """float rows [rows, n_per_row] (a 1-D tensor is one row) -> uint8 [rows, row_bytes], on x's device.
 
-    Bytes identical to llama.cpp's `ggml_quantize_chunk` with no importance matrix.
+    Bytes identical to llama.cpp's `ggml_quantize_chunk` with no importance matrix (types only libggml has are
+    its own output; quantize_problem says which can be written here).
     """
     qtype = as_qtype(qtype)
+    why = quantize_problem(qtype)
+    if why is not None:
+        raise ToolkitError(f"cannot quantize to {qtype.name}: {why}")
     fn = _QUANT.get(qtype)
-    if fn is None:
-        raise ToolkitError(f"quantizing to {qtype.name} is not supported")
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     if x.dim() == 1:
@@ -1033,6 +1076,8 @@ def quantize(x: torch.Tensor, qtype: QType) -> torch.Tensor:
     if rows == 0 or n == 0:
         return out
     x = x.detach()
+    if fn is None:  # on the CPU, whatever the device
+        return ggml_codec.quantize(x.cpu(), qtype).to(x.device)
     if ggml_codec.handles(qtype, "quantize", x.device):
         return ggml_codec.quantize(x, qtype, out)
     if qtype in FLOAT_TYPES:
