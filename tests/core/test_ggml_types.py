@@ -126,3 +126,13 @@ def test_iq_base_trains_like_its_float_copy_and_merges_in_its_type(iq_pair, tmp_
     with pytest.raises(ToolkitError, match="needs an importance matrix"):  # refused before anything is written
         export_lora(iq, tmp_path / "never.gguf", [(str(tmp_path / "lora-iq.gguf"), 1.0)], outtype="iq2_xxs")
     assert not (tmp_path / "never.gguf").exists()
+
+
+def test_without_libggml_such_a_base_is_refused_with_one_line(iq_pair, monkeypatch):
+    from toolkit.model import load
+
+    monkeypatch.setattr(ggml_codec, "_load", lambda: (None, "llama-cpp-python is not installed"))
+    with pytest.raises(ToolkitError) as e:
+        load(iq_pair[0], device="cpu")
+    assert "IQ3_S blocks are read by llama.cpp's libggml, which is not usable here: llama-cpp-python is not " \
+           "installed" in str(e.value) and "tensor '" in str(e.value) and str(iq_pair[0]) in str(e.value)
