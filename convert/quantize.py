@@ -1,7 +1,8 @@
 """`toolkit quantize in.gguf out.gguf TYPE [--pure]`: llama.cpp's `llama-quantize`, in torch.
 
 The per-tensor type choices follow llama.cpp's `llama_tensor_get_type` (src/llama-quant.cpp) for the mixes
-we can produce (Q4_0 .. Q8_0, Q2_K .. Q6_K and their _S/_M/_L mixes, F16, BF16, F32): attn_v / ffn_down get
+we can produce (Q4_0 .. Q8_0, Q2_K .. Q6_K and their _S/_M/_L mixes, F16, BF16, F32; with llama-cpp-python
+installed also IQ4_NL, IQ4_XS, IQ3_S and IQ3_M, the i-quants that need no importance matrix): attn_v / ffn_down get
 more bits in some layers, output.weight (or a tied token_embd) gets Q6_K, rows not divisible by the block
 fall back to a 32-wide type, 1-D tensors and norms stay as they are. Non-F32 sources are dequantized first,
 as llama.cpp does; a tensor already in its target type is copied byte for byte. With `--pure` every 2-D
@@ -21,7 +22,7 @@ from gguf import LlamaFileType as FT
 from toolkit.config import arg, parse_config
 from toolkit.errors import ToolkitError
 from toolkit.gguf_io import FLOAT_TYPES, GGUFFile, TensorInfo, TensorSpec, copy_metadata, open_gguf, write_gguf
-from toolkit.quants import encode, tensor_float
+from toolkit.quants import dequant_problem, encode, quantize_problem, tensor_float
 
 # llama.cpp's type names (llama-quantize's list) -> (file type, default tensor type)
 FTYPES: dict[str, tuple[FT, Q]] = {
@@ -33,7 +34,11 @@ FTYPES: dict[str, tuple[FT, Q]] = {
     "Q5_K_S": (FT.MOSTLY_Q5_K_S, Q.Q5_K), "Q5_K_M": (FT.MOSTLY_Q5_K_M, Q.Q5_K),
     "Q6_K": (FT.MOSTLY_Q6_K, Q.Q6_K),
     "F16": (FT.MOSTLY_F16, Q.F16), "BF16": (FT.MOSTLY_BF16, Q.BF16), "F32": (FT.ALL_F32, Q.F32),
+    # written by llama.cpp's libggml (llama-cpp-python): the i-quants that need no importance matrix
+    "IQ4_NL": (FT.MOSTLY_IQ4_NL, Q.IQ4_NL), "IQ4_XS": (FT.MOSTLY_IQ4_XS, Q.IQ4_XS),
+    "IQ3_S": (FT.MOSTLY_IQ3_S, Q.IQ3_S), "IQ3_M": (FT.MOSTLY_IQ3_M, Q.IQ3_S),
 }
+_IQ4 = (FT.MOSTLY_IQ4_NL, FT.MOSTLY_IQ4_XS)
 ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}  # as llama-quantize accepts them
 QNT_VERSION = 2  # GGML_QNT_VERSION, written as general.quantization_version
 
@@ -87,7 +92,8 @@ def fallback(ncols: int, qtype: Q) -> Q:
 
     if ncols % GGML_QUANT_SIZES[qtype][0] == 0:
         return qtype
-    alt = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}.get(qtype)
+    alt = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0,
+           Q.IQ4_XS: Q.IQ4_NL, Q.IQ3_S: Q.IQ4_NL}.get(qtype)
     if alt is None:
         raise ToolkitError(f"no tensor type fallback is defined for type {qtype.name} (row of {ncols})")
     return alt if ncols % GGML_QUANT_SIZES[alt][0] == 0 else Q.F16
@@ -138,7 +144,7 @@ def _use_more_bits(i: int, n: int) -> bool:
 
 
 def mix_type(qs: MixState, qtype: Q, name: str, ncols: int, ndim3: int, ftype: FT) -> Q:
-    """llama_tensor_get_type_impl for the K-quant and legacy mixes (no IQ types, no imatrix)."""
+    """llama_tensor_get_type_impl for the K-quant and legacy mixes and IQ4_NL/IQ4_XS/IQ3_S/IQ3_M (no imatrix)."""
     from gguf import GGML_QUANT_SIZES
 
     cat = category(name)
@@ -153,9 +159,15 @@ def mix_type(qs: MixState, qtype: Q, name: str, ncols: int, ndim3: int, ftype: F
         i, n = qs.counters["attn_v"], qs.n_attention_wv
         if ftype == FT.MOSTLY_Q2_K:
             qtype = Q.Q4_K if qs.n_gqa >= 4 else Q.Q3_K
+        elif ftype == FT.MOSTLY_IQ3_S and qs.n_gqa >= 4:
+            qtype = Q.Q4_K
+        elif ftype == FT.MOSTLY_IQ3_M:
+            qtype = Q.Q4_K
         elif ftype == FT.MOSTLY_Q3_K_M:
             qtype = Q.Q5_K if i < 2 else Q.Q4_K
         elif ftype == FT.MOSTLY_Q3_K_L:
+            qtype = Q.Q5_K
+        elif ftype in _IQ4 and qs.n_gqa >= 4:
             qtype = Q.Q5_K
         elif ftype in (FT.MOSTLY_Q4_K_M, FT.MOSTLY_Q5_K_M) and _use_more_bits(i, n):
             qtype = Q.Q6_K
@@ -176,6 +188,8 @@ def mix_type(qs: MixState, qtype: Q, name: str, ncols: int, ndim3: int, ftype: F
             qtype = Q.Q3_K
         elif ftype == FT.MOSTLY_Q3_K_M:
             qtype = Q.Q5_K if i < n // 16 else Q.Q4_K if (not falcon or _use_more_bits(i, n)) else Q.Q3_K
+        elif ftype == FT.MOSTLY_IQ3_M and (i < n // 8 or (qs.n_expert == 8 and _use_more_bits(i, n))):
+            qtype = Q.Q4_K
         elif ftype == FT.MOSTLY_Q3_K_L:
             qtype = Q.Q4_K if falcon else Q.Q5_K
         elif ftype == FT.MOSTLY_Q4_K_M:
@@ -183,6 +197,8 @@ def mix_type(qs: MixState, qtype: Q, name: str, ncols: int, ndim3: int, ftype: F
                 qtype = Q.Q6_K if i < n // 16 else Q.Q5_K if _use_more_bits(i, n) else Q.Q4_K
             elif _use_more_bits(i, n):
                 qtype = Q.Q6_K
+        elif ftype in _IQ4 and i < n // 8:  # (without an importance matrix)
+            qtype = Q.Q5_K
         elif ftype == FT.MOSTLY_Q5_K_M and _use_more_bits(i, n):
             qtype = Q.Q6_K
         elif ftype == FT.MOSTLY_Q4_K_S and not falcon and i < n // 8:
@@ -192,10 +208,12 @@ def mix_type(qs: MixState, qtype: Q, name: str, ncols: int, ndim3: int, ftype: F
     if cat == "attn_output":
         if not falcon:
             if qs.n_expert == 8:
-                if ftype in (FT.MOSTLY_Q2_K, FT.MOSTLY_Q3_K_S, FT.MOSTLY_Q3_K_M, FT.MOSTLY_Q4_K_S, FT.MOSTLY_Q4_K_M):
+                if ftype in (FT.MOSTLY_Q2_K, FT.MOSTLY_Q3_K_S, FT.MOSTLY_Q3_K_M, FT.MOSTLY_Q4_K_S, FT.MOSTLY_Q4_K_M,
+                             FT.MOSTLY_IQ4_NL, FT.MOSTLY_IQ4_XS, FT.MOSTLY_IQ3_S, FT.MOSTLY_IQ3_M):
                     qtype = Q.Q5_K
             else:
-                qtype = {FT.MOSTLY_Q2_K: Q.Q3_K, FT.MOSTLY_Q3_K_M: Q.Q4_K, FT.MOSTLY_Q3_K_L: Q.Q5_K}.get(ftype, qtype)
+                qtype = {FT.MOSTLY_Q2_K: Q.Q3_K, FT.MOSTLY_Q3_K_M: Q.Q4_K, FT.MOSTLY_Q3_K_L: Q.Q5_K,
+                         FT.MOSTLY_IQ3_M: Q.Q4_K}.get(ftype, qtype)
         elif ftype == FT.MOSTLY_Q3_K_L:
             qtype = Q.Q4_K
         return qtype
@@ -251,6 +269,11 @@ def quantize_model(src: str | Path, out: str | Path, qtype: str, pure: bool = Fa
     if Path(out).resolve() == Path(src).resolve():
         raise ToolkitError("output would overwrite the input", str(out))
     types = plan_types(g, ftype, default, pure)
+    for n, q in types.items():  # before the output is started
+        ti = g.tensors[n]
+        why = None if q == ti.qtype else dequant_problem(ti.qtype) or quantize_problem(q)  # (same type: copied)
+        if why is not None:
+            raise ToolkitError(f"tensor '{n}' ({ti.qtype.name} -> {q.name}): {why}", str(src))
     meta = copy_metadata(g, skip=("split.no", "split.count", "split.tensors.count"))
     meta["general.quantization_version"] = QNT_VERSION
     meta["general.file_type"] = int(ftype)

@@ -68,25 +68,26 @@ def tiny256(tmp_path_factory) -> Path:
 
 
 def _supported(qtype: str) -> bool:
-    from toolkit.quants import QUANT_TYPES
+    from toolkit.quants import quantize_problem
 
-    return FTYPES[qtype][1] in QUANT_TYPES
+    return quantize_problem(FTYPES[qtype][1]) is None
 
 
 LEGACY = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16", "BF16", "F32"]
 KQUANTS = ["Q3_K_S", "Q4_K_S", "Q5_K_S", "Q6_K"]
 
 
-@pytest.mark.parametrize("qtype", ["Q4_K_M", "Q3_K_L", "Q2_K"])
+@pytest.mark.parametrize("qtype", ["Q4_K_M", "Q3_K_L", "Q2_K", "IQ4_XS", "IQ3_M"])
 def test_mix_is_byte_identical_to_llama_cpp(tiny256, tmp_path, qtype):
     """The whole mix (types and bytes of every tensor, metadata) equals llama.cpp's output."""
-    if not _supported("Q6_K"):
-        pytest.skip("toolkit.quants cannot quantize K-quants yet")
+    if not _supported("Q6_K") or not _supported(qtype):
+        pytest.skip(f"toolkit.quants cannot quantize {qtype}'s types here")
     ref = llama_quantize(tiny256, tmp_path / "ref.gguf", qtype, pure=False)
     ours = tmp_path / "ours.gguf"
     quantize_model(tiny256, ours, qtype, progress=False)
     assert_same_tensors(ours, ref)
-MIXES = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q4_0", "Q8_0"]
+MIXES = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q4_0", "Q8_0",
+         "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_M"]
 
 
 @pytest.mark.parametrize("qtype", LEGACY + KQUANTS)
@@ -109,7 +110,7 @@ def test_mix_types_match_llama_cpp(tiny256, tmp_path, qtype):
     assert len(set(ours.values())) > 1  # a mix, not one type (1-D norms stay F32 at least)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_K_M", "Q3_K_M", "Q5_K_S", "Q2_K"])
+@pytest.mark.parametrize("qtype", ["Q4_K_M", "Q3_K_M", "Q5_K_S", "Q2_K", "IQ4_XS", "IQ3_S"])
 def test_mix_types_match_llama_cpp_on_smollm2(smollm2_path, tmp_path, qtype):
     """SmolLM2's 576-wide rows do not split into 256-blocks: llama.cpp's fallback types must be chosen too."""
     ref = open_gguf(llama_quantize(smollm2_path, tmp_path / "ref.gguf", qtype, pure=False))
@@ -118,7 +119,8 @@ def test_mix_types_match_llama_cpp_on_smollm2(smollm2_path, tmp_path, qtype):
     assert {n: t.name for n, t in ours.items()} == {n: t.qtype.name for n, t in ref.tensors.items()}
 
 
-@pytest.mark.parametrize("qtype,pure", [("Q4_0", True), ("Q8_0", False), ("Q5_1", False), ("Q4_K_M", False)])
+@pytest.mark.parametrize("qtype,pure", [("Q4_0", True), ("Q8_0", False), ("Q5_1", False), ("Q4_K_M", False),
+                                        ("IQ4_XS", False)])
 def test_smollm2_requantized_is_byte_identical(smollm2_path, tmp_path, qtype, pure):
     """From SmolLM2's Q4_1/Q8_0 blocks: dequantize + quantize as llama.cpp does; tied output rules apply."""
     mix_needs_k = not pure and qtype.endswith("_M") and not _supported("Q6_K")
@@ -163,3 +165,16 @@ def test_bad_type_is_one_line_and_writes_nothing(tiny_llama, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Q9_9" in err[0]
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_iq_type_without_libggml_is_one_line_and_writes_nothing(tiny256, tmp_path, monkeypatch, capsys):
+    from toolkit import ggml_codec
+
+    monkeypatch.setattr(ggml_codec, "_load", lambda: (None, "llama-cpp-python is not installed"))
+    out = tmp_path / "never.gguf"
+    from toolkit.cli import run_command
+
+    assert run_command("toolkit.convert.quantize", [str(tiny256), str(out), "IQ4_XS"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "-> IQ4_XS): llama-cpp-python is not installed" in err[0] and str(tiny256) in err[0]
+    assert not out.exists() and list(tmp_path.iterdir()) == []
