@@ -36,6 +36,11 @@ __all__ = ["CODECS", "available", "codec", "dequantize", "handles", "name", "qua
 
 CODECS = ("auto", "torch", "ggml")
 MIN_PART = 1 << 18  # values per thread: below this a hand-off costs more than the second core saves
+# quantizing costs tens of times more per value than dequantizing (the K- and i-quants search scales), so it
+# shares out smaller pieces, several per thread, taken in turn: rows differ in cost, and fixed halves left one
+# core idle at the end of each tensor
+QUANT_COST = 64
+PIECES_PER_THREAD = 4
 _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
 
 
@@ -209,14 +214,27 @@ def quantize_problem(qtype: Q) -> str | None:
     return None
 
 
-def _run_parts(rows: int, values_per_row: int, one) -> None:
-    """one(r0, r1) over row ranges: this thread takes the first, the pool the rest."""
-    parts = max(1, min(torch.get_num_threads(), rows, rows * values_per_row // MIN_PART))
+def _run_parts(rows: int, values_per_row: int, one, cost: int = 1, pieces: int = 1) -> None:
+    """one(r0, r1) over row ranges, on up to torch's thread count of threads (this one and the pool's), each
+    taking the next range until none is left; `cost`: work per value relative to dequantizing (more threads
+    for smaller tensors), `pieces`: ranges per thread."""
+    threads = max(1, min(torch.get_num_threads(), rows, rows * values_per_row * cost // MIN_PART))
+    parts = min(rows, threads * pieces if threads > 1 else 1)
     cuts = [rows * i // parts for i in range(parts + 1)]
-    ranges = list(zip(cuts[:-1], cuts[1:]))
-    pool = _executor(parts - 1) if parts > 1 else None
-    futures = [pool.submit(one, *rr) for rr in ranges[1:]] if pool is not None else []
-    one(*ranges[0])
+    ranges = iter(list(zip(cuts[:-1], cuts[1:])))
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                rr = next(ranges, None)
+            if rr is None:
+                return
+            one(*rr)
+
+    pool = _executor(threads - 1) if threads > 1 else None
+    futures = [pool.submit(work) for _ in range(threads - 1)] if pool is not None else []
+    work()
     for f in futures:
         f.result()
 
@@ -260,5 +278,5 @@ def quantize(x: torch.Tensor, qtype: Q, out: torch.Tensor | None = None) -> torc
         if written != (r1 - r0) * rb:
             raise ToolkitError(f"libggml wrote {written} bytes quantizing to {qtype.name}, expected {(r1 - r0) * rb}")
 
-    _run_parts(rows, n, one)
+    _run_parts(rows, n, one, QUANT_COST, PIECES_PER_THREAD)
     return out

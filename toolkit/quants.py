@@ -337,9 +337,9 @@ def dequant_problem(qtype: QType) -> str | None:
     return f"{qtype.name} blocks are read by llama.cpp's libggml, which is not usable here: {why}"
 
 
-@torch.compiler.disable  # a C call on host memory: a graph break, never traced
 def _ggml_only(blocks: torch.Tensor, qtype: Q) -> torch.Tensor:
-    """A type only libggml reads, on any device: dequantized on the CPU, the result moved back."""
+    """A type only libggml reads, on any device: dequantized on the CPU, the result moved back. (A C call on host
+    memory: dynamo breaks the graph here; compiled decode steps reach packed weights through opaque ops.)"""
     return ggml_codec.dequantize(blocks.cpu(), qtype).to(blocks.device)
 
 
