@@ -30,7 +30,7 @@ from toolkit.gguf_io import TensorSpec, as_qtype, open_gguf, write_gguf
 from toolkit.hf_dir import GEMMA, PRE_HINT, save_hf_tokenizer, write_hf_dir  # noqa: F401 (re-exported)
 from toolkit.hf_dir import ST_DTYPES as _ST_DTYPES
 from toolkit.merge import FILE_TYPE_OF
-from toolkit.quants import encode
+from toolkit.quants import encode, quantize_problem
 
 from .quantize import QNT_VERSION, allows_quantization, fallback
 
@@ -312,6 +312,9 @@ def hf_to_gguf(src: Path, out: Path, outtype: str = "f16", progress: bool = True
     cfg = _cfg(src)
     arch = N.arch_from_hf_model_type(str(cfg.get("model_type", "")), str(src / "config.json"))
     qtype = as_qtype(outtype)
+    why = quantize_problem(qtype)
+    if why is not None:  # before any work
+        raise ToolkitError(f"--outtype {outtype}: {why}")
     index = safetensors_index(src)
     meta = hf_metadata(arch, cfg, src)
     meta.update(hf_vocab(src, arch, int(cfg["vocab_size"])))

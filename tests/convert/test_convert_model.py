@@ -199,3 +199,30 @@ def test_pickle_checkpoints_are_refused(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pickle" in err[0] and "pytorch_model.bin" in err[0]
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_hf_to_iq4_gguf_is_libggml_bytes_and_imatrix_types_are_refused(tokenizer_dir, tmp_path, capsys):
+    """--outtype iq4_xs: 2-D weights whose rows do not split into 256-blocks fall back to IQ4_NL (llama.cpp's
+    rule), their bytes are ggml_quantize_chunk's of the HF weight; a type that needs an importance matrix is one
+    line before anything is written."""
+    from oracle_ggml import available, ggml_quantize
+    from safetensors.numpy import load_file
+
+    from toolkit.cli import main as cli
+
+    if not available():
+        pytest.skip("llama-cpp-python's libggml not available")
+    hf = tiny_hf("llama", tmp_path / "hf", tokenizer_dir, seed=5)
+    convert_model(hf, tmp_path / "m.gguf", "iq4_xs", progress=False)
+    g = open_gguf(tmp_path / "m.gguf")
+    w = load_file(hf / "model.safetensors")["model.layers.0.mlp.down_proj.weight"]
+    t = g.tensors["blk.0.ffn_down.weight"]
+    assert t.qtype == Q.IQ4_NL and w.shape[-1] % 256  # the fallback taken
+    assert t.raw().numpy().tobytes() == ggml_quantize(w.astype(np.float32), Q.IQ4_NL)
+    assert g.metadata["general.file_type"] == 25  # LLAMA_FTYPE_MOSTLY_IQ4_NL: the most common weight type
+
+    capsys.readouterr()
+    assert cli(["convert", "model", str(hf), "-o", str(tmp_path / "x.gguf"), "--outtype", "iq2_xxs"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "IQ2_XXS needs an importance matrix" in err[0], err
+    assert not (tmp_path / "x.gguf").exists()
