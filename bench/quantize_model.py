@@ -77,7 +77,8 @@ def main() -> int:
     load = os.getloadavg()[0]
     text = (f"# toolkit quantize vs llama_model_quantize\n\n`python bench/quantize_model.py --types {args.types} "
             f"--rounds {args.rounds} --threads {args.threads}`; {Path(model).name}, {args.threads} threads; measured "
-            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {load:.1f} at the end. Whole commands, "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {load:.1f} at the end. "
+            "Whole commands, "
             "alternating; speed = llama.cpp's time / ours per round.\n\n"
             "| type | toolkit s | llama.cpp s | speed vs llama.cpp | same tensors |\n|---|---|---|---|---|\n"
             + "\n".join(rows) + "\n")

@@ -4,8 +4,9 @@ libggml-base that llama-cpp-python ships (an optional dependency: `pip install t
 toolkit.quants hands CPU tensors of the block types here when the library is found; the torch codec in quants
 (bit-identical, checked against this library in the tests) does everything else: CUDA/MPS tensors, float types,
 compiled graphs, machines without llama-cpp-python. Block types the torch codec lacks (IQ1-IQ3, TQ1_0/TQ2_0,
-MXFP4, NVFP4, Q1_0) are read and written here only, on the CPU, whatever the setting and device. The C loops make one pass over the output where eager torch
-makes several (README, "llama.cpp's codec on the CPU", has the figures).
+MXFP4, NVFP4, Q1_0) are read and written here only, on the CPU, whatever the setting and device. The C loops
+make one pass over the output where eager torch makes several (README, "llama.cpp's codec on the CPU", has the
+figures).
 
 Which codec runs is one setting: `TOOLKIT_CODEC` = `auto` (default: libggml where it loads), `torch`, or
 `ggml` (libggml or a clear error); `set_codec()` changes it in-process. The package is located, never imported

@@ -31,7 +31,7 @@ def test_read_as_gguf_py_reads_them(qtype):
     ref = gguf_quants.dequantize(raw, qtype).reshape(6, 512).astype(np.float32)
     got = dequantize(torch.from_numpy(raw), qtype, (6, 512)).numpy()
     assert same_bits(got, ref)  # the same float operations in the same order: bit for bit
-    prev = ggml_codec.set_codec("torch")  # the torch codec has no form of these: libggml reads them whatever the setting
+    prev = ggml_codec.set_codec("torch")  # the torch codec has no form of these: libggml reads them anyway
     try:
         assert same_bits(dequantize(torch.from_numpy(raw), qtype, (6, 512)).numpy(), ref)
     finally:
