@@ -91,7 +91,7 @@ def test_iq_base_infers_like_its_float_copy_and_like_llama_cpp(iq_pair):
 
 
 def test_iq_base_trains_like_its_float_copy_and_merges_in_its_type(iq_pair, tmp_path):
-    from convert.export_lora import export_lora
+    from toolkit.convert.export_lora import export_lora
     from oracle_llama import llama_logits
     from toolkit.model import load
     from toolkit.train.finetune import FinetuneConfig, finetune
