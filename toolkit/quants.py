@@ -337,11 +337,6 @@ def dequant_problem(qtype: QType) -> str | None:
     return f"{qtype.name} blocks are read by llama.cpp's libggml, which is not usable here: {why}"
 
 
-def _ggml_only(blocks: torch.Tensor, qtype: Q) -> torch.Tensor:
-    """A type only libggml reads, on any device: dequantized on the CPU, the result moved back. (A C call on host
-    memory: dynamo breaks the graph here; compiled decode steps reach packed weights through opaque ops.)"""
-    return ggml_codec.dequantize(blocks.cpu(), qtype).to(blocks.device)
-
 
 def _as_blocks(raw: torch.Tensor, qtype: Q, n: int) -> torch.Tensor:
     bv, bb = GGML_QUANT_SIZES[qtype]
@@ -372,9 +367,9 @@ def _run_dequant(qtype: Q, blocks: torch.Tensor) -> torch.Tensor:
     """blocks [nb, block_bytes] -> float32 [nb, block_values]: libggml's to_float where toolkit.ggml_codec takes
     the type, else the torch codec (chunked on CPU)."""
     bv = GGML_QUANT_SIZES[qtype][0]
-    if qtype not in _DEQUANT:
-        return _ggml_only(blocks, qtype)
-    if ggml_codec.handles(qtype, "dequantize", blocks.device):
+    if qtype not in _DEQUANT and blocks.device.type != "cpu":  # a type only libggml reads: on the CPU, moved back
+        return _run_dequant(qtype, blocks.cpu()).to(blocks.device)  # (a C call: dynamo breaks the graph here)
+    if qtype not in _DEQUANT or ggml_codec.handles(qtype, "dequantize", blocks.device):
         return ggml_codec.dequantize(blocks, qtype, _empty_f32((blocks.shape[0], bv), blocks.device))
     fn = _DEQUANT[qtype]
     nb = blocks.shape[0]
@@ -1070,15 +1065,15 @@ def quantize(x: torch.Tensor, qtype: QType) -> torch.Tensor:
         x = x[None]
     if x.dim() != 2:
         raise ToolkitError(f"quantize expects [rows, n_per_row], got shape {tuple(x.shape)}")
+    if fn is None and x.device.type != "cpu":  # a type only libggml writes: on the CPU, moved back
+        return quantize(x.detach().cpu(), qtype).to(x.device)
     rows, n = x.shape
     rb = row_bytes(qtype, n)
     out = torch.empty((rows, rb), dtype=torch.uint8, device=x.device)
     if rows == 0 or n == 0:
         return out
     x = x.detach()
-    if fn is None:  # on the CPU, whatever the device
-        return ggml_codec.quantize(x.cpu(), qtype).to(x.device)
-    if ggml_codec.handles(qtype, "quantize", x.device):
+    if fn is None or ggml_codec.handles(qtype, "quantize", x.device):
         return ggml_codec.quantize(x, qtype, out)
     if qtype in FLOAT_TYPES:
         return fn(x.to(_F32).contiguous()).reshape(rows, rb)

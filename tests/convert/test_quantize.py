@@ -169,10 +169,10 @@ def test_bad_type_is_one_line_and_writes_nothing(tiny_llama, tmp_path, capsys):
 
 def test_iq_type_without_libggml_is_one_line_and_writes_nothing(tiny256, tmp_path, monkeypatch, capsys):
     from toolkit import ggml_codec
+    from toolkit.cli import run_command
 
     monkeypatch.setattr(ggml_codec, "_load", lambda: (None, "llama-cpp-python is not installed"))
     out = tmp_path / "never.gguf"
-    from toolkit.cli import run_command
 
     assert run_command("toolkit.convert.quantize", [str(tiny256), str(out), "IQ4_XS"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
