@@ -185,12 +185,18 @@ def prepare(cfg: FinetuneConfig, d: Dist, device: torch.device) -> Run:
 
 
 def _codec_note(model: nn.Module, device: torch.device) -> str:
-    """'; blocks dequantized by libggml|torch' when the base has quantized packed weights (which codec runs them)."""
-    from toolkit.qlinear import QuantLinear
+    """'; blocks dequantized by libggml|torch' when the base has quantized packed weights: which codec runs them,
+    per type where they differ (the types only libggml reads go to it on any device, through a CPU copy)."""
     from toolkit.gguf_io import FLOAT_TYPES
+    from toolkit.qlinear import QuantLinear
+    from toolkit.quants import DEQUANT_TYPES
 
-    packed = any(isinstance(m, QuantLinear) and m.qtype not in FLOAT_TYPES for m in model.modules())
-    return f"; blocks dequantized by {ggml_codec.name(device)}" if packed else ""
+    types = {m.qtype for m in model.modules() if isinstance(m, QuantLinear) and m.qtype not in FLOAT_TYPES}
+    by = {t: "libggml" if t not in DEQUANT_TYPES or ggml_codec.handles(t, "dequantize", device) else "torch"
+          for t in types}
+    if len(set(by.values())) > 1:
+        return "; blocks dequantized by " + ", ".join(f"{t.name} {c}" for t, c in sorted(by.items()))
+    return f"; blocks dequantized by {next(iter(by.values()))}" if by else ""
 
 
 def _lora_layout(cfg: FinetuneConfig, g: Any, args: Any, resume_from: ck.Checkpoint | None) -> tuple[dict, float]:

@@ -136,3 +136,20 @@ def test_without_libggml_such_a_base_is_refused_with_one_line(iq_pair, monkeypat
         load(iq_pair[0], device="cpu")
     assert "IQ3_S blocks are read by llama.cpp's libggml, which is not usable here: llama-cpp-python is not " \
            "installed" in str(e.value) and "tensor '" in str(e.value) and str(iq_pair[0]) in str(e.value)
+
+
+def test_finetune_start_line_names_the_codec_of_each_type():
+    from toolkit.qlinear import QuantLinear
+    from toolkit.train.trainer import _codec_note
+
+    layers = [QuantLinear(torch.from_numpy(random_blocks(t, 4, 256, seed=1)), t, 256, 4) for t in (Q.Q4_0, Q.IQ3_S)]
+    model = torch.nn.Sequential(*layers)
+    cpu = torch.device("cpu")
+    assert _codec_note(model, cpu) == "; blocks dequantized by libggml"
+    prev = ggml_codec.set_codec("torch")
+    try:  # the torch codec takes its own types; IQ3_S has none there, so libggml still reads it
+        assert _codec_note(model, cpu) == "; blocks dequantized by Q4_0 torch, IQ3_S libggml"
+        assert _codec_note(torch.nn.Sequential(layers[0]), cpu) == "; blocks dequantized by torch"
+    finally:
+        ggml_codec.set_codec(prev)
+    assert _codec_note(torch.nn.Sequential(torch.nn.Linear(2, 2)), cpu) == ""
