@@ -140,7 +140,7 @@ def _mark_static(model: nn.Module) -> None:
     mark = torch._dynamo.mark_static
     for owner in (model, *model.blk):
         for plan in owner.__dict__.get("_group_plans", {}).values():
-            forms = [f for f in (plan.base, plan.base16) if f is not None and not f.prepacked]  # (prepacked: opaque)
+            forms = [f for f in (plan.base, plan.base16) if f is not None and not f.number]  # (numbered: opaque)
             for t in [t for f in forms for t in (f.weight, f.scale_zero)] + [plan.bias]:
                 if t is not None:
                     mark(t)

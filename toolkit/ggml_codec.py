@@ -240,9 +240,9 @@ def _run_parts(rows: int, values_per_row: int, one, cost: int = 1, pieces: int =
         f.result()
 
 
-def dequantize(blocks: torch.Tensor, qtype: Q, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize(blocks: torch.Tensor, qtype: Q, out: torch.Tensor | None = None, spread: bool = True) -> torch.Tensor:
     """uint8 blocks [nb, block_bytes] (CPU) -> float32 [nb, block_values], libggml's to_float (into `out`, a
-    contiguous float32 tensor of that many values, when given)."""
+    contiguous float32 tensor of that many values, when given); spread=False: on this thread only."""
     bv, bb = GGML_QUANT_SIZES[qtype]
     blocks = blocks.contiguous()
     nb = blocks.shape[0]
@@ -256,7 +256,10 @@ def dequantize(blocks: torch.Tensor, qtype: Q, out: torch.Tensor | None = None) 
     def one(b0: int, b1: int) -> None:
         fn(src + b0 * bb, dst + b0 * bv * 4, (b1 - b0) * bv)
 
-    _run_parts(nb, bv, one)
+    if spread:
+        _run_parts(nb, bv, one)
+    else:
+        one(0, nb)
     return out
 
 

@@ -136,10 +136,12 @@ def _stack_base(bases: list[nn.Module]) -> qkernels.PackedWeight | None:
         return bases[0].kernel_weight()
     in_f = bases[0].in_features
     if len({b.qtype for b in bases}) == 1:
-        return qkernels.pack(torch.cat([b.qweight for b in bases]), bases[0].qtype, in_f)
-    if any(qkernels.kind(b.qtype, in_f) != "bf16" for b in bases):
+        pw = qkernels.pack(torch.cat([b.qweight for b in bases]), bases[0].qtype, in_f)
+    elif any(qkernels.kind(b.qtype, in_f) != "bf16" for b in bases):
         return None  # mixed int4 / other types: each base runs on its own
-    return _cat_bf16(bases)
+    else:
+        pw = _cat_bf16(bases)
+    return qkernels.with_blocks(pw, lambda x: torch.cat([b.matmul_sliced(x) for b in bases], -1))
 
 
 def _cat_bf16(bases: list[nn.Module]) -> qkernels.PackedWeight:
@@ -152,7 +154,7 @@ def _stack_bf16(bases: list[nn.Module], stacked: qkernels.PackedWeight | None) -
     if stacked is None or not bases[0].use_bf16_copy:
         return None
     if stacked.kind == "bf16":
-        return stacked
+        return qkernels.copy_only(stacked)
     return bases[0].bf16_weight() if len(bases) == 1 else _cat_bf16(bases)
 
 

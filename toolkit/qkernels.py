@@ -9,7 +9,11 @@ weight-only kernels instead:
   unchanged; only the scale and zero are rounded to bf16, and the activations to bf16 (llama.cpp rounds them to
   8 bits for its own dot products), so results are close to, not bit-equal with, the float path.
 * every other type keeps a bf16 copy (half the bytes of float32; on AVX2 torch's int8 kernel wins nothing
-  once the activations are bf16 anyway, and per-row int8 could not hold per-block scales exactly).
+  once the activations are bf16 anyway, and per-row int8 could not hold per-block scales exactly). Where the CPU
+  has no bf16 dot products (AVX2), torch's bf16 GEMM is emulated: fine for a row or two (bound by the bytes
+  read) but far below the float32 rate past a few rows, so larger inputs multiply the blocks in float32
+  instead, dequantized a cache-sized slice at a time (exact; the form's `blocks`), through an opaque op in
+  compiled steps so that the row count still compiles no second graph.
 
 These kernels pay off for a few activation rows (decode, small batches) everywhere, and for prefill-sized inputs
 too where the CPU has bf16 dot products; past max_rows() QuantLinear dequantizes blocks (exact float32).
@@ -24,9 +28,11 @@ cannot take a prepacked weight as a graph input, so a compiled step multiplies b
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +51,9 @@ BF16_CPU_MAX_ROWS = 512
 # in cache as in a real step: a plain copy from ~24 rows, a prepacked one from ~8.
 BF16_ROWS = 24
 PREPACKED_BF16_ROWS = 8
+# Without bf16 dot products, inputs of more rows than this leave a bf16 copy for its blocks, multiplied a slice at a
+# time (QuantLinear.matmul_sliced; crossover measured on AVX2, a Q8_0 49152x576 head cold in cache: 2-4 rows).
+EMULATED_BF16_MAX_ROWS = 3
 GROUP = 32
 INT4_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)
 _int4_mm = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
@@ -58,7 +67,12 @@ class PackedWeight:
     weight: torch.Tensor
     scale_zero: torch.Tensor | None = None
     out_features: int = 0
-    prepacked: int = 0  # a prepacked bf16 weight's number (how compiled steps name it: prepacked_linear), 0: plain
+    number: int = 0  # how compiled steps name a form they call through an opaque op (registered), 0: traced
+    blocks: Callable[[torch.Tensor], torch.Tensor] | None = None  # x -> x @ W.T from the blocks (emulated bf16)
+
+    @property
+    def prepacked(self) -> bool:
+        return self.weight.is_mkldnn
 
 
 def int4_groups(qweight: torch.Tensor, qtype: Q, in_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -109,25 +123,60 @@ def bf16_form(w: torch.Tensor) -> PackedWeight:
     """A bf16 weight [out, in] as a kernel form: prepacked for oneDNN where that is on, else as it is."""
     if not (prepacking() and w.device.type == "cpu"):
         return PackedWeight("bf16", w, None, w.shape[0])
-    pw = PackedWeight("bf16", torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), PREPACK_ROWS_HINT), None,
-                      w.shape[0], next(_numbers))
-    _prepacked[pw.prepacked] = pw
+    return _register(PackedWeight("bf16", torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), PREPACK_ROWS_HINT),
+                                  None, w.shape[0]))
+
+
+def with_blocks(pw: PackedWeight, blocks: Callable[[torch.Tensor], torch.Tensor]) -> PackedWeight:
+    """pw, given the exact float32 product of the blocks it was made from (x -> x @ W.T) for many-row inputs, where
+    its bf16 copy would run an emulated GEMM (no bf16 dot products here)."""
+    if pw.kind == "bf16" and not _NATIVE_BF16 and not pw.prepacked:
+        pw.blocks = blocks
+        _register(pw)
+    return pw
+
+
+def copy_only(pw: PackedWeight) -> PackedWeight:
+    """The form's bf16 copy without the blocks (the "bf16" weights mode asks for the copy whatever the rows)."""
+    return pw if pw.blocks is None else dataclasses.replace(pw, number=0, blocks=None)
+
+
+def _register(pw: PackedWeight) -> PackedWeight:
+    pw.number = next(_numbers)
+    _registered[pw.number] = pw
     return pw
 
 
 _numbers = itertools.count(1)
-_prepacked: weakref.WeakValueDictionary[int, PackedWeight] = weakref.WeakValueDictionary()  # number -> weight
+_registered: weakref.WeakValueDictionary[int, PackedWeight] = weakref.WeakValueDictionary()  # number -> form
 
 
 @torch.library.custom_op("toolkit::prepacked_linear", mutates_args=())
 def _prepacked_linear(x: torch.Tensor, number: int, out_features: int) -> torch.Tensor:
     """x [M, in] bf16 @ prepacked weight `number`.T -> [M, out] bf16 (one opaque call in a compiled graph)."""
-    return torch.ops.mkldnn._linear_pointwise(x, _prepacked[number].weight, None, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x, _registered[number].weight, None, "none", [], "")
 
 
 @_prepacked_linear.register_fake
 def _(x: torch.Tensor, number: int, out_features: int) -> torch.Tensor:
     return x.new_empty(x.shape[0], out_features)
+
+
+@torch.library.custom_op("toolkit::copy_or_blocks", mutates_args=())
+def _copy_or_blocks_op(x: torch.Tensor, number: int, out_features: int) -> torch.Tensor:
+    """x [M, in] @ form `number`.T -> [M, out] in x's dtype, by the rows (opaque in a compiled graph)."""
+    return _copy_or_blocks(x, _registered[number])
+
+
+@_copy_or_blocks_op.register_fake
+def _(x: torch.Tensor, number: int, out_features: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)
+
+
+def _copy_or_blocks(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
+    if x.shape[0] > EMULATED_BF16_MAX_ROWS:
+        return pw.blocks(x).to(x.dtype)
+    return F.linear(x.to(torch.bfloat16), pw.weight).to(x.dtype)
 
 
 def dense(pw: PackedWeight) -> torch.Tensor:
@@ -179,11 +228,18 @@ _NATIVE_BF16 = native_bf16()  # read once: kernel_form asks for every linear of 
 
 def matmul(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     """x [..., in] (any float dtype) -> [..., out] in x's dtype, through the kernel form."""
+    if pw.blocks is not None:
+        x2 = x.reshape(-1, x.shape[-1])
+        if torch.compiler.is_compiling():
+            y = torch.ops.toolkit.copy_or_blocks(x2, pw.number, pw.out_features)
+        else:
+            y = _copy_or_blocks(x2, pw)
+        return y.reshape(*x.shape[:-1], pw.out_features)
     xb = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # [M, in]
     if pw.kind == "int4":
         y = _int4_mm(xb, pw.weight, GROUP, pw.scale_zero)
     elif pw.prepacked and torch.compiler.is_compiling():
-        y = torch.ops.toolkit.prepacked_linear(xb, pw.prepacked, pw.out_features)
+        y = torch.ops.toolkit.prepacked_linear(xb, pw.number, pw.out_features)
     elif pw.prepacked:
         y = torch.ops.mkldnn._linear_pointwise(xb, pw.weight, None, "none", [], "")
     else:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES
 
-from . import qkernels
+from . import ggml_codec, qkernels
 from .errors import ToolkitError
 from .gguf_io import QType, as_qtype, row_bytes
 from .quants import dequant_problem, dequantize_rows, quantize
@@ -14,6 +15,7 @@ from .quants import dequant_problem, dequantize_rows, quantize
 __all__ = ["CHUNK_ELEMENTS", "QuantEmbedding", "QuantLinear"]
 
 CHUNK_ELEMENTS = 1 << 24  # at most this many dequantized values alive at once per layer (64 MiB fp32)
+SLICE_ELEMENTS = 1 << 19  # matmul_sliced's slice: 2 MiB of float32, which stays in cache until multiplied
 
 
 def _row_chunks(rows: int, cols: int) -> list[tuple[int, int]]:
@@ -116,6 +118,27 @@ class QuantLinear(torch.nn.Module):
             out[..., r0:r1] = torch.matmul(x, self._chunk(r0, r1, x.dtype).t())
         return out
 
+    def matmul_sliced(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, in] @ W.T in float32 for inputs of a few rows, exact: the blocks dequantized a cache-sized slice at a
+        time into one buffer, on this thread, and each slice multiplied while in cache. A few rows make the product
+        bound by the bytes read, and this way the weight is read packed instead of written and read back in float32
+        (bf16 kernel forms fall back on it where the CPU has no bf16 dot products)."""
+        x = x.float()
+        step = max(1, SLICE_ELEMENTS // self.in_features)
+        out = x.new_empty(x.shape[0], self.out_features)
+        ggml = ggml_codec.handles(self.qtype, "dequantize", self.qweight.device)
+        buf = torch.empty(min(step, self.out_features), self.in_features) if ggml else None
+        for r0 in range(0, self.out_features, step):
+            r1 = min(r0 + step, self.out_features)
+            rows = self.qweight[r0:r1]
+            if ggml:
+                w = ggml_codec.dequantize(rows.reshape(-1, GGML_QUANT_SIZES[self.qtype][1]), self.qtype,
+                                          buf[:r1 - r0], spread=False)
+            else:
+                w = dequantize_rows(rows, self.qtype, self.in_features)
+            torch.mm(x, w.view(r1 - r0, self.in_features).t(), out=out[:, r0:r1])
+        return out
+
     def _matmul_t(self, gy: torch.Tensor) -> torch.Tensor:
         gx = None
         for r0, r1 in _row_chunks(self.out_features, self.in_features):
@@ -135,13 +158,15 @@ class QuantLinear(torch.nn.Module):
         """The qkernels form of the weight (CPU), made once (use_kernels mode)."""
         pw = self.__dict__.get("_kcache")
         if pw is None:
-            pw = self.__dict__["_kcache"] = qkernels.pack(self.qweight, self.qtype, self.in_features)
+            pw = qkernels.with_blocks(qkernels.pack(self.qweight, self.qtype, self.in_features),
+                                     self.matmul_sliced)
+            self.__dict__["_kcache"] = pw
         return pw
 
     def bf16_weight(self):
         """The bf16 copy as a qkernels form (use_bf16_copy), made once; the kernel form itself where that is one."""
         if qkernels.kind(self.qtype, self.in_features) == "bf16":
-            return self.kernel_weight()
+            return qkernels.copy_only(self.kernel_weight())
         pw = self.__dict__.get("_bcache")
         if pw is None:
             pw = self.__dict__["_bcache"] = qkernels.bf16_copy(self.qweight, self.qtype, self.in_features)

@@ -43,7 +43,7 @@ def test_int4_groups_are_ggml_values(qtype):
 def test_kernel_path_is_float_path_within_bf16_rounding(qtype, kind):
     torch.manual_seed(0)
     layer = QuantLinear.from_float(torch.randn(96, 512), qtype)
-    x = torch.randn(2, 3, 512)
+    x = torch.randn(2, 1, 512)  # 2 rows: a bf16 form multiplies them through its copy on any CPU
     exact = layer(x)
     layer.use_kernels = True
     assert layer.kernel_weight().kind == kind
@@ -97,6 +97,44 @@ def test_bf16_rows_use_a_bf16_copy_from_that_many_rows(qtype):
     layer.use_bf16_copy = False
     assert layer.kernel_form(many) == "kernel"  # off: the packed mode's forms again
     assert layer.kernel_form(torch.randn(1000, 512)) is None  # prefill-sized: the exact block path
+
+
+def test_without_bf16_dot_products_many_rows_leave_the_copy_for_the_blocks(monkeypatch):
+    """Where the CPU has no bf16 dot products (AVX2) torch's bf16 GEMM is emulated: a bf16 kernel form (Q8_0's)
+    multiplies up to EMULATED_BF16_MAX_ROWS rows through its copy and more rows from its blocks in float32, bit-equal
+    to the exact block path. Compiled, both row counts run one graph (an opaque op decides). The "bf16" weights
+    mode's copy stays a copy whatever the rows; with bf16 dot products no form has blocks."""
+    torch.manual_seed(0)
+    monkeypatch.setattr(qkernels, "_NATIVE_BF16", False)
+    layer = QuantLinear.from_float(torch.randn(96, 512), "Q8_0")
+    n = qkernels.EMULATED_BF16_MAX_ROWS
+    few, many, more = torch.randn(n, 512), torch.randn(n + 1, 512), torch.randn(3 * n, 512)
+    exact_few, exact_many, exact_more = layer(few), layer(many), layer(more)
+    layer.use_kernels = True
+    pw = layer.kernel_weight()
+    assert pw.blocks is not None and pw.number and layer.kernel_form(many) == "kernel"
+    assert torch.equal(layer(many), exact_many)
+    err = ((layer(few) - exact_few).abs().max() / exact_few.abs().max()).item()
+    assert 0 < err < 1e-2, err  # the bf16 copy: weights and activations rounded to 8 significant bits
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    f = torch.compile(lambda x: qkernels.matmul(x, pw), dynamic=True, backend=backend)
+    assert torch.equal(f(many), exact_many) and torch.equal(f(few), layer(few))
+    assert torch.equal(f(more), exact_more)
+    assert len(graphs) == 1
+    assert any(node.target is torch.ops.toolkit.copy_or_blocks for node in graphs[0].graph.nodes)
+
+    layer.use_bf16_copy = True
+    copy = layer.bf16_weight()
+    assert copy.blocks is None and copy.weight is pw.weight
+    monkeypatch.setattr(qkernels, "_NATIVE_BF16", True)
+    assert QuantLinear.from_float(torch.randn(8, 64), "Q8_0").kernel_weight().blocks is None
 
 
 def _prepack_works() -> bool:

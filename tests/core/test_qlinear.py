@@ -75,6 +75,28 @@ def test_quant_embedding_gathers_rows(qtype):
     assert torch.equal(full, dequantize(raw, qtype, (n, dim)))
 
 
+@pytest.mark.parametrize("codec", ["auto", "torch"])
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q6_K, Q.IQ4_XS], ids=lambda q: q.name)
+def test_sliced_matmul_matches_dense(qtype, codec, monkeypatch):
+    """matmul_sliced (a few rows; blocks dequantized a slice at a time into one buffer, libggml's to_float or the
+    torch codec) equals a dense nn.Linear on the dequantized weight within fp32 summation order, over several
+    slices and a short last one."""
+    import toolkit.qlinear as tq
+    from toolkit import ggml_codec
+
+    out_f, in_f = 70, 512
+    monkeypatch.setattr(tq, "SLICE_ELEMENTS", 16 * in_f)  # 5 slices: 16 rows each, 6 in the last
+    prev = ggml_codec.set_codec(codec)
+    try:
+        layer = QuantLinear(torch.from_numpy(finite_blocks(qtype, out_f, in_f, seed=4)), qtype, in_f, out_f)
+        x = torch.randn(5, in_f)
+        y, want = layer.matmul_sliced(x), x @ layer.weight_float().t()
+    finally:
+        ggml_codec.set_codec(prev)
+    assert y.shape == (5, out_f)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6 * max(1.0, float(want.abs().max())))
+
+
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")
 def test_quant_linear_cuda():
     raw = torch.from_numpy(finite_blocks(Q.Q4_K, 64, 512))
