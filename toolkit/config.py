@@ -126,7 +126,8 @@ def weights_arg() -> Any:
                help="how quantized weights compute: auto (packed on CPU, float elsewhere), packed (CPU: int4/bf16 "
                     "weight-only kernels for decoding, close to float), bf16 (packed, plus a bf16 copy for "
                     "prefill and batches of 8+ rows (24+ where the copy cannot be prepacked): faster on CPUs with "
-                    "bf16 instructions, 2 bytes a weight more), float (a dequantized copy: exact, 4-8x the memory)")
+                    "bf16 instructions (AVX512-BF16, AMX), slower on others (AVX2 emulates bf16), 2 bytes a weight "
+                    "more), float (a dequantized copy: exact, 4-8x the memory)")
 
 
 def compile_arg() -> Any:

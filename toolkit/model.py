@@ -579,7 +579,8 @@ def set_weight_mode(model: nn.Module, mode: str, device: torch.device) -> None:
     auto:   packed on CPU (decode speed is bound by the bytes of weight read), float elsewhere.
     bf16:   packed, and on CPU inputs of qkernels.bf16_rows() rows or more (prefill, big batches) use a bf16
             copy of each weight: about twice float32's rate where the CPU has bf16 instructions (AVX512-BF16,
-            AMX), for 2 bytes a weight more memory. Float elsewhere, as auto.
+            AMX), for 2 bytes a weight more memory; on a CPU without them (AVX2) torch emulates bf16 and the copy
+            is slower than the packed mode past a few rows. Float elsewhere, as auto.
     train:  blocks stay packed and dequantize block rows on every use, forward and backward, in float: exact, as
             the exported adapter assumes, and the base costs its GGUF bytes (build()'s state; finetune's default).
             finetune --cache-base takes "float" instead."""
