@@ -90,6 +90,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     from toolkit.bundled import smollm2_gguf
     from toolkit.model import load
+    from toolkit.qkernels import native_bf16
 
     model, tok = load(smollm2_gguf(), device="cpu", weights=args.weights, compile=args.compile)
     names = random_adapters(model, args.adapters)
@@ -109,7 +110,8 @@ def main() -> int:
     mode = f"weights {args.weights}" + (", --compile" if args.compile else "")
     lines = [f"SmolLM2-135M-Instruct Q4_1, {args.threads} thread(s), {mode}, {args.tokens} greedy tokens a row, "
              f"adapters: {args.adapters or 'none'} (r=16 on every linear, row i -> adapter i % N); best of "
-             f"{args.repeat}; torch {torch.__version__}, {platform.machine()}, load average "
+             f"{args.repeat}; torch {torch.__version__}, {platform.machine()}, CPU bf16 instructions: "
+             f"{'yes' if native_bf16() else 'no'}, load average "
              f"{os.getloadavg()[0]:.1f} at the end. tok/CPU-s: generated tokens per second of process CPU time "
              "(steadier than wall time on a shared machine). `python bench/batch.py " + " ".join(sys.argv[1:]) + "`",
              "", "| rows | generated tok/s | vs 1 row | tok/CPU-s | vs 1 row |", "|---|---:|---:|---:|---:|"]

@@ -189,6 +189,7 @@ def main() -> int:
     out = Path(a.out or ROOT / "bench" / "results" / ("serve-quick.md" if a.quick else "serve.md"))
 
     from toolkit.bundled import smollm2_gguf
+    from toolkit.qkernels import native_bf16
 
     base = Path(smollm2_gguf())
     from peers import llama_tool
@@ -234,7 +235,8 @@ def main() -> int:
         f"# toolkit serve vs llama-server: {a.clients} concurrent clients, per-request LoRA",
         "",
         (f"SmolLM2-135M-Instruct Q4_1 GGUF, CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} "
-         f"cores, torch {torch.__version__}), both servers on loopback with {a.threads} threads, {a.clients} slots "
+         f"cores, bf16 instructions: {'yes' if native_bf16() else 'no'}, torch {torch.__version__}), both servers "
+         f"on loopback with {a.threads} threads, {a.clients} slots "
          f"of {a.ctx} tokens (llama-server `-np {a.clients} -c {a.clients * a.ctx}`), {k} random GGUF adapters "
          f"r={a.rank} on every linear loaded without applying them. Per server and load: {a.requests} streaming "
          f"`/v1/completions` from {a.clients} concurrent clients, {a.max_tokens} generated tokens each "
