@@ -32,7 +32,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 from .errors import ToolkitError
 from .gguf_io import FLOAT_TYPES
 
-__all__ = ["CODECS", "available", "codec", "dequantize", "handles", "name", "quantize", "quantize_problem",
+__all__ = ["CODECS", "available", "codec", "dequantize", "handles", "quantize", "quantize_problem",
            "reads", "set_codec", "unavailable_reason"]
 
 CODECS = ("auto", "torch", "ggml")
@@ -167,11 +167,6 @@ def handles(qtype: Q, op: str, device: torch.device) -> bool:
     if _traits(int(qtype)) is None:
         return False
     return op == "quantize" or to_float(int(qtype)) is not None
-
-
-def name(device: torch.device) -> str:
-    """Which codec the block types get on `device` under the current setting: "libggml" or "torch"."""
-    return "libggml" if handles(Q.Q8_0, "quantize", device) else "torch"
 
 
 _pool_lock = threading.Lock()

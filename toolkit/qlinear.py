@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from gguf import GGML_QUANT_SIZES
 
-from . import ggml_codec, qkernels
+from . import qkernels
 from .errors import ToolkitError
 from .gguf_io import QType, as_qtype, row_bytes
 from .quants import dequant_problem, dequantize_rows, quantize
@@ -126,17 +125,11 @@ class QuantLinear(torch.nn.Module):
         x = x.float()
         step = max(1, SLICE_ELEMENTS // self.in_features)
         out = x.new_empty(x.shape[0], self.out_features)
-        ggml = ggml_codec.handles(self.qtype, "dequantize", self.qweight.device)
-        buf = torch.empty(min(step, self.out_features), self.in_features) if ggml else None
+        buf = torch.empty(min(step, self.out_features), self.in_features)
         for r0 in range(0, self.out_features, step):
             r1 = min(r0 + step, self.out_features)
-            rows = self.qweight[r0:r1]
-            if ggml:
-                w = ggml_codec.dequantize(rows.reshape(-1, GGML_QUANT_SIZES[self.qtype][1]), self.qtype,
-                                          buf[:r1 - r0], spread=False)
-            else:
-                w = dequantize_rows(rows, self.qtype, self.in_features)
-            torch.mm(x, w.view(r1 - r0, self.in_features).t(), out=out[:, r0:r1])
+            w = dequantize_rows(self.qweight[r0:r1], self.qtype, self.in_features, buf[:r1 - r0], spread=False)
+            torch.mm(x, w.t(), out=out[:, r0:r1])
         return out
 
     def _matmul_t(self, gy: torch.Tensor) -> torch.Tensor:

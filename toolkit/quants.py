@@ -39,6 +39,7 @@ __all__ = [
     "dequant_problem",
     "dequantize",
     "dequantize_rows",
+    "dequantizer",
     "encode",
     "f16_at",
     "quantize",
@@ -363,20 +364,32 @@ _SCALES = {Q.Q4_K: _k4_scales, Q.Q5_K: _k4_scales, Q.Q6_K: _q6_scales}
 _WRITES_OUT = {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K}
 
 
-def _run_dequant(qtype: Q, blocks: torch.Tensor) -> torch.Tensor:
-    """blocks [nb, block_bytes] -> float32 [nb, block_values]: libggml's to_float where toolkit.ggml_codec takes
-    the type, else the torch codec (chunked on CPU)."""
+def dequantizer(qtype: QType, device: torch.device) -> str:
+    """Which codec dequantizes `qtype` blocks on `device`: "libggml" where toolkit.ggml_codec takes the type (and
+    for the types only libggml reads, on any device: through a CPU copy), else "torch"."""
+    qtype = as_qtype(qtype)
+    return "libggml" if qtype not in _DEQUANT or ggml_codec.handles(qtype, "dequantize", device) else "torch"
+
+
+def _run_dequant(qtype: Q, blocks: torch.Tensor, out: torch.Tensor | None = None, spread: bool = True) -> torch.Tensor:
+    """blocks [nb, block_bytes] -> float32 [nb, block_values]: libggml's to_float where dequantizer() says so, else
+    the torch codec (chunked on CPU). `out`: a contiguous float32 buffer of that size the result may be written
+    into (use the returned tensor); spread=False keeps libggml's work on this thread."""
     bv = GGML_QUANT_SIZES[qtype][0]
     if qtype not in _DEQUANT and blocks.device.type != "cpu":  # a type only libggml reads: on the CPU, moved back
         return _run_dequant(qtype, blocks.cpu()).to(blocks.device)  # (a C call: dynamo breaks the graph here)
-    if qtype not in _DEQUANT or ggml_codec.handles(qtype, "dequantize", blocks.device):
-        return ggml_codec.dequantize(blocks, qtype, _empty_f32((blocks.shape[0], bv), blocks.device))
+    if dequantizer(qtype, blocks.device) == "libggml":
+        if out is None:
+            out = _empty_f32((blocks.shape[0], bv), blocks.device)
+        return ggml_codec.dequantize(blocks, qtype, out, spread)
     fn = _DEQUANT[qtype]
     nb = blocks.shape[0]
     step = max(1, DEQUANT_CHUNK // bv)
     if blocks.is_cuda or nb <= step or qtype not in _WRITES_OUT:
         return fn(blocks)
-    out = _empty_f32((nb, bv), blocks.device)
+    if out is None:
+        out = _empty_f32((nb, bv), blocks.device)
+    out = out.view(nb, bv)
     prep = _SCALES.get(qtype)
     scales = prep(blocks) if prep is not None else None
     for i in range(0, nb, step):
@@ -406,9 +419,12 @@ def dequantize(raw: torch.Tensor, qtype: QType, shape: Sequence[int] | int) -> t
     return _run_dequant(qtype, _as_blocks(raw, qtype, n)).reshape(shape)
 
 
-def dequantize_rows(raw: torch.Tensor, qtype: Q, cols: int) -> torch.Tensor:
-    """uint8 [rows, row_bytes] -> float32 [rows, cols] (a layer's packed weight, or a slice of its rows)."""
-    return _run_dequant(qtype, _as_blocks(raw, qtype, raw.shape[0] * cols)).reshape(raw.shape[0], cols)
+def dequantize_rows(raw: torch.Tensor, qtype: Q, cols: int, out: torch.Tensor | None = None,
+                    spread: bool = True) -> torch.Tensor:
+    """uint8 [rows, row_bytes] -> float32 [rows, cols] (a layer's packed weight, or a slice of its rows); `out`
+    and `spread` as _run_dequant's."""
+    blocks = _as_blocks(raw, qtype, raw.shape[0] * cols)
+    return _run_dequant(qtype, blocks, out, spread).reshape(raw.shape[0], cols)
 
 
 def tensor_float(t: TensorInfo, dtype: torch.dtype | None = torch.float32, copy: bool = False) -> torch.Tensor:

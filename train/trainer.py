@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from toolkit import ggml_codec, wpool
+from toolkit import wpool
 from toolkit.errors import ToolkitError
 
 from . import checkpoint as ck
@@ -189,11 +189,10 @@ def _codec_note(model: nn.Module, device: torch.device) -> str:
     per type where they differ (the types only libggml reads go to it on any device, through a CPU copy)."""
     from toolkit.gguf_io import FLOAT_TYPES
     from toolkit.qlinear import QuantLinear
-    from toolkit.quants import DEQUANT_TYPES
+    from toolkit.quants import dequantizer
 
     types = {m.qtype for m in model.modules() if isinstance(m, QuantLinear) and m.qtype not in FLOAT_TYPES}
-    by = {t: "libggml" if t not in DEQUANT_TYPES or ggml_codec.handles(t, "dequantize", device) else "torch"
-          for t in types}
+    by = {t: dequantizer(t, device) for t in types}
     if len(set(by.values())) > 1:
         return "; blocks dequantized by " + ", ".join(f"{t.name} {c}" for t, c in sorted(by.items()))
     return f"; blocks dequantized by {next(iter(by.values()))}" if by else ""

@@ -75,7 +75,8 @@ def test_ggml_codec_is_llama_cpp_on_nan(qtype):
 def test_auto_uses_libggml_on_cpu_only_for_block_types(monkeypatch):
     calls = []
     real = ggml_codec.dequantize
-    monkeypatch.setattr(ggml_codec, "dequantize", lambda b, q, out=None: calls.append(q) or real(b, q, out))
+    monkeypatch.setattr(ggml_codec, "dequantize",
+                        lambda b, q, out=None, spread=True: calls.append(q) or real(b, q, out, spread))
     raw = torch.from_numpy(random_blocks(Q.Q4_K, 2, 256))
     with_codec("auto", lambda: dequantize(raw, Q.Q4_K, (2, 256)))
     assert calls == [Q.Q4_K]
@@ -132,9 +133,12 @@ def test_env_setting_in_a_fresh_process(tmp_path, tiny_llama):
     assert not (tmp_path / "q.gguf").exists()
 
 
-def test_name_says_which_codec_runs():
-    """finetune's start line names the codec: libggml only on the CPU, with the library, under auto/ggml."""
+def test_dequantizer_says_which_codec_runs():
+    """finetune's start line names the codec (quants.dequantizer): for the torch codec's types libggml only on the
+    CPU, with the library, under auto/ggml."""
+    from toolkit.quants import dequantizer
+
     cpu = torch.device("cpu")
-    assert with_codec("torch", lambda: ggml_codec.name(cpu)) == "torch"
-    assert ggml_codec.name(torch.device("meta")) == "torch"
-    assert with_codec("auto", lambda: ggml_codec.name(cpu)) == ("libggml" if ggml_codec.available() else "torch")
+    assert with_codec("torch", lambda: dequantizer(Q.Q8_0, cpu)) == "torch"
+    assert dequantizer(Q.Q8_0, torch.device("meta")) == "torch"
+    assert with_codec("auto", lambda: dequantizer(Q.Q8_0, cpu)) == ("libggml" if ggml_codec.available() else "torch")
