@@ -117,14 +117,16 @@ def parse_config(cls: type[T], argv: Sequence[str] | None, prog: str, descriptio
     return cls(**values)
 
 
-WEIGHT_MODES = ("auto", "packed", "bf16", "float", "train")  # toolkit.model.set_weight_mode says what each does
+WEIGHT_MODES = ("auto", "packed", "ggml", "bf16", "float", "train")  # toolkit.model.set_weight_mode says what each does
 
 
 def weights_arg() -> Any:
     """The --weights field shared by the commands that run a model (infer, perplexity, serve)."""
     return arg("auto", "--weights", choices=[m for m in WEIGHT_MODES if m != "train"],  # "train": finetune's
-               help="how quantized weights compute: auto (packed on CPU, float elsewhere), packed (CPU: int4/bf16 "
-                    "weight-only kernels for decoding, close to float), bf16 (packed, plus a bf16 copy for "
+               help="how quantized weights compute: auto (CPU: ggml where llama-cpp-python's libggml loads, else "
+                    "packed; float elsewhere), ggml (CPU: llama.cpp's own matmul over the GGUF blocks, 8-bit "
+                    "activations as llama.cpp), packed (CPU: torch's int4/bf16 weight-only kernels for decoding, "
+                    "close to float), bf16 (packed, plus a bf16 copy for "
                     "prefill and batches of 8+ rows (24+ where the copy cannot be prepacked): faster on CPUs with "
                     "bf16 instructions (AVX512-BF16, AMX), slower on others (AVX2 emulates bf16), 2 bytes a weight "
                     "more), float (a dequantized copy: exact, 4-8x the memory)")

@@ -136,8 +136,9 @@ def _stack_base(bases: list[nn.Module]) -> qkernels.PackedWeight | None:
         return bases[0].kernel_weight()
     in_f = bases[0].in_features
     if len({b.qtype for b in bases}) == 1:
-        pw = qkernels.pack(torch.cat([b.qweight for b in bases]), bases[0].qtype, in_f)
-    elif any(qkernels.kind(b.qtype, in_f) != "bf16" for b in bases):
+        form = qkernels.ggml_form if bases[0].use_ggml else qkernels.pack
+        pw = form(torch.cat([b.qweight for b in bases]), bases[0].qtype, in_f)
+    elif bases[0].use_ggml or any(qkernels.kind(b.qtype, in_f) != "bf16" for b in bases):
         return None  # mixed int4 / other types: each base runs on its own
     else:
         pw = _cat_bf16(bases)

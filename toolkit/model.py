@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import ggml_matmul
 from .config import WEIGHT_MODES
 from .errors import ToolkitError
 from .gguf_io import FLOAT_TYPES, GGUFFile, TensorInfo, open_gguf
@@ -576,7 +577,11 @@ def set_weight_mode(model: nn.Module, mode: str, device: torch.device) -> None:
     packed: blocks stay packed; on CPU, few-row inputs (decoding) use torch's int4 / bf16 weight-only kernels
             (toolkit.qkernels: bf16 activations, so close to but not bit-equal with float), larger inputs
             dequantize blocks on the fly; other devices dequantize on every call.
-    auto:   packed on CPU (decode speed is bound by the bytes of weight read), float elsewhere.
+    ggml:   packed, and on CPU every input multiplies through libggml's own mul_mat over the GGUF blocks
+            (toolkit.ggml_matmul: llama.cpp's kernels and numerics, activations rounded to 8 bits per block),
+            whatever its row count; needs llama-cpp-python's libggml. Float elsewhere, as auto.
+    auto:   on CPU ggml where libggml loads (and TOOLKIT_CODEC is not torch), else packed (decode speed is bound
+            by the bytes of weight read); float elsewhere.
     bf16:   packed, and on CPU inputs of qkernels.bf16_rows() rows or more (prefill, big batches) use a bf16
             copy of each weight: about twice float32's rate where the CPU has bf16 instructions (AVX512-BF16,
             AMX), for 2 bytes a weight more memory; on a CPU without them (AVX2) torch emulates bf16 and the copy
@@ -586,11 +591,15 @@ def set_weight_mode(model: nn.Module, mode: str, device: torch.device) -> None:
             finetune --cache-base takes "float" instead."""
     if mode not in WEIGHT_MODES:
         raise ToolkitError(f"unknown weights mode '{mode}' (use {', '.join(WEIGHT_MODES)})")
-    packed = mode in ("packed", "train") or (mode in ("auto", "bf16") and device.type == "cpu")
+    packed = mode in ("packed", "train") or (mode in ("auto", "bf16", "ggml") and device.type == "cpu")
+    ggml = device.type == "cpu" and (mode == "ggml" or (mode == "auto" and ggml_matmul.available()))
+    if ggml and not ggml_matmul.available():
+        raise ToolkitError(f"--weights ggml: {ggml_matmul.unavailable_reason()}")
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.use_kernels = packed and mode != "train" and device.type == "cpu"
             m.use_bf16_copy = mode == "bf16" and m.use_kernels
+            m.use_ggml = ggml
             m.cache_weights = not packed
     drop_weight_forms(model)
     _reset_decoder(model)

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
+from .ggml_matmul import GgmlWeight
 from .quants import dequantize_rows, f16_at, scale_min_k4
 
 # Above this many activation rows the float matmul on dequantized blocks is faster than the int4 kernel
@@ -62,13 +63,15 @@ _int4_pack = getattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", None
 
 @dataclass
 class PackedWeight:
-    """One linear's weight in kernel form: int4 (packed levels + [in/32, out, 2] scale/zero) or a bf16 copy."""
-    kind: str  # "int4" | "bf16"
+    """One linear's weight in kernel form: int4 (packed levels + [in/32, out, 2] scale/zero), a bf16 copy, or the
+    GGUF blocks themselves multiplied by libggml (ggml)."""
+    kind: str  # "int4" | "bf16" | "ggml"
     weight: torch.Tensor
     scale_zero: torch.Tensor | None = None
     out_features: int = 0
     number: int = 0  # how compiled steps name a form they call through an opaque op (registered), 0: traced
     blocks: Callable[[torch.Tensor], torch.Tensor] | None = None  # x -> x @ W.T from the blocks (emulated bf16)
+    ggml: GgmlWeight | None = None  # kind "ggml": libggml's product over the blocks in `weight`
 
     @property
     def prepacked(self) -> bool:
@@ -127,6 +130,13 @@ def bf16_form(w: torch.Tensor) -> PackedWeight:
                                   None, w.shape[0]))
 
 
+def ggml_form(qweight: torch.Tensor, qtype: Q, in_features: int) -> PackedWeight:
+    """The blocks as they are, multiplied by libggml's mul_mat (any row count; compiled steps call it through an
+    opaque op, as it runs outside torch)."""
+    gw = GgmlWeight(qweight, qtype, in_features, qweight.shape[0])
+    return _register(PackedWeight("ggml", gw.raw, None, gw.out_features, ggml=gw))
+
+
 def with_blocks(pw: PackedWeight, blocks: Callable[[torch.Tensor], torch.Tensor]) -> PackedWeight:
     """pw, given the exact float32 product of the blocks it was made from (x -> x @ W.T) for many-row inputs, where
     its bf16 copy would run an emulated GEMM (no bf16 dot products here)."""
@@ -171,6 +181,17 @@ def _copy_or_blocks_op(x: torch.Tensor, number: int, out_features: int) -> torch
 @_copy_or_blocks_op.register_fake
 def _(x: torch.Tensor, number: int, out_features: int) -> torch.Tensor:
     return x.new_empty(x.shape[0], out_features)
+
+
+@torch.library.custom_op("toolkit::ggml_linear", mutates_args=())
+def _ggml_linear_op(x: torch.Tensor, number: int, out_features: int) -> torch.Tensor:
+    """x [M, in] float32 @ form `number`.T -> [M, out] float32 through libggml (opaque in a compiled graph)."""
+    return _registered[number].ggml(x)
+
+
+@_ggml_linear_op.register_fake
+def _(x: torch.Tensor, number: int, out_features: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features, dtype=torch.float32)
 
 
 def _copy_or_blocks(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
@@ -228,6 +249,13 @@ _NATIVE_BF16 = native_bf16()  # read once: kernel_form asks for every linear of 
 
 def matmul(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     """x [..., in] (any float dtype) -> [..., out] in x's dtype, through the kernel form."""
+    if pw.ggml is not None:
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        if torch.compiler.is_compiling():
+            y = torch.ops.toolkit.ggml_linear(x2, pw.number, pw.out_features)
+        else:
+            y = pw.ggml(x2)
+        return y.to(x.dtype).reshape(*x.shape[:-1], pw.out_features)
     if pw.blocks is not None:
         x2 = x.reshape(-1, x.shape[-1])
         if torch.compiler.is_compiling():

@@ -71,6 +71,7 @@ class QuantLinear(torch.nn.Module):
     cache_weights = False
     use_kernels = False
     use_bf16_copy = False
+    use_ggml = False
     weight_pool = None
 
     def __init__(self, raw: torch.Tensor, qtype: QType, in_features: int, out_features: int,
@@ -150,7 +151,9 @@ class QuantLinear(torch.nn.Module):
     def kernel_weight(self):
         """The qkernels form of the weight (CPU), made once (use_kernels mode)."""
         pw = self.__dict__.get("_kcache")
-        if pw is None:
+        if pw is None and self.use_ggml:
+            pw = qkernels.ggml_form(self.qweight, self.qtype, self.in_features)
+        elif pw is None:
             pw = qkernels.with_blocks(qkernels.pack(self.qweight, self.qtype, self.in_features),
                                      self.matmul_sliced)
             self.__dict__["_kcache"] = pw
@@ -176,6 +179,8 @@ class QuantLinear(torch.nn.Module):
         """Which kernel form multiplies x: "bf16" (the bf16 copy), "kernel" (kernel_weight()) or None (blocks)."""
         if not self.use_kernels or x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
             return None
+        if self.use_ggml:
+            return "kernel"
         if self.use_bf16_copy and x.numel() >= qkernels.bf16_rows() * self.in_features:
             return "bf16"
         return "kernel" if x.numel() <= qkernels.max_rows() * self.in_features else None

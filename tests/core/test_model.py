@@ -11,6 +11,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from tiny import make_tiny_arch_gguf, make_tiny_gguf
+from toolkit import ggml_matmul
 from toolkit.errors import ToolkitError
 from toolkit.gguf_io import open_gguf, write_gguf, TensorSpec, copy_metadata
 from toolkit.model import ModelArgs, Transformer, load
@@ -158,14 +159,20 @@ def test_smollm2_top1_agrees_with_llama_cpp(smollm2_path):
     assert agree >= 0.95, agree  # observed 0.98 (llama.cpp quantizes activations)
 
 
-def test_smollm2_packed_decoding_agrees_with_llama_cpp(smollm2_path):
-    """The default CPU path (weights="packed": int4 kernels, bf16 activations) decoding token by token through
-    the KV cache, against llama.cpp's logits for the same >= 100 tokens: the issue's top-1 bound, and the
-    same agreement with the exact float path (both round activations differently from the float reference)."""
+@pytest.mark.parametrize("weights,kind", [("packed", "int4"),
+                                          pytest.param("ggml", "ggml", marks=pytest.mark.skipif(
+                                              not ggml_matmul.available(), reason="libggml not installed"))])
+def test_smollm2_packed_decoding_agrees_with_llama_cpp(smollm2_path, weights, kind):
+    """The CPU kernel paths (packed: int4 kernels, bf16 activations; ggml: libggml's own mul_mat, 8-bit
+    activations) decoding token by token through the KV cache, against llama.cpp's logits for the same >= 100
+    tokens: the issue's top-1 bound, and the same agreement with the exact float path (each rounds activations
+    otherwise than the float reference). Measured: top-1 with llama.cpp 0.957 (packed), 0.983 (ggml); logits
+    within 1.6e-2 (packed) and 3.8e-2 (ggml: 8 bits per block of 32 is coarser than bf16's 8-bit mantissa) of
+    the float path."""
     from oracle_llama import llama_logits
 
-    model, tok = load(smollm2_path, device="cpu", weights="packed")
-    assert model.blk[0].attn_q.kernel_weight().kind == "int4"
+    model, tok = load(smollm2_path, device="cpu", weights=weights)
+    assert model.blk[0].attn_q.kernel_weight().kind == kind
     ids = tok.encode(PROSE)
     model.setup_caches(1, len(ids))
     with torch.inference_mode():
@@ -177,7 +184,7 @@ def test_smollm2_packed_decoding_agrees_with_llama_cpp(smollm2_path):
     agree = (got.argmax(-1) == ref.argmax(-1)).mean()
     assert agree >= 0.95, agree
     assert (got.argmax(-1) == exact.argmax(-1)).mean() >= 0.95
-    assert 0 < rel_err(got, exact) < 5e-2  # not bit-exact (bf16 activations), but close
+    assert 0 < rel_err(got, exact) < 6e-2  # not bit-exact, but close
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3"])

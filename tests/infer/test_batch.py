@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tiny import make_tiny_arch_gguf, random_lora
+from toolkit import ggml_matmul
 from toolkit.adapter import Adapter
 from toolkit.errors import ToolkitError
 from toolkit.infer.batch import BatchEngine, generate_batch
@@ -314,15 +315,23 @@ def test_incremental_detokenizer_forms_agree(smollm2_path):
         assert all("\ufffd" not in p for p in pieces) and "".join(pieces) == tok.decode(ids)
 
 
-def test_smollm2_packed_rows_agree_with_alone(smollm2_path):
-    """The real model on the default CPU weights (int4 / bf16 kernels, bf16 activations): 4 rows with their own
-    adapter sets, each teacher-forced along its own greedy continuation alone (24 tokens: 100 positions in all).
-    Rows without adapters match alone exactly; with adapters the per-row path sums the adapter products in another
-    order (~1e-5 of the adapter's delta), and the bf16 rounding of every layer's input amplifies that to ~1e-2 of
-    the logits over 30 layers (float weights: ~3e-6), up to ~0.5 in absolute terms. Measured: 95-96 of 96 argmaxes
-    equal; each one that differed was a tie, or one bf16 step apart, in alone's logits (which the bf16 head rounds),
-    so counted as agreeing: 96 of 96; logits within 0.8-1.4e-2. Asserted: >= 99% top-1, < 3e-2 relative."""
-    model, tok = with_adapters(smollm2_path, weights="auto", blocks_only=True, std=0.02)
+@pytest.mark.parametrize("weights,min_agree,max_rel", [
+    ("packed", 0.99, 3e-2),
+    pytest.param("ggml", 0.97, 5e-2, marks=pytest.mark.skipif(not ggml_matmul.available(), reason="no libggml"))])
+def test_smollm2_packed_rows_agree_with_alone(smollm2_path, weights, min_agree, max_rel):
+    """The real model on the CPU kernels: 4 rows with their own adapter sets, each teacher-forced along its own
+    greedy continuation alone (24 tokens: 100 positions in all). The batch takes other code paths than alone
+    (prompts prefilled in chunks on the per-row path, attention over masked cache slots, adapter products summed in
+    another order), which differ from alone's by float32 rounding; rounding every layer's input amplifies that
+    over 30 layers (float weights: ~3e-6).
+    packed (int4 / bf16 kernels, bf16 activations): measured 95-96 of 96 argmaxes equal; each one that differed was
+    a tie, or one bf16 step apart, in alone's logits (which the bf16 head rounds), so counted as agreeing: 96 of 96;
+    logits within 1-1.5e-2. Asserted: >= 99% top-1, < 3e-2 relative.
+    ggml (libggml's mul_mat, activations rounded to 8 bits per block of 32: coarser than bf16): its products are
+    the same bits whatever the row count, but the amplification is about twice bf16's: logits within 2.2-3.3e-2;
+    94 of 96 argmaxes equal, one more within a bf16 step (the other: a 0.26 gap in alone's logits, against a largest
+    deviation of 1.2 anywhere). Asserted: >= 97% top-1, < 5e-2 relative."""
+    model, tok = with_adapters(smollm2_path, weights=weights, blocks_only=True, std=0.02)
     prompts = [tok.encode(t) for t in ("The capital of France is", "Once upon a time, in a small village",
                                        "def add(a, b):", "List three colors:")]
     sets = SETS + [{"b": 1.0}]
@@ -339,8 +348,8 @@ def test_smollm2_packed_rows_agree_with_alone(smollm2_path):
         ulp = torch.exp2(torch.floor(torch.log2(best.abs())) - 7)  # bf16: 8 significant bits
         agree += int((picked >= best - ulp).sum())
         total += want.shape[0] - 1
-        assert rel(g, want) < 3e-2
-    assert agree / total >= 0.99, f"{agree} of {total}"
+        assert rel(g, want) < max_rel
+    assert agree / total >= min_agree, f"{agree} of {total}"
 
 
 def test_dora_adapters_are_refused_per_sequence(tiny_llama):
