@@ -183,7 +183,8 @@ class GgmlWeight:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, in] -> x @ W.T [M, out], float32."""
-        x = x.to(torch.float32).contiguous()
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.to(torch.float32).contiguous()
         out = x.new_empty(x.shape[0], self.out_features)
         if x.shape[0] == 0:
             return out

@@ -15,6 +15,11 @@ weight-only kernels instead:
   instead, dequantized a cache-sized slice at a time (exact; the form's `blocks`), through an opaque op in
   compiled steps so that the row count still compiles no second graph.
 
+Where llama-cpp-python's libggml loads, the CPU default is neither: the "ggml" form keeps the blocks as they are
+and multiplies them with libggml's own mul_mat (toolkit.ggml_matmul; llama.cpp's kernels, 8-bit activations),
+for every row count, through an opaque op (toolkit::ggml_linear) in compiled steps. The forms below are the
+"packed" mode's.
+
 These kernels pay off for a few activation rows (decode, small batches) everywhere, and for prefill-sized inputs
 too where the CPU has bf16 dot products; past max_rows() QuantLinear dequantizes blocks (exact float32).
 
@@ -249,13 +254,14 @@ _NATIVE_BF16 = native_bf16()  # read once: kernel_form asks for every linear of 
 
 def matmul(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     """x [..., in] (any float dtype) -> [..., out] in x's dtype, through the kernel form."""
-    if pw.ggml is not None:
-        x2 = x.reshape(-1, x.shape[-1]).float()
+    if pw.ggml is not None:  # float32 in and out (a decode step is bound by per-op overhead: no needless casts)
+        x2 = x.reshape(-1, x.shape[-1])
         if torch.compiler.is_compiling():
-            y = torch.ops.toolkit.ggml_linear(x2, pw.number, pw.out_features)
+            y = torch.ops.toolkit.ggml_linear(x2.float(), pw.number, pw.out_features)
         else:
             y = pw.ggml(x2)
-        return y.to(x.dtype).reshape(*x.shape[:-1], pw.out_features)
+        y = y if x.dtype == torch.float32 else y.to(x.dtype)
+        return y.view(*x.shape[:-1], pw.out_features)
     if pw.blocks is not None:
         x2 = x.reshape(-1, x.shape[-1])
         if torch.compiler.is_compiling():

@@ -63,7 +63,9 @@ class QuantLinear(torch.nn.Module):
       dequantize blocks as usual. Inference turns it on for CPU decoding (toolkit.qkernels says why).
       With `use_bf16_copy` as well, inputs of qkernels.bf16_rows() rows or more (prefill included) use a bf16
       copy.
-    Finetune leaves both off so a quantized base stays packed in memory. It may give the layers a shared
+    With `use_ggml` (weights mode "ggml", the CPU default where libggml loads) every input, whatever its rows,
+    multiplies through libggml's own mul_mat over the blocks (qkernels.ggml_form): llama.cpp's arithmetic.
+    Finetune leaves them off so a quantized base stays packed in memory. It may give the layers a shared
     `weight_pool` (toolkit.wpool.WeightPool): whole-weight dequantizations then go through that byte-budgeted
     pool of recently used copies (exact values; finetune's --base-cache-mb).
     """
@@ -151,11 +153,12 @@ class QuantLinear(torch.nn.Module):
     def kernel_weight(self):
         """The qkernels form of the weight (CPU), made once (use_kernels mode)."""
         pw = self.__dict__.get("_kcache")
-        if pw is None and self.use_ggml:
-            pw = qkernels.ggml_form(self.qweight, self.qtype, self.in_features)
-        elif pw is None:
-            pw = qkernels.with_blocks(qkernels.pack(self.qweight, self.qtype, self.in_features),
-                                     self.matmul_sliced)
+        if pw is None:
+            if self.use_ggml:
+                pw = qkernels.ggml_form(self.qweight, self.qtype, self.in_features)
+            else:
+                pw = qkernels.with_blocks(qkernels.pack(self.qweight, self.qtype, self.in_features),
+                                         self.matmul_sliced)
             self.__dict__["_kcache"] = pw
         return pw
 
