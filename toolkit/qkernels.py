@@ -17,8 +17,9 @@ weight-only kernels instead:
 
 Where llama-cpp-python's libggml loads, the CPU default is neither: the "ggml" form keeps the blocks as they are
 and multiplies them with libggml's own mul_mat (toolkit.ggml_matmul; llama.cpp's kernels, 8-bit activations),
-for every row count, through an opaque op (toolkit::ggml_linear) in compiled steps. The forms below are the
-"packed" mode's.
+through an opaque op (toolkit::ggml_linear) in compiled steps: for few rows, and for any number of rows where
+llamafile's tiled GEMM takes the type (GGML_TILED); other prefill-sized inputs dequantize blocks. The forms
+below are the "packed" mode's.
 
 These kernels pay off for a few activation rows (decode, small batches) everywhere, and for prefill-sized inputs
 too where the CPU has bf16 dot products; past max_rows() QuantLinear dequantizes blocks (exact float32).
@@ -60,6 +61,11 @@ PREPACKED_BF16_ROWS = 8
 # Without bf16 dot products, inputs of more rows than this leave a bf16 copy for its blocks, multiplied a slice at a
 # time (QuantLinear.matmul_sliced; crossover measured on AVX2, a Q8_0 49152x576 head cold in cache: 2-4 rows).
 EMULATED_BF16_MAX_ROWS = 3
+# libggml's mul_mat past this many rows is a dot product per (weight row, input row) for most types, which the float
+# GEMM on dequantized blocks beats (measured on AVX2, 2 threads, Q4_1: 0.46-0.66x at 256 rows, about even at 16-64);
+# the types llamafile's tiled GEMM takes on x86 (GGML_TILED) stay on libggml at any row count (1.05-1.4x at 256).
+GGML_MAX_ROWS = 32
+GGML_TILED = (Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.IQ4_NL)
 GROUP = 32
 INT4_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)
 _int4_mm = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)

@@ -63,8 +63,10 @@ class QuantLinear(torch.nn.Module):
       dequantize blocks as usual. Inference turns it on for CPU decoding (toolkit.qkernels says why).
       With `use_bf16_copy` as well, inputs of qkernels.bf16_rows() rows or more (prefill included) use a bf16
       copy.
-    With `use_ggml` (weights mode "ggml", the CPU default where libggml loads) every input, whatever its rows,
-    multiplies through libggml's own mul_mat over the blocks (qkernels.ggml_form): llama.cpp's arithmetic.
+    With `use_ggml` (weights mode "ggml", the CPU default where libggml loads) inputs multiply through libggml's
+    own mul_mat over the blocks (qkernels.ggml_form: llama.cpp's arithmetic): inputs of up to
+    qkernels.GGML_MAX_ROWS rows, and any input for the types of qkernels.GGML_TILED; larger inputs of other types
+    dequantize blocks.
     Finetune leaves them off so a quantized base stays packed in memory. It may give the layers a shared
     `weight_pool` (toolkit.wpool.WeightPool): whole-weight dequantizations then go through that byte-budgeted
     pool of recently used copies (exact values; finetune's --base-cache-mb).
@@ -183,7 +185,8 @@ class QuantLinear(torch.nn.Module):
         if not self.use_kernels or x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
             return None
         if self.use_ggml:
-            return "kernel"
+            few = x.numel() <= qkernels.GGML_MAX_ROWS * self.in_features
+            return "kernel" if few or self.qtype in qkernels.GGML_TILED else None
         if self.use_bf16_copy and x.numel() >= qkernels.bf16_rows() * self.in_features:
             return "bf16"
         return "kernel" if x.numel() <= qkernels.max_rows() * self.in_features else None

@@ -35,7 +35,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q5_0", "Q8_0", "Q4_1", "Q5_1"])
-@pytest.mark.parametrize("rows", [1, 5, 40])
+@pytest.mark.parametrize("rows", [1, 5, 32])
 def test_product_is_the_dequantized_weight_times_8_bit_activations(qtype, rows):
     """Types whose dot products take Q8_0 activations (Q4_0, Q5_0, Q8_0) agree with the model of llama.cpp's
     arithmetic to float32 summation order over 512 terms (measured 2-5e-7). Those taking Q8_1 (Q4_1, Q5_1) also
@@ -59,6 +59,18 @@ def test_k_and_i_quants_multiply_within_8_bit_activations(qtype):
     lin = layer(qtype, 64, 512)
     x = torch.randn(7, 512, generator=torch.Generator().manual_seed(0))
     assert rel(lin(x), x @ lin.weight_float().t()) < 2e-2
+
+
+@pytest.mark.parametrize("qtype,tiled", [("Q4_1", False), ("Q4_0", True), ("Q8_0", True)])
+def test_prefill_sized_inputs_go_where_they_are_faster(qtype, tiled):
+    """Past GGML_MAX_ROWS rows libggml keeps the types its tiled GEMM takes; others dequantize blocks (exact)."""
+    lin = layer(qtype)
+    x = torch.randn(qkernels.GGML_MAX_ROWS + 1, 512, generator=torch.Generator().manual_seed(2))
+    exact = x @ lin.weight_float().t()
+    assert lin.kernel_form(x[:qkernels.GGML_MAX_ROWS]) == "kernel"
+    assert (lin.kernel_form(x) == "kernel") == tiled
+    err = rel(lin(x), exact)
+    assert (1e-3 < err < 2e-2) if tiled else err < 1e-6
 
 
 def test_the_weight_is_not_copied_and_rows_of_a_batch_equal_rows_alone():

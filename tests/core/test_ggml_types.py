@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType as Q
 from oracle_ggml import ggml_quantize
 from tiny import make_tiny_gguf
 
-from toolkit import ggml_codec, ggml_matmul
+from toolkit import ggml_codec, ggml_matmul, qkernels
 from toolkit.errors import ToolkitError
 from toolkit.gguf_io import TensorSpec, copy_metadata, open_gguf, write_gguf
 from toolkit.quants import DEQUANT_TYPES, dequant_problem, dequantize, quantize, quantize_problem, tensor_float
@@ -89,10 +89,13 @@ def test_iq_base_infers_like_its_float_copy_and_like_llama_cpp(iq_pair):
     cos = (got * lc).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(lc, axis=-1)
     assert cos.min() > 0.99
     if ggml_matmul.available():  # the ggml mode multiplies as llama.cpp does: closer to it than the float path
+        n = min(len(ids), qkernels.GGML_MAX_ROWS)  # (longer inputs of IQ3_S dequantize blocks in this mode too)
         with torch.inference_mode():
-            mine = load(iq, device="cpu", weights="ggml")[0](torch.tensor([ids]))[0].numpy()
+            mine = load(iq, device="cpu", weights="ggml")[0](torch.tensor([ids[:n]]))[0].numpy()
+        lc, got = lc[:n], got[:n]  # causal: the first n positions' logits are those of the first n tokens
         cos = (mine * lc).sum(-1) / np.linalg.norm(mine, axis=-1) / np.linalg.norm(lc, axis=-1)
-        # measured: cosine 0.99938 against the float path's 0.99867, largest deviation 2.7e-2 against 3.9e-2
+        # measured (32 of the 35 tokens): cosine 0.99938 against the float path's 0.99867, largest deviation 2.7e-2
+        # of the largest logit against 3.9e-2
         assert np.abs(mine - lc).max() < np.abs(got - lc).max() and cos.min() > 0.999
 
 
