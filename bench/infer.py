@@ -252,6 +252,8 @@ def main() -> int:
         "llama.cpp (llama-cpp-python)": (bench_llama_cpp, (path, args.tokens, args.threads), {}),
         "toolkit": (bench_toolkit, (path, args.tokens, args.threads), {}),
         "toolkit --compile": (bench_toolkit, (path, args.tokens, args.threads), {"compile": True}),
+        "toolkit --compile --weights packed": (bench_toolkit, (path, args.tokens, args.threads, "packed"),
+                                               {"compile": True}),
         "toolkit --weights float (exact)": (bench_toolkit, (path, args.tokens, args.threads, "float"), {}),
     }
     res: dict[str, dict] = {}
@@ -296,10 +298,12 @@ def main() -> int:
         f"toolkit vs llama.cpp: load-to-first-token {ours['first'] / ref['first']:.1f}x llama.cpp's time; "
         f"decode {ours['tps'] / ref['tps']:.2f}x llama.cpp's speed.",
         "",
-        "How toolkit runs it (default `--weights auto`, packed on CPU): weights stay in their GGUF blocks, "
-        "memory-mapped; on first use each Q4_0/Q4_1/Q4_K linear repacks its 4-bit levels for torch's weight-only "
-        "int4 kernel (`_weight_int4pack_mm_for_cpu`, bf16 activations, as llama.cpp rounds activations for its "
-        "own dot products) and other types keep a bf16 copy (here: the tied Q8_0 vocabulary head). q/k/v and "
+        "How toolkit runs it (default `--weights auto`): weights stay in their GGUF blocks, memory-mapped; on CPU "
+        "where llama-cpp-python's libggml loads, decode multiplies them with libggml's own mul_mat (mode ggml: "
+        "llama.cpp's kernels, 8-bit activations). `--weights packed` uses torch's kernels instead: on first use "
+        "each Q4_0/Q4_1/Q4_K linear repacks its 4-bit levels for the weight-only int4 kernel "
+        "(`_weight_int4pack_mm_for_cpu`, bf16 activations) and other types keep a bf16 copy (here: the tied Q8_0 "
+        "vocabulary head). q/k/v and "
         "gate/up run as one kernel call each (toolkit/linear_group.py). `--weights float` keeps a float32 copy "
         "per weight instead: exact, 4-8x the memory and bytes read per token. `--compile` runs each decode step "
         "through torch.compile (inductor fuses norms, RoPE, SiLU, residuals and LoRA factors around the same "
