@@ -3,7 +3,8 @@ Q4_1 GGUF, same text, chunk size and threads, each in its own process (wall time
 from wait4). Prefill-shaped work: every chunk is one forward pass over ctx tokens, so this is also the prompt
 processing that bounds time to first token on long prompts.
 
-Rows: toolkit with --weights auto (the default: blocks dequantized for every prefill-sized matmul), --weights
+Rows: toolkit with --weights auto (the default: libggml's mul_mat where llama-cpp-python's libggml loads, else as
+packed), --weights packed (torch's kernels for few rows, blocks dequantized for every prefill-sized matmul), --weights
 bf16 (a bf16 copy of the weights for inputs of qkernels.bf16_rows() rows or more) and --weights float (a float32 copy: exact).
 Writes bench/results/perplexity.md.
 
@@ -59,7 +60,7 @@ def main() -> int:
     if tool:
         runs["llama.cpp llama-perplexity"] = [tool, "-m", model, "-f", args.file, "-c", str(args.ctx),
                                               "-t", str(args.threads)]
-    for w in ("auto", "bf16", "float"):
+    for w in ("auto", "packed", "bf16", "float"):
         runs[f"toolkit --weights {w}"] = [sys.executable, "-m", "toolkit.cli", "perplexity", "-m", model,
                                           "-f", args.file, "-c", str(args.ctx), "-t", str(args.threads),
                                           "--weights", w]
