@@ -125,11 +125,13 @@ def available() -> bool:
     return unavailable_reason() is None
 
 
-_pools: dict[tuple[int, int], int] = {}  # (pid, threads) -> ggml_threadpool *, kept for the process's life
+# (pid, threads) -> (ggml_threadpool *, the lock one computation at a time holds), kept for the process's life:
+# a threadpool runs one graph at a time, so threads of the caller's that multiply at once take turns
+_pools: dict[tuple[int, int], tuple[int, threading.Lock]] = {}
 _pools_lock = threading.Lock()
 
 
-def _threadpool(n: int) -> int:
+def _threadpool(n: int) -> tuple[int, threading.Lock]:
     with _pools_lock:
         key = (os.getpid(), n)
         if key not in _pools:
@@ -137,7 +139,7 @@ def _threadpool(n: int) -> int:
             params = _PoolParams()
             base.ggml_threadpool_params_init(ctypes.byref(params), n)
             params.poll = 0  # sleep between calls: torch's threads need the cores then
-            _pools[key] = cpu.ggml_threadpool_new(ctypes.byref(params))
+            _pools[key] = (cpu.ggml_threadpool_new(ctypes.byref(params)), threading.Lock())
         return _pools[key]
 
 
@@ -154,13 +156,12 @@ class _Graph:
         self.graph = base.ggml_new_graph_custom(self.ctx, 4, False)
         base.ggml_build_forward_expand(self.graph, self.y)
         P.from_address(w + _DATA_OFFSET).value = raw.data_ptr()
-        self.threads = threads
-        self.plan = cpu.ggml_graph_plan(self.graph, threads, _threadpool(threads))
+        pool, self.lock = _threadpool(threads)  # (the lock also guards this graph's data pointers)
+        self.plan = cpu.ggml_graph_plan(self.graph, threads, pool)
         self.work = torch.empty(self.plan.work_size + 64, dtype=torch.uint8)  # the activations' 8-bit blocks
         self.plan.work_data = self.work.data_ptr()
         self.x_data = P.from_address(self.x + _DATA_OFFSET)
         self.y_data = P.from_address(self.y + _DATA_OFFSET)
-        self.lock = threading.Lock()  # the data pointers are per call: one call at a time on a graph
         self._free = weakref.finalize(self, base.ggml_free, self.ctx)
 
 
@@ -171,14 +172,18 @@ class GgmlWeight:
         self.raw = raw.contiguous()
         self.qtype, self.in_features, self.out_features = int(qtype), int(in_features), int(out_features)
         self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._making = threading.Lock()
 
     def _graph(self, m: int, threads: int) -> _Graph:
         g = self._graphs.get((m, threads))
         if g is None:
-            if len(self._graphs) >= MAX_GRAPHS:
-                self._graphs.pop(next(iter(self._graphs)))
-            g = self._graphs[(m, threads)] = _Graph(_load()[0], self.raw, self.qtype, self.in_features,
-                                                    self.out_features, m, threads)
+            with self._making:
+                g = self._graphs.get((m, threads))
+                if g is None:
+                    if len(self._graphs) >= MAX_GRAPHS:
+                        self._graphs.pop(next(iter(self._graphs)))
+                    g = self._graphs[(m, threads)] = _Graph(_load()[0], self.raw, self.qtype, self.in_features,
+                                                            self.out_features, m, threads)
         return g
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

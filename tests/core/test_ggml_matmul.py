@@ -84,6 +84,28 @@ def test_the_weight_is_not_copied_and_rows_of_a_batch_equal_rows_alone():
     assert rel(together, alone) < 1e-6
 
 
+def test_threads_multiplying_at_once_get_their_own_products():
+    """One libggml threadpool runs one graph at a time: callers' threads take turns, and none sees another's."""
+    import threading
+
+    lins = [layer("Q4_0"), layer("Q8_0", 64)]
+    xs = [torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows)) for rows in (3, 8)]
+    want = [lin(x) for lin, x in zip(lins, xs)]
+    wrong = []
+
+    def work(i):
+        for _ in range(200):
+            if not torch.equal(lins[i % 2](xs[i % 2]), want[i % 2]):
+                wrong.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong
+
+
 def test_compiled_call_is_one_graph_for_every_row_count():
     lin = layer("Q8_0")
     pw = lin.kernel_weight()
