@@ -171,19 +171,21 @@ class GgmlWeight:
     def __init__(self, raw: torch.Tensor, qtype: Q, in_features: int, out_features: int):
         self.raw = raw.contiguous()
         self.qtype, self.in_features, self.out_features = int(qtype), int(in_features), int(out_features)
-        self._graphs: dict[tuple[int, int], _Graph] = {}
+        # (rows, threads, pid) -> graph: a forked child must not use its parent's threadpool, whose threads it lacks
+        self._graphs: dict[tuple[int, int, int], _Graph] = {}
         self._making = threading.Lock()
 
     def _graph(self, m: int, threads: int) -> _Graph:
-        g = self._graphs.get((m, threads))
+        key = (m, threads, os.getpid())
+        g = self._graphs.get(key)
         if g is None:
             with self._making:
-                g = self._graphs.get((m, threads))
+                g = self._graphs.get(key)
                 if g is None:
                     if len(self._graphs) >= MAX_GRAPHS:
                         self._graphs.pop(next(iter(self._graphs)))
-                    g = self._graphs[(m, threads)] = _Graph(_load()[0], self.raw, self.qtype, self.in_features,
-                                                            self.out_features, m, threads)
+                    g = self._graphs[key] = _Graph(_load()[0], self.raw, self.qtype, self.in_features,
+                                                   self.out_features, m, threads)
         return g
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
