@@ -5,9 +5,11 @@ toolkit.ggml_codec).
 A product x [M, in] @ W.T is a one-node ggml graph: the weight tensor points at the QuantLinear's own blocks (no
 copy), the input and output tensors at torch buffers set before each call, so a graph is built once per weight and
 row count and reused. ggml quantizes the activations to 8 bits per block (Q8_0/Q8_1) and runs its integer dot
-products, as llama.cpp does for every quantized weight: on a CPU without bf16 dot products these beat torch's
-int4 kernel and emulated bf16 GEMMs (README, "llama.cpp's matmul on the CPU", has the figures). The results are
-llama.cpp's, not bit-equal with the float path.
+products, as llama.cpp does for every quantized weight: on the AVX2 CPU measured these beat torch's int4 kernel
+for one row and tie it at 4-16, and beat emulated bf16 GEMMs at every row count; past ~32 rows most types are
+faster as a float GEMM on dequantized blocks, which is where QuantLinear sends them (README, serve section,
+"llama.cpp's matmul as the CPU default", has the figures). The results are llama.cpp's, not bit-equal with the
+float path.
 
 The graphs run on one ggml threadpool per thread count (torch.get_num_threads()), whose threads sleep between
 calls instead of spinning, so they leave the cores to torch's own threads.

@@ -577,9 +577,10 @@ def set_weight_mode(model: nn.Module, mode: str, device: torch.device) -> None:
     packed: blocks stay packed; on CPU, few-row inputs (decoding) use torch's int4 / bf16 weight-only kernels
             (toolkit.qkernels: bf16 activations, so close to but not bit-equal with float), larger inputs
             dequantize blocks on the fly; other devices dequantize on every call.
-    ggml:   packed, and on CPU every input multiplies through libggml's own mul_mat over the GGUF blocks
-            (toolkit.ggml_matmul: llama.cpp's kernels and numerics, activations rounded to 8 bits per block),
-            whatever its row count; needs llama-cpp-python's libggml. Float elsewhere, as auto.
+    ggml:   packed, and on CPU inputs multiply through libggml's own mul_mat over the GGUF blocks
+            (toolkit.ggml_matmul: llama.cpp's kernels and numerics, activations rounded to 8 bits per block):
+            up to qkernels.GGML_MAX_ROWS rows, or any size for the types of qkernels.GGML_TILED; larger inputs
+            of other types dequantize blocks. Needs llama-cpp-python's libggml. Float elsewhere, as auto.
     auto:   on CPU ggml where libggml loads (and TOOLKIT_CODEC is not torch), else packed (decode speed is bound
             by the bytes of weight read); float elsewhere.
     bf16:   packed, and on CPU inputs of qkernels.bf16_rows() rows or more (prefill, big batches) use a bf16
