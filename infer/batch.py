@@ -7,6 +7,12 @@ prefill_chunk prompt tokens, so a long prompt never stalls the decoding slots fo
 adapters ride on the shared base product (toolkit.linear_group.RowAdapters). Slots free when a sequence ends and
 take the next one.
 
+A freed slot keeps its cache: a later prompt that starts with the tokens it holds (same adapter set) takes that
+slot and prefills only the rest (llama-server's cache_prompt, vLLM's prefix caching): a chat's next turn, or the
+same system prompt again, costs only its new tokens. A cached key or value depends only on the tokens up to it,
+its position and the adapters, so the reused entries are the ones a fresh prefill would write (while the model's
+base weights stay as they are: change them, and make a new engine).
+
     engine = BatchEngine(model, n_slots=8, n_ctx=2048)
     slot = engine.add(tok.encode("Hello"), SamplingParams(temperature=0), adapters={"a": 1.0})
     while engine.active:
@@ -40,6 +46,15 @@ class _Seq:
     prefilled: int = 0  # prompt tokens in the cache
     n_new: int = 0
     next_token: int | None = None  # sampled, not yet in the cache: the next decode step feeds it
+    cached: int = 0  # leading tokens of history whose keys and values are in the slot's cache
+    reused: int = 0  # of the prompt's, those a previous sequence left there (not prefilled)
+
+
+@dataclass
+class _Kept:
+    """What a freed slot's cache holds: keys and values of `tokens` under adapter set `key`."""
+    tokens: list[int]
+    key: tuple  # ((name, scale, the AdapterInfo itself), ...): a name unloaded and loaded again is a new adapter
 
 
 _orders = itertools.count()
@@ -53,7 +68,7 @@ class BatchEngine:
     set of a sequence replaces the model's active set for that sequence only; adapters=None at add() takes the
     active set as it is then."""
 
-    def __init__(self, model, n_slots: int, n_ctx: int, prefill_chunk: int = 256):
+    def __init__(self, model, n_slots: int, n_ctx: int, prefill_chunk: int = 256, reuse_prefix: bool = True):
         if n_slots < 1 or n_ctx < 2 or prefill_chunk < 1:
             raise ToolkitError(f"a batch needs n_slots >= 1, n_ctx >= 2 and prefill_chunk >= 1 "
                                f"(got {n_slots}, {n_ctx}, {prefill_chunk})")
@@ -62,6 +77,8 @@ class BatchEngine:
         model.setup_caches(n_slots, n_ctx)
         self._caches = [b.kv_cache for b in model.blk]
         self._seqs: list[_Seq | None] = [None] * n_slots
+        self.reuse_prefix = reuse_prefix
+        self._kept: list[_Kept | None] = [None] * n_slots  # free slots' caches (reuse_prefix)
         self._rows: tuple[tuple, RowAdapters] | None = None  # the decode rows' RowAdapters, while they stay
 
     # -- slots
@@ -73,10 +90,13 @@ class BatchEngine:
     def active(self) -> list[int]:
         return [i for i, s in enumerate(self._seqs) if s is not None]
 
-    def add(self, prompt_ids: list[int], params: SamplingParams, adapters: dict[str, float] | None = None) -> int:
+    def add(self, prompt_ids: list[int], params: SamplingParams, adapters: dict[str, float] | None = None,
+            reuse: bool = True) -> int:
         """Claim a free slot (ToolkitError if none is free or the prompt does not fit n_ctx); the prompt is
         prefilled in chunks over the next step() calls. adapters: names already loaded in the model
-        (model.load_adapter) -> scale, for this sequence only."""
+        (model.load_adapter) -> scale, for this sequence only. reuse: take the free slot whose cache holds the
+        longest start of the prompt (at least one prompt token is prefilled, for the first token's logits);
+        False, or reuse_prefix off: the lowest free slot, the whole prompt prefilled."""
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise ToolkitError("empty prompt: nothing to condition on (give some text, or a model that adds BOS)")
@@ -87,20 +107,59 @@ class BatchEngine:
             raise ToolkitError(f"all {self.n_slots} slots are busy")
         room = self.n_ctx - len(prompt)
         max_new = min(params.max_tokens, room) if params.max_tokens >= 0 else room
-        slot = free[0]
-        self._seqs[slot] = _Seq(prompt, params, self._adapter_set(adapters), seeded_generator(params.seed),
-                                max_new, next(_orders), list(prompt))
+        aset = self._adapter_set(adapters)
+        key = self._key(aset)
+        slot, n = free[0], 0
+        if reuse and self.reuse_prefix:
+            n, k = max((self._shared(i, prompt, key), -k) for k, i in enumerate(free))  # ties: the lowest slot
+            slot = free[-k]
+        seq = _Seq(prompt, params, aset, seeded_generator(params.seed), max_new, next(_orders), list(prompt))
+        seq.prefilled = seq.cached = seq.reused = min(n, len(prompt) - 1)
+        self._seqs[slot], self._kept[slot] = seq, None
         return slot
+
+    def reused(self, slot: int) -> int:
+        """Prompt tokens of the slot's sequence that a previous one had left in the cache (not prefilled)."""
+        return self._seqs[slot].reused
+
+    def _key(self, aset: dict[str, float]) -> tuple | None:
+        """The adapter set's identity for reuse; None once one of its adapters is unloaded."""
+        loaded = self.model.adapters
+        if any(n not in loaded for n in aset):
+            return None
+        return tuple(sorted((n, s, loaded[n]) for n, s in aset.items()))
+
+    def _shared(self, slot: int, prompt: list[int], key: tuple) -> int:
+        """Leading prompt tokens that free slot `slot`'s cache holds under adapter set `key`."""
+        kept = self._kept[slot]
+        if kept is None or len(kept.key) != len(key) or any(
+                a[:2] != b[:2] or a[2] is not b[2] for a, b in zip(kept.key, key)):
+            return 0
+        n = 0
+        for a, b in zip(kept.tokens, prompt):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    def _free(self, slot: int) -> None:
+        seq = self._seqs[slot]
+        self._seqs[slot] = None
+        # at most n_ctx - 1 tokens: a compiled step's padding row writes a free slot's next position
+        # (_pad_position), which must not be one of them
+        n, key = min(seq.cached, self.n_ctx - 1), self._key(seq.adapters)
+        self._kept[slot] = _Kept(seq.history[:n], key) if self.reuse_prefix and n and key is not None else None
 
     def cancel(self, slot: int) -> None:
         """Free the slot now (client went away)."""
-        self._seqs[slot] = None
+        self._free(slot)
 
     def close(self) -> None:
         """Give the model's KV caches back (the engine cannot step afterwards)."""
         if self.model.blk[0].kv_cache is self._caches[0]:
             self.model.clear_caches()
         self._seqs = [None] * self.n_slots
+        self._kept = [None] * self.n_slots
 
     def _adapter_set(self, adapters: dict[str, float] | None) -> dict[str, float]:
         loaded = self.model.adapters
@@ -142,9 +201,12 @@ class BatchEngine:
 
     def _pad_position(self, slot: int) -> int:
         """Where a padding row (batch_rows) may write in its slot: a position that is written again before anything
-        reads it (a free slot's 0, a prefilling one's next prompt position)."""
+        reads it (a free slot's first past what it keeps, a prefilling one's next prompt position)."""
         seq = self._seqs[slot]
-        return 0 if seq is None else seq.prefilled
+        if seq is None:
+            kept = self._kept[slot]
+            return 0 if kept is None else len(kept.tokens)
+        return seq.prefilled
 
     def _install(self) -> None:
         if self.model.blk[0].kv_cache is not self._caches[0]:  # someone else used the model in between
@@ -154,7 +216,7 @@ class BatchEngine:
         seq = self._seqs[slot]
         tok = seq.params.pick(logits, seq.history, seq.gen)
         if tok in seq.params.stop_ids:
-            self._seqs[slot] = None
+            self._free(slot)
             out.append((slot, None, True))
             return
         seq.history.append(tok)
@@ -162,7 +224,7 @@ class BatchEngine:
         finished = seq.n_new >= seq.max_new
         out.append((slot, tok, finished))
         if finished:
-            self._seqs[slot] = None
+            self._free(slot)
         else:
             seq.next_token = tok
 
@@ -184,7 +246,7 @@ class BatchEngine:
         for _, slot in waiting:
             seq = self._seqs[slot]
             if seq.max_new <= 0:  # nothing to generate: no prefill either
-                self._seqs[slot] = None
+                self._free(slot)
                 out.append((slot, None, True))
                 continue
             if budget <= 0:
@@ -213,6 +275,7 @@ class BatchEngine:
             logits = self.model(tokens, input_pos=pos, slots=rows, adapters=self._row_adapters(rows, real))
             for b, slot in enumerate(rows):
                 if slot in real:
+                    self._seqs[slot].cached = len(self._seqs[slot].history)  # next_token is in the cache now
                     self._emit(slot, logits[b, -1], out)
         return out
 
@@ -236,6 +299,7 @@ class BatchEngine:
                                 adapters=RowAdapters.make(self._names(), [s.adapters for s in seqs], dev))
             for b, (s, (slot, n)) in enumerate(zip(seqs, group)):
                 s.prefilled += n
+                s.cached = s.prefilled
                 if s.prefilled == len(s.prompt):
                     self._emit(slot, logits[b, -1], out)
 

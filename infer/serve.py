@@ -57,6 +57,9 @@ class ServeConfig:
                                                "eager steps")
     alias: str | None = arg(None, help="model id reported by /v1/models and in responses (default: file name)")
     max_queue: int = arg(64, help="requests that may wait for a free slot; more get HTTP 503 at once")
+    cache_prompt: bool = arg(True, help="a finished request's slot keeps its cache, and a prompt that starts with "
+                                        "those tokens (same adapters) prefills only the rest, as llama-server's "
+                                        "cache_prompt (a request may set \"cache_prompt\": false)")
 
 
 def is_loopback(host: str) -> bool:
@@ -109,7 +112,7 @@ def _engine(cfg: ServeConfig, backend: Any) -> Any:
 
         backend = ModelBackend.load(cfg.model, device=cfg.device, dtype=cfg.dtype, weights=cfg.weights,
                                     ctx_size=cfg.ctx_size, threads=cfg.threads, alias=cfg.alias,
-                                    compile=cfg.compile)
+                                    compile=cfg.compile, cache_prompt=cfg.cache_prompt)
     registry = AdapterRegistry()
     for path, scale in parse_lora_flags(cfg.lora, cfg.lora_scaled):
         i, name = registry.reserve()

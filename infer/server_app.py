@@ -200,7 +200,8 @@ def create_app(engine: Engine, api_key: str | None = None, adapter_dir: str | No
             raise APIError(400, f"a token id is outside the vocabulary (size {backend.vocab_size})", param="prompt")
         stream = JobStream()
         aset = registry.acquire(req.lora)
-        job = Job(prompt_ids, params, list(req.stop or []), aset, stream.emit, stream.cancelled)  # type: ignore[arg-type]
+        job = Job(prompt_ids, params, list(req.stop or []), aset, stream.emit, stream.cancelled,  # type: ignore[arg-type]
+                  req.cache_prompt)
         try:
             engine.submit(job)
         except APIError:
@@ -208,7 +209,7 @@ def create_app(engine: Engine, api_key: str | None = None, adapter_dir: str | No
             raise
         return stream
 
-    async def run_to_end(stream: JobStream, request: Request) -> tuple[str, str, int, int]:
+    async def run_to_end(stream: JobStream, request: Request) -> tuple[str, str, dict]:
         parts: list[str] = []
         try:
             async for ev in stream.events(request):
@@ -217,7 +218,7 @@ def create_app(engine: Engine, api_key: str | None = None, adapter_dir: str | No
                 elif ev[0] == "error":
                     raise APIError(ev[1], ev[2], type="server_error")
                 else:
-                    return "".join(parts), ev[1], ev[2], ev[3]
+                    return "".join(parts), ev[1], usage(*ev[2:])
         finally:
             stream.cancelled.set()  # no-op once done; stops the work if this handler is cancelled
         raise APIError(500, "generation ended without a result", type="server_error")
@@ -232,7 +233,7 @@ def create_app(engine: Engine, api_key: str | None = None, adapter_dir: str | No
                 elif ev[0] == "error":
                     yield sse(error_body(ev[1], ev[2], type="server_error"))
                 else:
-                    for body in last(ev[1], usage(ev[2], ev[3])):
+                    for body in last(ev[1], usage(*ev[2:])):
                         yield sse(body)
             yield sse("[DONE]")
         finally:
@@ -252,8 +253,8 @@ def create_app(engine: Engine, api_key: str | None = None, adapter_dir: str | No
         rid, model = new_id("cmpl"), backend.model_id
         prefix = (req.prompt if isinstance(req.prompt, str) else backend.decode(ids)) if req.echo else ""
         if not req.stream:
-            text, finish, n_p, n_c = await run_to_end(stream, request)
-            return completion_body(rid, model, prefix + text, finish, usage(n_p, n_c))
+            text, finish, use = await run_to_end(stream, request)
+            return completion_body(rid, model, prefix + text, finish, use)
 
         def last(finish: str, use: dict) -> list[dict]:
             out = [completion_body(rid, model, "", finish, chunk=True)]
@@ -272,8 +273,8 @@ def create_app(engine: Engine, api_key: str | None = None, adapter_dir: str | No
         stream = admit(req, ids)
         rid, model = new_id("chatcmpl"), backend.model_id
         if not req.stream:
-            text, finish, n_p, n_c = await run_to_end(stream, request)
-            return chat_body(rid, model, text, finish, usage(n_p, n_c))
+            text, finish, use = await run_to_end(stream, request)
+            return chat_body(rid, model, text, finish, use)
 
         def last(finish: str, use: dict) -> list[dict]:
             out = [chat_chunk(rid, model, {}, finish)]

@@ -13,15 +13,16 @@ from toolkit.errors import ToolkitError
 
 
 class ModelBackend:
-    def __init__(self, model: Any, tokenizer: Any, n_ctx: int, model_id: str):
+    def __init__(self, model: Any, tokenizer: Any, n_ctx: int, model_id: str, cache_prompt: bool = True):
         self.model, self.tok = model, tokenizer
-        self.n_ctx, self.model_id = n_ctx, model_id
+        self.n_ctx, self.model_id, self.cache_prompt = n_ctx, model_id, cache_prompt
         self.vocab_size = int(tokenizer.vocab_size)
         self.eot_ids = frozenset(tokenizer.eot_ids)
 
     @classmethod
     def load(cls, path: str, device: str = "auto", dtype: str | None = None, weights: str = "auto", ctx_size: int = 4096,
-             threads: int = 0, alias: str | None = None, compile: bool = False) -> "ModelBackend":
+             threads: int = 0, alias: str | None = None, compile: bool = False,
+             cache_prompt: bool = True) -> "ModelBackend":
         import torch
 
         from toolkit.model import load
@@ -35,7 +36,7 @@ class ModelBackend:
             model.compile_decode(warmup=False)
         train_ctx = int(model.args.ctx_len) if getattr(model.args, "ctx_len", None) else 0
         n_ctx = train_ctx if ctx_size <= 0 else (min(ctx_size, train_ctx) if train_ctx else ctx_size)
-        return cls(model, tok, n_ctx, alias or Path(path).name)
+        return cls(model, tok, n_ctx, alias or Path(path).name, cache_prompt)
 
     # -- text
     def encode(self, text: str) -> list[int]:
@@ -70,7 +71,8 @@ class ModelBackend:
 
     def new_batch(self, n_slots: int) -> Any:
         """The same sampler chain, seed handling and end-of-generation ids as `toolkit.generate`, over n_slots
-        rows, so a request's text equals `toolkit infer`'s for the same adapter set and seed."""
+        rows, so a request's text equals `toolkit infer`'s for the same adapter set and seed (up to the float
+        rounding of batched kernels, prefix reuse included)."""
         from .batch import BatchEngine
 
-        return BatchEngine(self.model, n_slots, self.n_ctx)
+        return BatchEngine(self.model, n_slots, self.n_ctx, reuse_prefix=self.cache_prompt)

@@ -52,7 +52,9 @@ class Batch(Protocol):
     n_free: int
     active: list[int]
 
-    def add(self, prompt_ids: list[int], params: SamplingParams, adapters: dict[str, float] | None = None) -> int: ...
+    def add(self, prompt_ids: list[int], params: SamplingParams, adapters: dict[str, float] | None = None,
+            reuse: bool = True) -> int: ...
+    def reused(self, slot: int) -> int: ...
     def step(self) -> list[tuple[int, int | None, bool]]: ...
     def prefill(self) -> list[tuple[int, int | None, bool]]: ...
     def decode(self) -> list[tuple[int, int | None, bool]]: ...
@@ -180,7 +182,8 @@ class AdapterRegistry:
 @dataclass
 class Job:
     """One generation. `emit` is called from the model thread with ("text", str), then exactly one of
-    ("done", finish_reason, n_prompt, n_completion) or ("error", status, message)."""
+    ("done", finish_reason, n_prompt, n_completion, n_cached) or ("error", status, message); n_cached: prompt
+    tokens found in a slot's cache, not prefilled (cache_prompt)."""
 
     prompt_ids: list[int]
     params: SamplingParams
@@ -188,6 +191,7 @@ class Job:
     adapters: AdapterSet
     emit: Callable[[tuple], None]
     cancelled: threading.Event
+    cache_prompt: bool = True
 
 
 @dataclass
@@ -196,6 +200,7 @@ class _Running:
     text: Detokenizer
     stops: StopMatcher
     n: int = 0  # tokens generated
+    cached: int = 0  # prompt tokens reused from the slot's cache
 
 
 @dataclass
@@ -355,16 +360,18 @@ class Engine:
                 job = self._waiting.popleft()
             if job.params.max_tokens == 0:  # nothing to generate: no slot, no prefill
                 self.registry.release(job.adapters)
-                job.emit(("done", "length", len(job.prompt_ids), 0))
+                job.emit(("done", "length", len(job.prompt_ids), 0, 0))
                 continue
             try:
-                slot = self.batch.add(job.prompt_ids, job.params, dict(job.adapters))  # {}: the base alone
+                slot = self.batch.add(job.prompt_ids, job.params, dict(job.adapters),  # {}: the base alone
+                                      reuse=job.cache_prompt)
             except Exception as e:  # noqa: BLE001 - one bad request must not stop the server
                 self.registry.release(job.adapters)
                 status = 400 if isinstance(e, ToolkitError) else 500
                 job.emit(("error", status, f"could not start the generation: {e}"))
                 continue
-            self._running[slot] = _Running(job, self.backend.detokenizer(), StopMatcher(job.stops))
+            self._running[slot] = _Running(job, self.backend.detokenizer(), StopMatcher(job.stops),
+                                           cached=self.batch.reused(slot))
 
     def _step(self) -> None:
         """The batch's step in its two halves, each one's events handled as soon as it returns: a request whose
@@ -416,4 +423,4 @@ class Engine:
         if error is not None:
             r.job.emit(("error", *error))
         else:
-            r.job.emit(("done", reason, len(r.job.prompt_ids), r.n))
+            r.job.emit(("done", reason, len(r.job.prompt_ids), r.n, r.cached))

@@ -79,6 +79,7 @@ class SamplingFields(BaseModel):
     stream: bool = False
     n: int = 1
     ignore_eos: bool = False
+    cache_prompt: bool = True  # llama-server's: reuse a slot's cached start of the prompt
     lora: list[LoraRef] | None = None
     logprobs: Any = None
     stream_options: dict[str, Any] | None = None
@@ -273,8 +274,10 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(n_prompt: int, n_completion: int) -> dict[str, int]:
-    return {"prompt_tokens": n_prompt, "completion_tokens": n_completion, "total_tokens": n_prompt + n_completion}
+def usage(n_prompt: int, n_completion: int, n_cached: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; prompt_tokens_details.cached_tokens: prompt tokens a slot's cache held."""
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_completion, "total_tokens": n_prompt + n_completion,
+            "prompt_tokens_details": {"cached_tokens": n_cached}}
 
 
 def completion_body(rid: str, model: str, text: str, finish: str | None, use: dict | None = None,

@@ -269,6 +269,39 @@ def test_compiled_batch_decode_matches_eager_without_recompiling(models):
     assert {True, False} == {a for _, a in calls}  # steps with and without adapters in use
 
 
+@torch.inference_mode()
+def test_padding_rows_leave_a_freed_slots_kept_cache_alone(models):
+    """A compiled batched step pads the rows up to the last busy one (batch_rows): a freed slot between them gets a
+    throwaway row, which must write past the tokens the slot keeps for prefix reuse. The sequence that then reuses
+    that slot gives the logits of the same request prefilled afresh (eager, tolerance as above)."""
+    eager, compiled = models
+    for m in (eager, compiled):
+        m.set_adapters({})
+    engine = BatchEngine(compiled, 3, 24, prefill_chunk=4)
+    got = []
+    emit = engine._emit
+    try:
+        engine.add([1, 5, 9], SamplingParams(max_tokens=12, temperature=0.0), None)
+        short = engine.add([3, 4, 2], SamplingParams(max_tokens=2, temperature=0.0), {"a": 1.0})
+        engine.add([6, 1], SamplingParams(max_tokens=12, temperature=0.0), {"b": 0.5})
+        answer = []
+        while short in engine.active:
+            answer += [t for s, t, _ in engine.step() if s == short and t is not None]
+        for _ in range(4):  # padding rows in the freed slot, between the two busy ones
+            engine.step()
+        turn = [3, 4, 2] + answer + [7]
+        slot = engine.add(turn, SamplingParams(max_tokens=4, temperature=0.0), {"a": 1.0})
+        assert slot == short and engine.reused(slot) == 4
+        engine._emit = lambda s, lg, out: (s == slot and got.append(lg.clone())) or emit(s, lg, out)
+        while slot in engine.active:
+            engine.step()
+    finally:
+        engine.close()
+    want = engine_logits(eager, [(turn, 4, {"a": 1.0})])[0]
+    assert close(torch.stack(got), want) < 1e-2 and torch.equal(torch.stack(got).argmax(-1), want.argmax(-1))
+    assert compiled.__dict__["_decoder"].steady is not None  # the steps did run compiled
+
+
 def test_compiled_steps_keep_prepacked_bf16_weights(tmp_path, monkeypatch):
     """Prepacked bf16 copies (oneDNN's layout; Q8_0 weights' kernel form where the CPU has bf16 dot products, forced
     on here) cannot be graph inputs: a compiled step multiplies by them through one opaque op, so compiling keeps

@@ -85,7 +85,7 @@ class _Seq:
 
 
 class FakeBatch:
-    """BatchEngine's contract (BATCH_API.md) in pure Python, for the scheduler's tests: slots, prompts prefilled
+    """toolkit.infer.batch.BatchEngine's contract in pure Python, for the scheduler's tests: slots, prompts prefilled
     in chunks over steps (the last chunk yields the first token), then one token per decoding slot per step's
     decode half, max_tokens and stop ids end a slot, cancel."""
 
@@ -102,7 +102,7 @@ class FakeBatch:
     def active(self) -> list[int]:
         return sorted(self.seqs)
 
-    def add(self, prompt_ids, params, adapters=None) -> int:
+    def add(self, prompt_ids, params, adapters=None, reuse=True) -> int:
         from toolkit.errors import ToolkitError
 
         if not self.n_free:
@@ -113,6 +113,9 @@ class FakeBatch:
         slot = min(set(range(self.n_slots)) - set(self.seqs))
         self.seqs[slot] = _Seq(list(prompt_ids), params, dict(adapters or {}))
         return slot
+
+    def reused(self, slot: int) -> int:
+        return 0  # no cache to reuse here: every prompt is prefilled
 
     def cancel(self, slot: int) -> None:
         del self.seqs[slot]

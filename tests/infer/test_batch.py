@@ -255,6 +255,71 @@ def test_prompts_waiting_together_prefill_in_one_pass(tiny, monkeypatch):
         assert tokens[slot] == solo_greedy(model, p, 4, s)
 
 
+def run_logged(engine, model, monkeypatch, prompt, sets, n, reuse=True):
+    """One greedy sequence to its end on `engine`: (slot, prompt tokens it reused, prompt tokens prefilled,
+    generated tokens, logits [n, V] of its steps)."""
+    chunks, logits = [], []
+    prefill, emit = engine._prefill, engine._emit
+    monkeypatch.setattr(engine, "_prefill", lambda ch, out: chunks.extend(ch) or prefill(ch, out))
+    try:
+        slot = engine.add(prompt, SamplingParams(max_tokens=n, temperature=0.0), sets, reuse=reuse)
+        monkeypatch.setattr(engine, "_emit", lambda s, lg, out: (s == slot and logits.append(lg.clone())) or
+                            emit(s, lg, out))
+        reused, tokens = engine.reused(slot), []
+        while slot in engine.active:
+            tokens += [t for s, t, _ in engine.step() if s == slot and t is not None]
+    finally:
+        monkeypatch.undo()
+    return slot, reused, sum(k for s, k in chunks if s == slot), tokens, torch.stack(logits)
+
+
+def test_a_prompt_starting_with_a_freed_slots_tokens_prefills_only_the_rest(tiny, monkeypatch):
+    """A finished sequence's slot keeps its cache (prompt and the tokens it fed back); a later prompt that starts
+    with them, under the same adapter set, takes that slot and prefills only the rest (at least its last token,
+    for the first logits). Its logits equal the same request alone within 1e-4 (float weights, as above): the
+    reused keys and values are the ones a fresh prefill would write. A stale cache of large values elsewhere
+    would show any read past what was kept."""
+    model, _ = tiny
+    engine = BatchEngine(model, n_slots=3, n_ctx=48, prefill_chunk=4)
+    for b in model.blk:
+        b.kv_cache.k.normal_(0, 10.0)
+        b.kv_cache.v.normal_(0, 10.0)
+    sets = {"a": 0.5, "b": -2.0}
+    try:
+        engine.add([4, 4], SamplingParams(max_tokens=30, temperature=0.0), None)  # keeps slot 0 busy throughout
+        slot1, reused, prefilled, out1, _ = run_logged(engine, model, monkeypatch, PROMPTS[2], sets, 5)
+        assert slot1 == 1 and reused == 0 and prefilled == len(PROMPTS[2])
+        # the next turn: the prompt, the answer (its last token was sampled, never fed back: not in the cache), more
+        turn = PROMPTS[2] + out1 + [7]
+        slot, reused, prefilled, out2, got = run_logged(engine, model, monkeypatch, turn, sets, 4)
+        assert (slot, reused, prefilled) == (slot1, len(PROMPTS[2]) + 4, 2)
+        assert rel(got, alone(model, turn, sets, out2[:-1])) < 1e-4 and out2 == solo_greedy(model, turn, 4, sets)
+        # the same prompt again: all but its last token are in the cache
+        slot, reused, prefilled, out3, _ = run_logged(engine, model, monkeypatch, turn, sets, 4)
+        assert (slot, reused, prefilled, out3) == (slot1, len(turn) - 1, 1, out2)
+        # another adapter set, or reuse=False: the whole prompt is prefilled (in the lowest free slot)
+        for other, reuse in [({"a": 0.5}, True), (sets, False)]:
+            slot, reused, prefilled, out4, got = run_logged(engine, model, monkeypatch, turn, other, 4, reuse)
+            assert (slot, reused, prefilled) == (1, 0, len(turn))
+            assert rel(got, alone(model, turn, other, out4[:-1])) < 1e-4
+    finally:
+        engine.close()
+
+
+def test_a_reloaded_adapter_of_the_same_name_does_not_reuse_the_cache(tiny_llama, monkeypatch):
+    model, _ = with_adapters(tiny_llama)
+    engine = BatchEngine(model, n_slots=1, n_ctx=48)
+    try:
+        run_logged(engine, model, monkeypatch, PROMPTS[0], {"a": 1.0}, 3)
+        assert run_logged(engine, model, monkeypatch, PROMPTS[0], {"a": 1.0}, 3)[1] == len(PROMPTS[0]) - 1
+        model.unload_adapter("a")
+        model.add_adapter(every_target(model, 4, 7, 0.1), "a", 0.0)  # other weights, same name
+        _, reused, _, out, got = run_logged(engine, model, monkeypatch, PROMPTS[0], {"a": 1.0}, 3)
+        assert reused == 0 and rel(got, alone(model, PROMPTS[0], {"a": 1.0}, out[:-1])) < 1e-4
+    finally:
+        engine.close()
+
+
 def test_seeded_sampling_per_row_equals_solo(tiny):
     model, tok = tiny
     prompts = ["Once upon a time", "Hello", "The quick brown fox jumps over"]

@@ -146,7 +146,8 @@ def test_completion_and_chat_shapes_and_streaming(scripted):
     want = expected(backend, "hello", {"lora1": 2.0}, 3, 6)
     assert r["object"] == "text_completion" and r["choices"][0]["text"] == want
     assert r["choices"][0]["finish_reason"] == "length"
-    assert r["usage"] == {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11}
+    assert r["usage"] == {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11,
+                          "prompt_tokens_details": {"cached_tokens": 0}}
     # streaming: the deltas add up to the same text, then a finish chunk, then [DONE]
     with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
         assert s.headers["content-type"].startswith("text/event-stream")
@@ -482,6 +483,27 @@ def test_tiny_streaming_equals_non_streaming_and_errors_keep_serving(tiny_server
     r = c.post("/v1/completions", json={"prompt": list(range(1, 251)), "max_tokens": 50, "ignore_eos": True}).json()
     assert r["usage"]["completion_tokens"] == 6 and r["choices"][0]["finish_reason"] == "length"
     assert c.post("/v1/completions", json=body).json()["choices"][0]["text"] == whole["choices"][0]["text"]
+
+
+def test_tiny_prompt_cache_reuses_a_slot_and_reports_cached_tokens(tiny_server):
+    """A request whose prompt starts with a finished one's tokens (same adapters) prefills only the rest and says
+    so in usage.prompt_tokens_details.cached_tokens (OpenAI's field); "cache_prompt": false prefills it all. The
+    text equals the oracle's either way."""
+    url, base, paths = tiny_server
+    c = httpx.Client(base_url=url, timeout=120)
+    body = {"prompt": "A long time ago in a galaxy far", "max_tokens": 6, "seed": 11,
+            "lora": [{"id": 1, "scale": 0.9}], **SAMPLING}
+    want = solo(base, paths, {"b": 0.9}, body["prompt"], 6, 11, **SAMPLING)
+    first = c.post("/v1/completions", json=body).json()
+    n = first["usage"]["prompt_tokens"]
+    again = c.post("/v1/completions", json=body).json()
+    fresh = c.post("/v1/completions", json={**body, "cache_prompt": False}).json()
+    other = c.post("/v1/completions", json={**body, "lora": [{"id": 1, "scale": 0.8}]}).json()
+    assert [r["choices"][0]["text"] for r in (first, again, fresh)] == [want] * 3
+    assert other["choices"][0]["text"] == solo(base, paths, {"b": 0.8}, body["prompt"], 6, 11, **SAMPLING)
+    assert again["usage"]["prompt_tokens_details"] == {"cached_tokens": n - 1}  # the last one gives the logits
+    assert fresh["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert other["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}  # other scales: other keys and values
 
 
 def test_tiny_equals_toolkit_infer_command(tiny_server):
