@@ -3,7 +3,8 @@ rows decoding together, against one sequence on the single-sequence loop (toolki
 
 Each row has its own prompt (different lengths) and, with --adapters N, one of N random r=16 adapters on every
 linear (row i -> adapter i % N; rows without one when N is 0). Only decode steps are timed (every row past its
-prefill). Writes bench/results/batch.md.
+prefill). Without adapters, llama.cpp's own batched decoding (llama-batched-bench, same GGUF and threads) gets
+rows of its own when that peer is built (bench/build_llama_tools.sh). Writes bench/results/batch.md.
 
     python bench/batch.py [--threads 2] [--tokens 32] [--rows 1,4,16] [--adapters 0] [--compile] [--weights auto]
 """
@@ -74,6 +75,30 @@ def single_tps(model, tok, n: int, names: list[str]) -> float:
     return (stats.gen_tokens - 1) / stats.gen_s, made / dc
 
 
+def llama_batched(threads: int, tokens: int, rows: list[int]) -> dict[int, float] | None:
+    """llama.cpp's own batched decoding on the same GGUF and threads (llama-batched-bench: B sequences of a
+    16-token prompt, `tokens` generated each, decoded together): generated tok/s per B, or None (no peer)."""
+    import re
+    import subprocess
+
+    from peers import llama_tool
+    from toolkit.bundled import smollm2_gguf
+
+    exe = llama_tool("llama-batched-bench")
+    if exe is None:
+        return None
+    cmd = [exe, "-m", str(smollm2_gguf()), "-t", str(threads), "-tb", str(threads), "-c", str(max(rows) * 512),
+           "-npp", "16", "-ntg", str(tokens), "-npl", ",".join(map(str, rows)), "-ngl", "0"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    # rows of its table: | PP | TG | B | N_KV | T_PP s | S_PP t/s | T_TG s | S_TG t/s | T s | S t/s |
+    found = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 8 and re.fullmatch(r"\d+", cells[2] or ""):
+            found[int(cells[2])] = float(cells[7])
+    return found
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -119,6 +144,11 @@ def main() -> int:
         w, c = best[key]
         name = "single-sequence loop (toolkit.generate's)" if key == "single" else f"{key} (BatchEngine)"
         lines.append(f"| {name} | {w:.1f} | {w / base[0]:.2f}x | {c:.1f} | {c / base[1]:.2f}x |")
+    peer = llama_batched(args.threads, args.tokens, rows) if not args.adapters else None
+    if peer and rows[0] in peer:  # (it applies one adapter set to every sequence: no per-row adapters to compare)
+        for r in rows:
+            lines.append(f"| {r} (llama.cpp's llama-batched-bench, same run) | {peer[r]:.1f} | "
+                         f"{peer[r] / peer[rows[0]]:.2f}x | | |")
     text = "\n".join(lines) + "\n"
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,8 @@ cd "$WORK"
 [ -d "llama_cpp_python-$VERSION" ] || tar xzf "llama_cpp_python-$VERSION.tar.gz"
 cd "llama_cpp_python-$VERSION/vendor/llama.cpp"
 cmake -B build -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_TESTS=OFF -DBUILD_SHARED_LIBS=OFF
-cmake --build build -j"$(nproc)" --target llama-server llama-bench llama-export-lora llama-perplexity
-cp build/bin/llama-server build/bin/llama-bench build/bin/llama-export-lora build/bin/llama-perplexity "$DEST/"
+cmake --build build -j"$(nproc)" --target llama-server llama-bench llama-export-lora llama-perplexity \
+    llama-batched-bench
+cp build/bin/llama-server build/bin/llama-bench build/bin/llama-export-lora build/bin/llama-perplexity \
+    build/bin/llama-batched-bench "$DEST/"
 echo "llama.cpp tools in $DEST"

@@ -1,4 +1,5 @@
-"""The real llama.cpp tools (llama-server, llama-bench, llama-export-lora, llama-perplexity) as benchmark peers.
+"""The real llama.cpp tools (llama-server, llama-bench, llama-batched-bench, llama-export-lora, llama-perplexity)
+as benchmark peers.
 
 They are built once from the llama.cpp source that the llama-cpp-python sdist vendors (bench/build_llama_tools.sh)
 and looked up in $TOOLKIT_LLAMA_BIN, then ~/.cache/toolkit/llama.cpp/bin, then PATH. A benchmark whose peer is

@@ -39,6 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["The capital of France is", "Once upon a time, a small robot", "Three tips for learning Python:",
            "The best way to make tea is", "In 1969, the first humans", "A good name for a cat is",
            "The ocean is blue because", "My favourite season is autumn because"]
+CACHE_ON = "on (each server reuses a slot whose cache starts with the prompt)"
+CACHE_OFF = 'off (requests send "cache_prompt": false)'
 LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
@@ -124,9 +126,10 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
 
 
-def one_request(client: httpx.Client, url: str, i: int, max_tokens: int, lora: list[dict]) -> dict:
+def one_request(client: httpx.Client, url: str, i: int, max_tokens: int, lora: list[dict], cache: bool) -> dict:
     body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "seed": i, "ignore_eos": True,
-            "temperature": 0.8, "lora": lora, "stream": True, "stream_options": {"include_usage": True}}
+            "temperature": 0.8, "lora": lora, "stream": True, "stream_options": {"include_usage": True},
+            "cache_prompt": cache}
     t0 = time.perf_counter()
     ttft, pieces, used = None, 0, None
     # a fresh connection each (llama-server closes idle keep-alive connections, which a pooled client then hits)
@@ -150,7 +153,8 @@ def run_load(url: str, pid: int, ids: range, a: argparse.Namespace, lora_of) -> 
     with httpx.Client(timeout=900, limits=httpx.Limits(max_connections=a.clients)) as client:
         cpu0, t0 = cpu_seconds(pid), time.perf_counter()
         with cf.ThreadPoolExecutor(a.clients) as pool:
-            res = list(pool.map(lambda i: one_request(client, url, i, a.max_tokens, lora_of(i)), ids))
+            res = list(pool.map(lambda i: one_request(client, url, i, a.max_tokens, lora_of(i),
+                                                      not a.no_cache_prompt), ids))
         wall, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
     return {"lat": [r["lat"] for r in res], "ttft": [r["ttft"] for r in res], "tokens": sum(r["tokens"] for r in res),
             "wall": wall, "cpu": cpu}
@@ -181,6 +185,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1, help="split each load into this many interleaved rounds")
     ap.add_argument("--quick", action="store_true", help="a short run: 16 requests of 16 tokens, one round")
     ap.add_argument("--no-compile", action="store_true", help="start toolkit serve with --no-compile")
+    ap.add_argument("--no-cache-prompt", action="store_true",
+                    help='requests ask both servers not to reuse a slot\'s cached prompt ("cache_prompt": false)')
     ap.add_argument("--weights", default="auto", help="toolkit serve --weights (auto, bf16, ...)")
     ap.add_argument("--out", default=None, help="default: bench/results/serve.md (serve-quick.md with --quick)")
     a = ap.parse_args()
@@ -240,7 +246,9 @@ def main() -> int:
          f"of {a.ctx} tokens (llama-server `-np {a.clients} -c {a.clients * a.ctx}`), {k} random GGUF adapters "
          f"r={a.rank} on every linear loaded without applying them. Per server and load: {a.requests} streaming "
          f"`/v1/completions` from {a.clients} concurrent clients, {a.max_tokens} generated tokens each "
-         f"(ignore_eos, temperature 0.8); the loads interleave across the servers ({a.rounds} round(s)). "
+         f"(ignore_eos, temperature 0.8), {len(PROMPTS)} prompts in turn, prompt caching "
+         f"{CACHE_OFF if a.no_cache_prompt else CACHE_ON}; "
+         f"the loads interleave across the servers ({a.rounds} round(s)). "
          f"toolkit serve {'without' if a.no_compile else 'with'} torch.compile, `--weights {a.weights}` "
          f"(startup {startup:.0f} s). "
          f"1-minute load average {load_before:.1f} before, {load_after:.1f} after (other jobs shared the machine)."),
