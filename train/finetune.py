@@ -16,6 +16,7 @@ The steps are in trainer.py; the loss in loss.py; reporting in report.py; many p
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import sys
@@ -39,7 +40,7 @@ def finetune(cfg: FinetuneConfig, on_iteration: Callable[[int, float], None] | N
     from .trainer import finish, prepare, train
 
     d, device = dist.start(pick_device(cfg.device), cfg.dist_timeout)
-    ok = False
+    ok, run = False, None
     try:
         with dist.peers_guard(d):
             run = prepare(cfg, d, device)
@@ -48,6 +49,11 @@ def finetune(cfg: FinetuneConfig, on_iteration: Callable[[int, float], None] | N
             ok = True
             return result
     finally:
+        # what `run` holds (model, DDP wrapper, optimizer) is freed while the process group still exists: once, in
+        # the suite's 2-process L-BFGS test, rank 0 hung in native code as this function returned, after
+        # destroy_process_group and its last files, with no Python frame below the caller
+        run = None
+        gc.collect()
         if ok:
             with dist.peers_guard(d):
                 dist.stop(d, clean=True)  # waits for rank 0's last files
