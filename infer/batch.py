@@ -111,8 +111,9 @@ class BatchEngine:
         key = self._key(aset)
         slot, n = free[0], 0
         if reuse and self.reuse_prefix:
-            n, k = max((self._shared(i, prompt, key), -k) for k, i in enumerate(free))  # ties: the lowest slot
-            slot = free[-k]
+            shared = {i: self._shared(i, prompt, key) for i in free}
+            slot = max(free, key=shared.__getitem__)  # ties: the lowest slot (max keeps the first)
+            n = shared[slot]
         seq = _Seq(prompt, params, aset, seeded_generator(params.seed), max_new, next(_orders), list(prompt))
         seq.prefilled = seq.cached = seq.reused = min(n, len(prompt) - 1)
         self._seqs[slot], self._kept[slot] = seq, None
